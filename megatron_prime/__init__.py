@@ -1,0 +1,1 @@
+"""megatron_prime: PRIME on Megatron-core."""

@@ -1,0 +1,39 @@
+"""megatron_prime: PRIME reinforcement learning on Megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_prime",
+    version="0.1.0",
+    description="PRIME (implicit process rewards) RL trainer on Megatron-core with vLLM rollouts",
+    packages=find_packages(include=["megatron_prime", "megatron_prime.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # CPU installs need exactly this torch (a local CPU wheel); GPU clusters install their
+        # CUDA torch first and pip keeps it when it satisfies this pin's range.
+        "torch>=2.4",
+        # 0.16.x is the newest megatron-core for Python 3.11; newer releases need 3.12+.
+        "megatron-core>=0.16,<0.17; python_version<'3.12'",
+        "megatron-core>=0.16; python_version>='3.12'",
+        "transformers>=4.51,<5.20",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "numpy",
+        "pyyaml",
+        "wandb",
+        "math-verify[antlr4_13_2]>=0.9",
+    ],
+    extras_require={
+        # Transformer Engine needs CUDA to build and import. apex is NOT on PyPI (the PyPI
+        # "apex" is an unrelated package): install it from NVIDIA's source or use an NGC
+        # container; megatron_prime uses it only when importable.
+        "gpu": ["transformer-engine[pytorch]"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megatron-prime-demo=megatron_prime.demo:main",
+        ]
+    },
+)

@@ -1,0 +1,245 @@
+"""Process groups, set up once: torch.distributed + Megatron's TP/PP/CP/DP groups.
+
+Launchers: ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or ``srun``
+under SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the job's node list). NCCL on GPU,
+gloo on CPU; the device, dtype and backend are decided here and nowhere else.
+
+Everything else asks this module (``tp_group()``, ``is_last_pp_stage()``...) instead of
+calling ``megatron.core.parallel_state`` directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core import tensor_parallel
+
+from megatron_prime.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expands a SLURM node list such as ``gpu[001-003,007],login`` into host names.
+
+    Why not ``scontrol show hostnames``: compute nodes of some clusters do not ship the
+    SLURM client binaries inside containers, and the syntax is small.
+    """
+    hosts: list[str] = []
+    # Split on commas that are not inside brackets.
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            if "-" in item:
+                start, end = item.split("-", 1)
+                width = len(start)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(start), int(end) + 1))
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    if not hosts:
+        raise ValueError(f"SLURM node list {nodelist!r} names no host")
+    return hosts
+
+
+def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """torchrun's variables win; otherwise SLURM's; otherwise a single local process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if "MASTER_ADDR" in env:
+            master_addr = env["MASTER_ADDR"]
+        elif nodelist:
+            master_addr = expand_slurm_nodelist(nodelist)[0]
+        else:
+            raise ValueError("SLURM launch without MASTER_ADDR or SLURM_JOB_NODELIST: "
+                             "cannot tell where rank 0 listens")
+        # A port derived from the job id keeps two jobs sharing a node from colliding.
+        default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=master_addr,
+            master_port=int(env.get("MASTER_PORT", default_port)),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "single")
+
+
+def validate_layout(parallel: ParallelConfig, world_size: int) -> None:
+    """World size must be a whole number of model replicas."""
+    parallel.validate()
+    if world_size % parallel.model_parallel_size != 0:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of tensor_parallel_size x "
+            f"pipeline_parallel_size x context_parallel_size = {parallel.tensor_parallel_size} x "
+            f"{parallel.pipeline_parallel_size} x {parallel.context_parallel_size} = "
+            f"{parallel.model_parallel_size}; expected a world size that is a multiple of "
+            f"{parallel.model_parallel_size}"
+        )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The decisions made once at start-up."""
+
+    device: torch.device
+    backend: str
+    launch: LaunchEnv
+    parallel: ParallelConfig
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+_RUNTIME: Runtime | None = None
+
+
+def init_distributed(
+    parallel: ParallelConfig,
+    seed: int = 1234,
+    use_gpu: bool | None = None,
+    timeout_minutes: int = 30,
+    environ: Mapping[str, str] | None = None,
+) -> Runtime:
+    """Starts torch.distributed and Megatron's groups. Call once per process.
+
+    ``use_gpu=None`` means: GPU when CUDA is available. On CPU the Megatron patches in
+    ``megatron_cpu_patches`` are applied here, before any Megatron module is built.
+    """
+    global _RUNTIME
+    if _RUNTIME is not None:
+        raise RuntimeError("init_distributed() was already called in this process")
+    launch = read_launch_env(environ)
+    validate_layout(parallel, launch.world_size)
+    on_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError("use_gpu=True but CUDA is not available on this machine")
+
+    if on_gpu:
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        from megatron_prime.megatron_cpu_patches import apply_cpu_patches
+
+        apply_cpu_patches()
+        device, backend = torch.device("cpu"), "gloo"
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    # Same seed on every rank; Megatron offsets it per TP rank for its model-parallel RNG.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _RUNTIME = Runtime(device=device, backend=backend, launch=launch, parallel=parallel)
+    return _RUNTIME
+
+
+def destroy_distributed() -> None:
+    global _RUNTIME
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _RUNTIME = None
+
+
+def runtime() -> Runtime:
+    if _RUNTIME is None:
+        raise RuntimeError("init_distributed() has not been called in this process")
+    return _RUNTIME
+
+
+# Named accessors: the rest of the code never touches parallel_state directly.
+def tp_group() -> dist.ProcessGroup:
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_world_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def pp_group() -> dist.ProcessGroup:
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def pp_rank() -> int:
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def pp_world_size() -> int:
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def is_first_pp_stage(vp_stage: int | None = None) -> bool:
+    return parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+
+
+def is_last_pp_stage(vp_stage: int | None = None) -> bool:
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+
+
+def last_pp_stage_global_rank() -> int:
+    return parallel_state.get_pipeline_model_parallel_last_rank()
+
+
+def dp_group() -> dist.ProcessGroup:
+    return parallel_state.get_data_parallel_group()
+
+
+def dp_rank() -> int:
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_world_size() -> int:
+    return parallel_state.get_data_parallel_world_size()
+
+
+def device() -> torch.device:
+    return runtime().device

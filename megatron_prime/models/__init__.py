@@ -1,0 +1,1 @@
+"""Megatron models for PRIME: architecture registry, builders, vocab-parallel log-probs, schedules."""

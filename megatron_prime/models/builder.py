@@ -1,0 +1,119 @@
+"""Builds the three PRIME models as Megatron GPTModels on this rank's pipeline stage.
+
+Policy and implicit PRM are trainable and wrapped in Megatron's DistributedDataParallel
+(needed by Megatron's optimizer and the distributed optimizer). The reference is a frozen
+copy of the SFT model: no grads, no DDP buffers, no optimizer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_prime import distributed
+from megatron_prime.config import ParallelConfig, PrecisionConfig
+from megatron_prime.models.architectures import (
+    ModelShape,
+    layer_spec,
+    padded_vocab_size,
+    transformer_config,
+)
+
+Role = Literal["policy", "prm", "reference"]
+ROLES: tuple[str, ...] = ("policy", "prm", "reference")
+
+
+@dataclass
+class BuiltModel:
+    """Model chunks of one role on this rank (one chunk unless virtual pipelining)."""
+
+    role: str
+    chunks: list[torch.nn.Module]
+    config: TransformerConfig
+    shape: ModelShape
+    padded_vocab_size: int
+
+    @property
+    def trainable(self) -> bool:
+        return self.role != "reference"
+
+    def gpt_chunks(self) -> list[GPTModel]:
+        """The bare GPTModels, without the DDP wrapper."""
+        return [c.module if isinstance(c, DistributedDataParallel) else c for c in self.chunks]
+
+    def train(self) -> None:
+        for chunk in self.chunks:
+            chunk.train()
+
+    def eval(self) -> None:
+        for chunk in self.chunks:
+            chunk.eval()
+
+
+def build_model(
+    hf_config: Any,
+    role: str,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig | None = None,
+    use_distributed_optimizer: bool = False,
+) -> BuiltModel:
+    """Creates this rank's part of the model. Weights are random until loaded (checkpoint/)."""
+    if role not in ROLES:
+        raise ValueError(f"model role={role!r} is invalid: expected one of {list(ROLES)}")
+    precision = precision or PrecisionConfig()
+    runtime = distributed.runtime()
+    shape = ModelShape.from_hf(hf_config)
+    config = transformer_config(shape, parallel, precision, on_gpu=runtime.on_gpu)
+    spec = layer_spec(config, on_gpu=runtime.on_gpu)
+    vocab = padded_vocab_size(shape.vocab_size, parallel.tensor_parallel_size)
+
+    num_chunks = parallel.virtual_pipeline_parallel_size or 1
+    chunks: list[torch.nn.Module] = []
+    for vp_stage in range(num_chunks):
+        stage = vp_stage if parallel.virtual_pipeline_parallel_size else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=shape.max_position_embeddings,
+            pre_process=distributed.is_first_pp_stage(stage),
+            post_process=distributed.is_last_pp_stage(stage),
+            # Keep logits sharded over the vocabulary: log-probs are computed vocab-parallel.
+            parallel_output=True,
+            share_embeddings_and_output_weights=shape.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(shape.rope_theta),
+            rope_scaling=shape.rope_scaling_factor is not None,
+            rope_scaling_factor=shape.rope_scaling_factor or 8.0,
+            vp_stage=stage,
+        )
+        model.to(runtime.device)
+        chunks.append(model)
+
+    if role == "reference":
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+    else:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_distributed_optimizer,
+        )
+        chunks = [
+            DistributedDataParallel(
+                config=config,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Bucketing only pays off when overlapping communication; the first chunk
+                # holds the embedding, whose grad is reduced last.
+                disable_bucketing=index > 0,
+            )
+            for index, chunk in enumerate(chunks)
+        ]
+    return BuiltModel(role=role, chunks=chunks, config=config, shape=shape, padded_vocab_size=vocab)

@@ -1,0 +1,241 @@
+"""Forward-only and forward-backward passes through Megatron's pipeline schedule.
+
+Both go through ``get_forward_backward_func`` (no pipelining, 1F1B or interleaved, chosen by
+Megatron from the layout), with a ``forward_step`` closure per micro-batch. Log-probs and
+entropy are computed vocab-parallel on the last stage; a pluggable ``LossFn`` turns them into
+a loss, following Megatron's 3-tuple contract ``(loss_sum, num_units, metric_sums)``.
+
+Normalisation: ``calculate_per_token_loss=True`` (models/architectures.py), so Megatron does
+*not* divide each micro-batch's loss; ``finalize_model_grads`` divides the gradients once by
+the global ``num_units`` (summed over micro-batches and DP ranks). A loss function therefore
+returns an un-normalised sum and the count it should be averaged over (tokens for PPO,
+sequences for the PRM's cross-entropy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from megatron_prime import distributed
+from megatron_prime.models.builder import BuiltModel
+from megatron_prime.models.logprobs import token_logprobs_and_entropy
+
+
+@dataclass
+class TokenBatch:
+    """Token rows plus the tensors a loss needs.
+
+    Layouts: right-padded (one prompt+response per row, ``segment_ids=None``) or packed
+    (several sequences per row; ``segment_ids`` numbers them from 1, 0 = padding). Tensors in
+    ``extras`` have the batch as their first dimension and are split into micro-batches
+    alongside the tokens (old log-probs, advantages, outcome labels...).
+    """
+
+    input_ids: Tensor  # [batch, seq] int64
+    response_mask: Tensor  # [batch, seq]; 1 where the token's log-prob is wanted
+    segment_ids: Tensor | None = None  # [batch, seq] for packed rows
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def position_ids(self) -> Tensor:
+        """Positions restart at 0 in each packed sequence (RoPE is relative, so masks decide)."""
+        if self.segment_ids is None:
+            return torch.arange(self.seq_length, device=self.input_ids.device).expand_as(self.input_ids)
+        starts = torch.ones_like(self.segment_ids, dtype=torch.bool)
+        starts[:, 1:] = self.segment_ids[:, 1:] != self.segment_ids[:, :-1]
+        index = torch.arange(self.seq_length, device=self.input_ids.device).expand_as(self.input_ids)
+        start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        return index - start_index
+
+    def attention_mask(self) -> Tensor:
+        """Boolean mask, True = may NOT attend (Megatron's convention): causal, within a segment."""
+        seq = self.seq_length
+        future = torch.ones(seq, seq, dtype=torch.bool, device=self.input_ids.device).triu(1)
+        if self.segment_ids is None:
+            return future.view(1, 1, seq, seq)
+        other_segment = self.segment_ids.unsqueeze(2) != self.segment_ids.unsqueeze(1)
+        return (future.unsqueeze(0) | other_segment).unsqueeze(1)
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(
+            input_ids=self.input_ids.to(device),
+            response_mask=self.response_mask.to(device),
+            segment_ids=None if self.segment_ids is None else self.segment_ids.to(device),
+            extras={k: v.to(device) for k, v in self.extras.items()},
+        )
+
+    def micro_batches(self, micro_batch_size: int) -> list["TokenBatch"]:
+        if self.batch_size % micro_batch_size:
+            raise ValueError(f"batch of {self.batch_size} rows is not divisible by "
+                             f"micro_batch_size={micro_batch_size}")
+
+        def rows(t: Tensor | None, i: int) -> Tensor | None:
+            return None if t is None else t[i:i + micro_batch_size]
+
+        return [
+            TokenBatch(rows(self.input_ids, i), rows(self.response_mask, i),
+                       rows(self.segment_ids, i), {k: v[i:i + micro_batch_size] for k, v in self.extras.items()})
+            for i in range(0, self.batch_size, micro_batch_size)
+        ]
+
+    def padded_to_multiple(self, multiple: int) -> tuple["TokenBatch", int]:
+        """Adds fully masked rows so the batch splits evenly; returns the real row count."""
+        missing = -self.batch_size % multiple
+        if missing == 0:
+            return self, self.batch_size
+
+        def pad(t: Tensor) -> Tensor:
+            return torch.cat([t, t.new_zeros(missing, *t.shape[1:])])
+
+        return replace(
+            self,
+            input_ids=pad(self.input_ids),
+            response_mask=pad(self.response_mask),
+            segment_ids=None if self.segment_ids is None else pad(self.segment_ids),
+            extras={k: pad(v) for k, v in self.extras.items()},
+        ), self.batch_size
+
+
+@dataclass
+class TokenOutputs:
+    """What the last stage computes for a micro-batch, aligned with ``input_ids``."""
+
+    logprobs: Tensor  # [batch, seq] float32, 0 outside the response mask
+    entropy: Tensor  # [batch, seq] float32, 0 outside the response mask
+
+
+# loss_fn(outputs, micro_batch) -> (loss_sum, num_units, metric_sums). ``loss_sum`` is a scalar
+# summed (not averaged) over units; ``num_units`` an int tensor; metrics are sums too and are
+# reported divided by the global number of units.
+LossFn = Callable[[TokenOutputs, TokenBatch], tuple[Tensor, Tensor, dict[str, Tensor]]]
+
+
+def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: list[Tensor]):
+    vocab_size = model.shape.vocab_size
+
+    def loss_func(micro_batch: TokenBatch, logits: Tensor):
+        logprobs, entropy = token_logprobs_and_entropy(
+            logits, micro_batch.input_ids, micro_batch.response_mask, vocab_size
+        )
+        outputs = TokenOutputs(logprobs, entropy)
+        if loss_fn is None:  # forward-only: keep the outputs, report nothing
+            collected.append(torch.stack([logprobs.detach(), entropy.detach()]))
+            return logprobs.new_zeros(()), torch.zeros((), dtype=torch.int), {}
+        loss_sum, num_units, metric_sums = loss_fn(outputs, micro_batch)
+        metric_sums = {"loss": loss_sum.detach(), "num_units": num_units.detach().double(),
+                       **{k: v.detach() for k, v in metric_sums.items()}}
+        return loss_sum, num_units.to(torch.int), metric_sums
+
+    def forward_step(data_iterator: Iterator[TokenBatch], chunk: torch.nn.Module):
+        micro_batch = next(data_iterator)
+        logits_or_hidden = chunk(
+            micro_batch.input_ids, micro_batch.position_ids(), micro_batch.attention_mask()
+        )
+        return logits_or_hidden, partial(loss_func, micro_batch)
+
+    return forward_step
+
+
+def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
+                  loss_fn: LossFn | None, forward_only: bool) -> tuple[list[dict], list[Tensor]]:
+    batch = batch.to(distributed.device())
+    micro_batches = batch.micro_batches(micro_batch_size)
+    collected: list[Tensor] = []
+    num_chunks = len(model.chunks)
+    # Interleaved schedules take one iterator per model chunk, each over all micro-batches.
+    data_iterator = [iter(micro_batches) for _ in range(num_chunks)] if num_chunks > 1 \
+        else iter(micro_batches)
+    forward_backward = get_forward_backward_func()
+    store = forward_backward(
+        forward_step_func=_forward_step_func(model, loss_fn, collected),
+        data_iterator=data_iterator,
+        model=model.chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=batch.seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return store, collected
+
+
+def _broadcast_from_last_stage(tensor: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """Every pipeline stage gets the last stage's tensor (float32)."""
+    if distributed.pp_world_size() == 1:
+        assert tensor is not None
+        return tensor
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=torch.float32, device=distributed.device())
+    dist.broadcast(tensor, src=distributed.last_pp_stage_global_rank(), group=distributed.pp_group())
+    return tensor
+
+
+@torch.no_grad()
+def forward_only(model: BuiltModel, batch: TokenBatch, micro_batch_size: int) -> TokenOutputs:
+    """Per-token log-probs and entropy for the whole batch, on every rank of the model.
+
+    Used for the old policy, the reference and the PRM. The batch is padded with masked rows
+    to a multiple of ``micro_batch_size`` and trimmed back.
+    """
+    padded, real_rows = batch.padded_to_multiple(micro_batch_size)
+    model.eval()
+    _, collected = _run_schedule(model, padded, micro_batch_size, None, forward_only=True)
+    stacked = torch.cat(collected, dim=1) if collected else None  # [2, batch, seq]
+    stacked = _broadcast_from_last_stage(stacked, (2, padded.batch_size, padded.seq_length))
+    return TokenOutputs(logprobs=stacked[0, :real_rows], entropy=stacked[1, :real_rows])
+
+
+def forward_backward(
+    model: BuiltModel, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn
+) -> dict[str, float]:
+    """Accumulates gradients of ``loss_fn`` over the batch's micro-batches.
+
+    Returns global metrics: each metric's sum over micro-batches and DP ranks divided by the
+    global number of units, identical on every rank. Gradients end up divided by that same
+    count (see module docstring). Host sync: the metrics are read with ``.item()``.
+    """
+    if not model.trainable:
+        raise ValueError(f"model role {model.role!r} is frozen; forward_backward needs a trainable model")
+    model.train()
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [chunk.no_sync for chunk in model.chunks] if len(model.chunks) > 1 \
+        else model.chunks[0].no_sync
+    store, _ = _run_schedule(model, batch, micro_batch_size, loss_fn, forward_only=False)
+    return _reduce_metrics(store)
+
+
+def _reduce_metrics(store: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Sums per-micro-batch metric sums over micro-batches, DP ranks and PP stages."""
+    names = sorted(store[0]) if store else []
+    # Non-last stages have no metrics; agree on the names through the last stage.
+    name_list = [names]
+    if distributed.pp_world_size() > 1:
+        dist.broadcast_object_list(name_list, src=distributed.last_pp_stage_global_rank(),
+                                   group=distributed.pp_group())
+    names = name_list[0]
+    device = distributed.device()
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    for entry in store:
+        totals += torch.stack([entry[name].double().to(device) for name in names])
+    dist.all_reduce(totals, group=distributed.dp_group())
+    if distributed.pp_world_size() > 1:
+        dist.broadcast(totals, src=distributed.last_pp_stage_global_rank(), group=distributed.pp_group())
+    values = totals.tolist()  # host sync
+    units = max(values[names.index("num_units")], 1.0) if names else 1.0
+    return {name: (value if name == "num_units" else value / units)
+            for name, value in zip(names, values)}

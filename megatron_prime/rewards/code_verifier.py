@@ -1,0 +1,152 @@
+"""Code outcome reward: run the response's last ```python block against the problem's tests
+in the sandbox (``sandbox.py``) and score the fraction passed, or all-or-nothing.
+
+Test format (APPS / TACO / Eurus-2-RL-Data): a dict, or its JSON string, with ``inputs`` and
+``outputs`` lists. Without ``fn_name`` each pair is stdin text and expected stdout text (or
+lists of lines). With ``fn_name`` each input is the argument list of a call to that function
+(or to ``Solution().<fn_name>``) and each output its expected return value.
+
+Every test case runs in its own fresh sandbox, and the comparison happens here, outside it:
+the program never sees the expected outputs, so it cannot print its way to a reward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megatron_prime.rewards.sandbox import RunStatus, SandboxConfig, check_sandbox_available, run_python
+
+RewardMode = Literal["fraction", "all_or_nothing"]
+REWARD_MODES: tuple[str, ...] = ("fraction", "all_or_nothing")
+
+_PYTHON_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# Competitive-programming checkers accept float answers within this tolerance.
+_FLOAT_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class CodeVerifierConfig:
+    """How code responses are run and scored."""
+
+    reward_mode: RewardMode = "fraction"  # fraction of tests passed, or 1 only if all pass
+    max_workers: int = 2  # responses checked concurrently (each run is one sandbox process)
+    max_tests: int | None = None  # check only the first k test cases (None: all)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+    def __post_init__(self) -> None:
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"CodeVerifierConfig.reward_mode={self.reward_mode!r} is not allowed; allowed: {REWARD_MODES}")
+        if self.max_workers < 1:
+            raise ValueError(f"CodeVerifierConfig.max_workers={self.max_workers} is not allowed; need a value >= 1")
+        if self.max_tests is not None and self.max_tests < 1:
+            raise ValueError(f"CodeVerifierConfig.max_tests={self.max_tests} is not allowed; need None or >= 1")
+
+
+@dataclass(frozen=True)
+class CodeTestCases:
+    inputs: list[Any]
+    outputs: list[Any]
+    fn_name: str | None = None
+
+    @classmethod
+    def parse(cls, ground_truth: str | dict[str, Any]) -> CodeTestCases:
+        """Accept the dataset's dict or JSON string; malformed tests are a data error."""
+        data = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
+        if not isinstance(data, dict) or "inputs" not in data or "outputs" not in data:
+            raise ValueError(f"code ground truth must have 'inputs' and 'outputs', got {str(ground_truth)[:200]!r}")
+        if len(data["inputs"]) != len(data["outputs"]):
+            raise ValueError(
+                f"code ground truth has {len(data['inputs'])} inputs but {len(data['outputs'])} outputs"
+            )
+        return cls(list(data["inputs"]), list(data["outputs"]), data.get("fn_name") or None)
+
+
+def extract_last_python_block(text: str) -> str | None:
+    """The code of the last ```python (or ```py / ```python3) fenced block, or None."""
+    blocks = _PYTHON_BLOCK.findall(text)
+    return blocks[-1] if blocks else None
+
+
+def stdout_matches(actual: str, expected: str | list[str]) -> bool:
+    """Line-by-line comparison that ignores trailing spaces and blank lines at the ends;
+    failing that, token by token with numbers equal within 1e-6 (as judges accept floats)."""
+    if isinstance(expected, list):
+        expected = "\n".join(str(line) for line in expected)
+    actual_lines = [line.rstrip() for line in actual.strip().splitlines()]
+    expected_lines = [line.rstrip() for line in str(expected).strip().splitlines()]
+    if actual_lines == expected_lines:
+        return True
+    actual_tokens, expected_tokens = actual.split(), str(expected).split()
+    if len(actual_tokens) != len(expected_tokens):
+        return False
+    return all(_tokens_match(a, e) for a, e in zip(actual_tokens, expected_tokens))
+
+
+def _tokens_match(actual: str, expected: str) -> bool:
+    if actual == expected:
+        return True
+    try:
+        a, e = float(actual), float(expected)
+    except ValueError:
+        return False
+    return math.isclose(a, e, rel_tol=_FLOAT_TOLERANCE, abs_tol=_FLOAT_TOLERANCE)
+
+
+def call_result_matches(actual: Any, expected: Any) -> bool:
+    """APPS call-based outputs are often the return value wrapped in a one-element list."""
+    if actual == expected:
+        return True
+    return isinstance(expected, list) and len(expected) == 1 and actual == expected[0]
+
+
+class CodeVerifier:
+    """Scores code responses by running their tests in sandboxes, ``max_workers`` at a time."""
+
+    def __init__(self, config: CodeVerifierConfig = CodeVerifierConfig()) -> None:
+        check_sandbox_available()
+        self.config = config
+        self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="code-verifier")
+
+    def score(self, response: str, ground_truth: str | dict[str, Any]) -> float:
+        """Fraction of test cases passed (or 1/0 in all_or_nothing mode); 0 without code."""
+        tests = CodeTestCases.parse(ground_truth)
+        code = extract_last_python_block(response)
+        cases = list(zip(tests.inputs, tests.outputs))[: self.config.max_tests]
+        if code is None or not cases:
+            return 0.0
+        passed = 0
+        for test_input, expected in cases:
+            if self._passes(code, tests.fn_name, test_input, expected):
+                passed += 1
+            elif self.config.reward_mode == "all_or_nothing":
+                return 0.0  # one failure decides; skip the remaining runs
+        return passed / len(cases)
+
+    def _passes(self, code: str, fn_name: str | None, test_input: Any, expected: Any) -> bool:
+        sandbox = self.config.sandbox
+        if fn_name is None:
+            stdin = "\n".join(map(str, test_input)) if isinstance(test_input, list) else str(test_input)
+            result = run_python(code, stdin, sandbox)
+            return result.status is RunStatus.OK and stdout_matches(result.stdout.decode(errors="replace"), expected)
+        args = test_input if isinstance(test_input, list) else [test_input]
+        result = run_python(code, "", sandbox, fn_name=fn_name, args=args)
+        return result.status is RunStatus.OK and call_result_matches(result.call_result, expected)
+
+    def submit(self, response: str, ground_truth: str | dict[str, Any]) -> Future[float]:
+        """Schedule one response on the bounded pool; the caller can do other work meanwhile."""
+        return self._executor.submit(self.score, response, ground_truth)
+
+    def score_batch(self, responses: Sequence[str], ground_truths: Sequence[str | dict[str, Any]]) -> list[float]:
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"got {len(responses)} responses but {len(ground_truths)} ground truths")
+        futures = [self.submit(response, truth) for response, truth in zip(responses, ground_truths)]
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,161 @@
+"""Math verifier: last-\\boxed{} extraction, a table of answer pairs, and time limits."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from megatron_prime.rewards import MathVerifier, MathVerifierConfig, extract_last_boxed
+from megatron_prime.rewards.math_verifier import AnswerTimeout, time_limit
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with MathVerifier(MathVerifierConfig(timeout_s=2.0, num_workers=2)) as math_verifier:
+        yield math_verifier
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("The answer is \\boxed{42}.", "42"),
+        ("first \\boxed{1} then corrected: \\boxed{2}", "2"),  # the last box wins
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("\\boxed{\\left\\{ x \\mid x^{2} > 1 \\right\\}}", "\\left\\{ x \\mid x^{2} > 1 \\right\\}"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces are literal
+        ("$\\boxed {7}$", "7"),
+        ("so $\\boxed 5$.", "5"),  # TeX one-token argument
+        ("\\fbox{x=3}", "x=3"),
+        ("no box here: 42", None),
+        ("truncated \\boxed{\\frac{1}{2", None),
+        ("\\boxed{}", ""),
+    ],
+)
+def test_extract_last_boxed(text, expected):
+    assert extract_last_boxed(text) == expected
+
+
+# (boxed answer, ground truth, equivalent?) -- the ground truth is written as in the datasets.
+ANSWER_TABLE = [
+    # plain and LaTeX numbers
+    ("42", "42", True),
+    ("42.0", "42", True),
+    ("-7", "-7", True),
+    ("- 7", "-7", True),
+    ("1,000", "1000", True),
+    ("1{,}000", "1000", True),
+    ("\\frac12", "0.5", True),
+    ("\\frac{1}{2}", "\\frac12", True),
+    ("1/2", "\\frac{1}{2}", True),
+    ("\\dfrac{3}{4}", "0.75", True),
+    ("\\tfrac{3}{4}", "\\frac{3}{4}", True),
+    ("1\\frac{1}{2}", "\\frac{3}{2}", True),  # mixed number
+    ("0.3333333", "\\frac{1}{3}", True),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", True),
+    ("\\sqrt{12}", "2\\sqrt{3}", True),
+    ("2^{10}", "1024", True),
+    ("\\pi", "\\pi", True),
+    ("(x+1)^2", "x^2+2x+1", True),
+    # equations vs values
+    ("x=3", "3", True),
+    ("3", "x = 3", True),
+    ("y = 2x + 1", "2x+1", True),
+    # intervals and sets
+    ("(1, 2]", "(1,2]", True),
+    ("(-\\infty, 3)", "(-\\infty,3)", True),
+    ("\\{1,2,3\\}", "1,2,3", True),
+    ("\\{3, 2, 1\\}", "\\{1,2,3\\}", True),
+    # units, degrees, percent, dollars, text
+    ("5\\text{ cm}", "5", True),
+    ("5 \\mathrm{cm}", "5", True),
+    ("90^\\circ", "90", True),
+    ("10\\%", "0.1", True),
+    ("\\$5", "5", True),
+    ("3\\text{ inches}", "3", True),
+    ("\\text{(A)}", "A", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    # wrong answers that look close
+    ("[1, 2)", "(1,2)", False),
+    ("(1, 2)", "[1,2]", False),
+    ("0.333", "\\frac{1}{3}", False),
+    ("3.14", "\\pi", False),
+    ("2.0001", "2", False),
+    ("21", "12", False),
+    ("-3", "3", False),
+    ("\\frac{1}{3}", "\\frac{1}{2}", False),
+    ("\\sqrt{3}", "3", False),
+    ("x=4", "3", False),
+    ("\\{1,2\\}", "\\{1,2,3\\}", False),
+    ("60^\\circ", "\\frac{\\pi}{3}", False),
+    ("(x-1)^2", "x^2+2x+1", False),
+    ("\\text{B}", "A", False),
+    ("", "0", False),
+]
+
+
+def test_answer_table_is_large_enough():
+    assert len(ANSWER_TABLE) >= 40
+    assert sum(1 for *_, equal in ANSWER_TABLE if not equal) >= 12
+
+
+@pytest.mark.parametrize("answer,ground_truth,equal", ANSWER_TABLE)
+def test_answer_table(verifier, answer, ground_truth, equal):
+    response = f"[OUTPUT] Therefore the final answer is $\\boxed{{{answer}}}$."
+    assert verifier.score(response, ground_truth) == (1.0 if equal else 0.0)
+
+
+def test_score_needs_a_box_and_uses_the_last_one(verifier):
+    assert verifier.score("The answer is 0.5", "\\frac12") == 0.0
+    assert verifier.score("\\boxed{0.5} wait, no: \\boxed{0.25}", "\\frac12") == 0.0
+    assert verifier.score("\\boxed{0.25} wait, no: \\boxed{0.5}", "\\frac12") == 1.0
+    assert verifier.score("\\boxed{0.5}", "\\boxed{\\frac{1}{2}}") == 1.0  # boxed ground truth
+
+
+def test_batch_matches_single_scores(verifier):
+    responses = [f"\\boxed{{{answer}}}" for answer, _, _ in ANSWER_TABLE]
+    truths = [truth for _, truth, _ in ANSWER_TABLE]
+    expected = [1.0 if equal else 0.0 for *_, equal in ANSWER_TABLE]
+    assert verifier.score_batch(responses, truths) == expected
+
+
+def test_a_check_stuck_in_c_code_is_killed_and_the_verifier_recovers():
+    """sympy evaluating 10^(10^(10^10)) sits in C code where SIGALRM cannot interrupt it;
+    the worker process is killed at timeout + grace, the answer scores 0, work goes on."""
+    with MathVerifier(MathVerifierConfig(timeout_s=0.5, kill_grace_s=0.5)) as slow:
+        started = time.monotonic()
+        assert slow.score("\\boxed{1}", "10^{10^{10^{10}}}") == 0.0
+        assert time.monotonic() - started < 5.0
+        assert slow.score("\\boxed{\\frac12}", "0.5") == 1.0
+
+
+def test_scoring_works_from_a_thread(verifier):
+    scores = []
+    thread = threading.Thread(target=lambda: scores.append(verifier.score("\\boxed{2}", "2")))
+    thread.start()
+    thread.join()
+    assert scores == [1.0]
+
+
+def test_time_limit_interrupts_python_and_restores_an_outer_timer():
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        with pytest.raises(AnswerTimeout):
+            with time_limit(0.05):
+                while True:
+                    pass
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25.0 < remaining <= 30.0  # the outer timer is re-armed with its remaining time
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not fired
+
+
+def test_bad_config_names_the_problem():
+    with pytest.raises(ValueError, match="timeout_s=0"):
+        MathVerifierConfig(timeout_s=0)
+    with pytest.raises(ValueError, match="num_workers=0"):
+        MathVerifierConfig(num_workers=0)

@@ -76,8 +76,7 @@ class RewardRegistry:
         """One outcome reward per response, in order.
 
         Every kind is resolved before any work starts, so a bad row fails fast. Code runs
-        are queued first and run in the background while math is checked on this thread
-        (the math time limit needs the main thread).
+        are queued first and run in the background while the math workers check the math.
         """
         columns = {"ground_truths": ground_truths, "abilities": abilities, "data_sources": data_sources}
         for name, column in columns.items():
@@ -90,9 +89,12 @@ class RewardRegistry:
             if kind == "code"
         }
         scores = [0.0] * len(responses)
-        for index, kind in enumerate(kinds):
-            if kind == "math":
-                scores[index] = self.math.score(responses[index], str(ground_truths[index]))
+        math_indices = [index for index, kind in enumerate(kinds) if kind == "math"]
+        math_scores = self.math.score_batch(
+            [responses[index] for index in math_indices], [str(ground_truths[index]) for index in math_indices]
+        )
+        for index, score in zip(math_indices, math_scores):
+            scores[index] = score
         for index, future in pending.items():
             scores[index] = future.result()
         return scores

@@ -49,7 +49,10 @@ class SandboxConfig:
     cpu_time_s: int = 10  # RLIMIT_CPU per process
     memory_bytes: int = 1 << 30  # RLIMIT_AS per process
     max_output_bytes: int = 8 << 20  # RLIMIT_FSIZE; stdout beyond this is cut and fails
-    max_processes: int = 32  # RLIMIT_NPROC for the sandbox uid (threads count too)
+    # RLIMIT_NPROC: processes + threads of the sandbox uid, counted across every sandbox
+    # running at once under that uid (so a fork bomb can slow, never break, its neighbours'
+    # single-threaded runs: their pid 1 exists before the limit applies).
+    max_processes: int = 32
     tmpfs_bytes: int = 64 << 20  # size of each private tmpfs (the writable work folder)
     uid: int = NOBODY_UID  # unprivileged uid/gid the program runs as
     # Interpreter for the program; it must be readable by ``uid`` (see default_python()).

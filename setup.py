@@ -21,6 +21,8 @@ setup(
         "tokenizers",
         "numpy",
         "pyyaml",
+        # megatron-core's dist-checkpointing writers need it and do not declare it.
+        "psutil",
         "wandb",
         "math-verify[antlr4_13_2]>=0.9",
     ],

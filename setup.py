@@ -36,6 +36,8 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-prime-demo=megatron_prime.demo:main",
+            "megatron-prime-hf-to-megatron=megatron_prime.checkpoint.convert:hf_to_megatron_main",
+            "megatron-prime-megatron-to-hf=megatron_prime.checkpoint.convert:megatron_to_hf_main",
         ]
     },
 )

@@ -229,3 +229,56 @@ def load_hf_weights(
                 param.copy_(shard)
                 loaded += 1
     return loaded
+
+
+def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of this model must hold, with its shape."""
+    h, d = shape.hidden_size, shape.head_dim
+    q_rows, kv_rows = shape.num_attention_heads * d, shape.num_query_groups * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (shape.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not shape.tie_word_embeddings:
+        shapes["lm_head.weight"] = (shape.vocab_size, h)
+    for layer in range(shape.num_layers):
+        prefix = f"model.layers.{layer}."
+        shapes.update({
+            prefix + "input_layernorm.weight": (h,),
+            prefix + "post_attention_layernorm.weight": (h,),
+            prefix + "self_attn.q_proj.weight": (q_rows, h),
+            prefix + "self_attn.k_proj.weight": (kv_rows, h),
+            prefix + "self_attn.v_proj.weight": (kv_rows, h),
+            prefix + "self_attn.o_proj.weight": (h, q_rows),
+            prefix + "mlp.gate_proj.weight": (shape.ffn_hidden_size, h),
+            prefix + "mlp.up_proj.weight": (shape.ffn_hidden_size, h),
+            prefix + "mlp.down_proj.weight": (h, shape.ffn_hidden_size),
+        })
+        if shape.add_qkv_bias:
+            shapes.update({
+                prefix + "self_attn.q_proj.bias": (q_rows,),
+                prefix + "self_attn.k_proj.bias": (kv_rows,),
+                prefix + "self_attn.v_proj.bias": (kv_rows,),
+            })
+    return shapes
+
+
+def iter_hf_tensors(
+    gpt_chunks: list[torch.nn.Module],
+    shape: ModelShape,
+    gather_tp: Callable[[Tensor], list[Tensor]],
+) -> Iterator[tuple[str, Tensor]]:
+    """This pipeline stage's weights as full HF tensors, one Megatron tensor at a time.
+
+    ``gather_tp`` returns the TP shards of a local tensor in TP-rank order (an all-gather in
+    the TP group; ``lambda t: [t]`` at TP=1). Memory: one gathered tensor at a time. With tied
+    embeddings, the last stage's copy of the embedding is skipped (stage 0 emits it).
+    """
+    for chunk in gpt_chunks:
+        for name, param in named_megatron_parameters(chunk):
+            if name == "output_layer.weight" and shape.tie_word_embeddings:
+                continue
+            weight = resolve(name, shape)
+            shards = [param.detach()] if weight.split is Split.REPLICATED \
+                else gather_tp(param.detach())
+            yield from megatron_shards_to_hf(weight, shards, shape).items()

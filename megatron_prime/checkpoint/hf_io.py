@@ -1,0 +1,190 @@
+"""Reading and writing Hugging Face model folders (config.json + safetensors shards).
+
+Reading is lazy: tensors come one at a time from ``safe_open`` (memory-mapped), so a
+converter never materialises the HF model. Everything that can be checked before the first
+byte is written is checked up front (architecture, shard files present and not truncated,
+every tensor present with the right shape), each error naming the file or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_prime.checkpoint.hf_mapping import expected_hf_shapes
+from megatron_prime.models.architectures import ModelShape
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_SAFETENSORS = "model.safetensors"
+# Files that are weights (or their index) and never copied as "side files".
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+_WEIGHT_INDEXES = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking the file holds all its data."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if 8 + header_len > size:
+            raise ValueError(f"{path}: truncated safetensors file (header of {header_len} bytes "
+                             f"does not fit in {size} bytes)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: corrupt safetensors header ({error})") from None
+    data_end = max((meta["data_offsets"][1] for key, meta in header.items()
+                    if key != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise ValueError(f"{path}: truncated safetensors file: {size} bytes on disk, the header "
+                         f"says {8 + header_len + data_end}")
+    return header
+
+
+@dataclass
+class HFCheckpoint:
+    """A Hugging Face model folder, validated; tensors are read lazily."""
+
+    path: Path
+    config: dict[str, Any]
+    shape: ModelShape
+    weight_map: dict[str, str]  # tensor name -> file name
+    dtype: torch.dtype
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "HFCheckpoint":
+        path = Path(path)
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: no config.json in the HF model folder")
+        config = json.loads(config_path.read_text())
+        try:
+            shape = ModelShape.from_hf(config)
+        except ValueError as error:
+            raise ValueError(f"{config_path}: {error}") from None
+
+        if (path / SAFETENSORS_INDEX).is_file():
+            weight_map = json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"]
+        elif (path / SINGLE_SAFETENSORS).is_file():
+            weight_map = {name: SINGLE_SAFETENSORS for name in
+                          read_safetensors_header(path / SINGLE_SAFETENSORS) if name != "__metadata__"}
+        else:
+            raise FileNotFoundError(f"{path}: neither {SAFETENSORS_INDEX} nor {SINGLE_SAFETENSORS} "
+                                    "found (only safetensors checkpoints are supported)")
+
+        headers: dict[str, dict[str, Any]] = {}
+        for file_name in sorted(set(weight_map.values())):
+            file_path = path / file_name
+            if not file_path.is_file():
+                raise FileNotFoundError(f"{file_path}: shard named in {SAFETENSORS_INDEX} is missing")
+            headers[file_name] = read_safetensors_header(file_path)
+
+        dtypes = set()
+        for name, expected in expected_hf_shapes(shape).items():
+            if name not in weight_map:
+                raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint")
+            meta = headers[weight_map[name]].get(name)
+            if meta is None:
+                raise ValueError(f"{path / weight_map[name]}: tensor {name!r} is listed in the "
+                                 "index but not in the file")
+            if tuple(meta["shape"]) != expected:
+                raise ValueError(f"{path / weight_map[name]}: tensor {name!r} has shape "
+                                 f"{tuple(meta['shape'])}, config.json implies {expected}")
+            dtypes.add(meta["dtype"])
+        unsupported = dtypes - set(_SAFETENSORS_DTYPES)
+        if unsupported:
+            raise ValueError(f"{path}: tensor dtypes {sorted(unsupported)} are unsupported; "
+                             f"expected {sorted(_SAFETENSORS_DTYPES)}")
+        dtype = _SAFETENSORS_DTYPES[sorted(dtypes)[0]] if len(dtypes) == 1 else torch.float32
+        return cls(path, config, shape, weight_map, dtype)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard (the file handle is kept open for the next one)."""
+        if name not in self.weight_map:
+            raise KeyError(name)
+        file_name = self.weight_map[name]
+        handle = self._handles.get(file_name)
+        if handle is None:
+            handle = self._handles[file_name] = safe_open(str(self.path / file_name), framework="pt")
+        return handle.get_tensor(name)
+
+    def nbytes(self, names: Iterable[str] | None = None) -> int:
+        names = self.weight_map if names is None else names
+        total = 0
+        for file_name in set(self.weight_map[n] for n in names):
+            total += (self.path / file_name).stat().st_size
+        return total
+
+    def side_files(self) -> list[Path]:
+        """Tokenizer, generation config and other non-weight files to carry along."""
+        return sorted(p for p in self.path.iterdir() if p.is_file()
+                      and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_INDEXES)
+
+
+def copy_side_files(files: Iterable[Path], destination: Path) -> None:
+    destination.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copy2(file, destination / file.name)
+
+
+class SafetensorsShardWriter:
+    """Buffers tensors and writes a safetensors file whenever ``max_shard_bytes`` is reached.
+
+    Files get provisional names ``part-{writer_id}-{k}.safetensors``; ``finalize_hf_folder``
+    renames them to HF's ``model-0000i-of-0000N.safetensors`` once all writers are done.
+    """
+
+    def __init__(self, folder: Path, writer_id: int, max_shard_bytes: int, dtype: torch.dtype):
+        self.folder, self.writer_id, self.max_shard_bytes, self.dtype = \
+            folder, writer_id, max_shard_bytes, dtype
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []  # (file name, tensor names)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
+        if self.buffer and self.buffered_bytes + tensor.nbytes > self.max_shard_bytes:
+            self.flush()
+        self.buffer[name] = tensor
+        self.buffered_bytes += tensor.nbytes
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        file_name = f"part-{self.writer_id:05d}-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(self.folder / file_name), metadata={"format": "pt"})
+        self.files.append((file_name, list(self.buffer)))
+        self.buffer, self.buffered_bytes = {}, 0
+
+
+def finalize_hf_folder(folder: Path, files: list[tuple[str, list[str]]], total_bytes: int) -> None:
+    """Renames provisional parts to HF names and writes the index (or one model.safetensors)."""
+    if len(files) == 1:
+        os.replace(folder / files[0][0], folder / SINGLE_SAFETENSORS)
+        return
+    weight_map: dict[str, str] = {}
+    for index, (part, names) in enumerate(files, start=1):
+        final = f"model-{index:05d}-of-{len(files):05d}.safetensors"
+        os.replace(folder / part, folder / final)
+        weight_map.update({name: final for name in names})
+    index_json = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index_json, indent=2))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

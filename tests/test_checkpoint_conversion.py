@@ -1,0 +1,202 @@
+"""HF <-> Megatron conversion at TP/PP layouts: logits match transformers, the round trip is
+bit-identical, the exported folder loads and generates with plain transformers, and bad
+input is refused with a one-line error before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_fixtures import save_tiny_model
+from launch import REPO, torchrun
+from megatron_prime.checkpoint.hf_io import HFCheckpoint
+
+LAYOUTS = {"tp1pp1": (1, 1), "tp2pp1": (2, 1), "tp1pp2": (1, 2), "tp2pp2": (2, 2)}
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    for arch in ("qwen2", "llama"):
+        save_tiny_model(arch, root / arch)
+    return root
+
+
+def load_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+_roundtrips: dict[tuple[str, str], Path] = {}
+
+
+def roundtrip(hf_models: Path, arch: str, layout: str, tmp_path_factory) -> Path:
+    key = (arch, layout)
+    if key not in _roundtrips:
+        tp, pp = LAYOUTS[layout]
+        work = tmp_path_factory.mktemp(f"{arch}_{layout}")
+        torchrun("tests/workers/convert_worker.py", tp * pp, [
+            "--mode", "roundtrip", "--hf-dir", str(hf_models / arch),
+            "--megatron-dir", str(work / "megatron"), "--hf-out", str(work / "hf_out"),
+            "--logits-out", str(work / "logits.pt"), "--tp", str(tp), "--pp", str(pp)])
+        _roundtrips[key] = work
+    return _roundtrips[key]
+
+
+def hf_logits(folder: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_convert_roundtrip(arch, layout, hf_models, tmp_path_factory):
+    work = roundtrip(hf_models, arch, layout, tmp_path_factory)
+    source = hf_models / arch
+
+    # Megatron logits (TP-gathered, padding removed) equal transformers' on the same input.
+    dumped = torch.load(work / "logits.pt")
+    torch.testing.assert_close(dumped["logits"], hf_logits(source, dumped["input_ids"]),
+                               atol=1e-4, rtol=0)
+
+    # Back to HF: every tensor bit-identical, nothing extra, nothing missing.
+    original, exported = load_hf_tensors(source), load_hf_tensors(work / "hf_out")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    index = json.loads((work / "hf_out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # several shards, named HF-style
+    assert all(f.startswith("model-") for f in index["weight_map"].values())
+
+    # Plain transformers loads it and greedy generation is unchanged.
+    tokenizer = AutoTokenizer.from_pretrained(work / "hf_out")
+    prompt = tokenizer("Solve 3 + 4 =", return_tensors="pt")
+    generated = []
+    for folder in (source, work / "hf_out"):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        generated.append(model.generate(**prompt, max_new_tokens=8, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id))
+    assert torch.equal(generated[0], generated[1])
+    assert (work / "hf_out" / "generation_config.json").is_file()
+    assert not any(p.name.startswith(".") for p in work.iterdir())  # no staging left behind
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_at_tp2_pp2_loads_at_tp1_pp1(hf_models, tmp_path_factory):
+    work = roundtrip(hf_models, "qwen2", "tp2pp2", tmp_path_factory)
+    out = work / "logits_tp1pp1.pt"
+    torchrun("tests/workers/convert_worker.py", 1, [
+        "--mode", "logits", "--megatron-dir", str(work / "megatron"), "--logits-out", str(out)])
+    resharded = torch.load(out)["logits"]
+    # Bit-identical to the checkpoint converted directly at TP=1/PP=1 (same weights, same
+    # layout, same arithmetic) ...
+    direct = torch.load(roundtrip(hf_models, "qwen2", "tp1pp1", tmp_path_factory) / "logits.pt")
+    assert torch.equal(resharded, direct["logits"])
+    # ... and equal to TP=2/PP=2's own logits up to the all-reduce summation order.
+    torch.testing.assert_close(resharded, torch.load(work / "logits.pt")["logits"],
+                               atol=1e-5, rtol=0)
+
+
+# ---- bad input: refused up front, one line, nothing written ----
+
+def corrupt(folder: Path, how: str) -> None:
+    if how == "architecture":
+        config = json.loads((folder / "config.json").read_text())
+        config["architectures"] = ["MambaForCausalLM"]
+        (folder / "config.json").write_text(json.dumps(config))
+    elif how == "missing_shard":
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+        names = HFCheckpoint.open  # noqa: F841 (index written below)
+        tensors = load_file(folder / "model-00001-of-00002.safetensors")
+        weight_map = {name: ("model-00001-of-00002.safetensors" if i % 2 else
+                             "model-00002-of-00002.safetensors") for i, name in enumerate(tensors)}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    elif how == "wrong_shape":
+        from safetensors.torch import save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1]
+        save_file(tensors, folder / "model.safetensors")
+    elif how == "truncated":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
+
+
+BAD_INPUTS = {
+    "architecture": r"config.json: config.json field 'architectures'=\['MambaForCausalLM'\]",
+    "missing_shard": r"model-00002-of-00002.safetensors: shard named in .* is missing",
+    "wrong_shape": r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape "
+                   r"\(127, 64\), config.json implies \(128, 64\)",
+    "truncated": r"model.safetensors: truncated safetensors file",
+}
+
+
+@pytest.fixture
+def fresh_model(tmp_path):
+    folder = tmp_path / "model"
+    save_tiny_model("qwen2", folder)
+    return folder
+
+
+@pytest.mark.parametrize("how", list(BAD_INPUTS))
+def test_bad_hf_input_is_refused_before_writing(how, fresh_model):
+    corrupt(fresh_model, how)
+    with pytest.raises((ValueError, FileNotFoundError), match=BAD_INPUTS[how]):
+        HFCheckpoint.open(fresh_model)
+
+
+def run_cli(tool: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_errors_are_one_line_and_write_nothing(fresh_model, tmp_path):
+    output = tmp_path / "megatron"
+    # A TP size that does not divide the heads.
+    done = run_cli("convert_hf_to_megatron.py", "--hf-dir", str(fresh_model), "--output",
+                   str(output), "--tp", "3")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: model field num_attention_heads=4 is not divisible by "
+        "parallel.tensor_parallel_size=3; expected tensor_parallel_size to divide 4 "
+        "(e.g. one of [1, 2, 4])"]
+    # A truncated shard.
+    corrupt(fresh_model, "truncated")
+    done = run_cli("convert_hf_to_megatron.py", "--hf-dir", str(fresh_model), "--output", str(output))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "truncated safetensors file" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written
+
+
+@pytest.mark.slow
+def test_cli_converts_and_keeps_an_existing_output(tmp_path):
+    source = tmp_path / "hf"
+    save_tiny_model("llama", source)
+    output = tmp_path / "megatron"
+    done = run_cli("convert_hf_to_megatron.py", "--hf-dir", str(source), "--output", str(output))
+    assert done.returncode == 0, done.stderr
+    assert "tensors" in done.stdout and "MB/s" in done.stdout  # progress is printed
+    manifest = json.loads((output / "megatron_prime.json").read_text())
+    assert manifest["hf_architecture"] == "LlamaForCausalLM"
+    before = sorted(p.name for p in (output / "model").iterdir())
+    # A second conversion to the same target refuses instead of clobbering it.
+    done = run_cli("convert_hf_to_megatron.py", "--hf-dir", str(source), "--output", str(output))
+    assert done.returncode == 2 and "already exists" in done.stderr
+    assert sorted(p.name for p in (output / "model").iterdir()) == before
+    # Export errors name the problem too: a folder that is not a checkpoint.
+    done = run_cli("convert_megatron_to_hf.py", "--checkpoint", str(source), "--output",
+                   str(tmp_path / "out"))
+    assert done.returncode == 2 and "is not a megatron_prime model checkpoint" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -59,10 +59,14 @@ class Progress:
     def update(self, nbytes: int) -> None:
         self.done += 1
         self.bytes += nbytes
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.interval or self.done == self.total):
-            self.last = now
-            print(f"{self.label}: {self.done}/{self.total} tensors, {self.bytes / 1e6:.0f} MB, "
+        if time.perf_counter() - self.last >= self.interval:
+            self.report()
+
+    def report(self) -> None:
+        now = self.last = time.perf_counter()
+        if self.enabled:
+            total = f"/{self.total}" if self.total else ""
+            print(f"{self.label}: {self.done}{total} tensors, {self.bytes / 1e6:.0f} MB, "
                   f"{self.bytes / 1e6 / max(now - self.start, 1e-9):.0f} MB/s", flush=True)
 
 
@@ -92,7 +96,8 @@ def convert_hf_to_megatron(
         raise ValueError(f"role={role!r} is invalid: expected one of {list(ROLES)}")
     hf = HFCheckpoint.open(hf_dir)  # validates everything before anything is written
     dtype = dtype or hf.dtype
-    model = build_model(hf.config, "reference", parallel, _precision_for(dtype))
+    model = build_model(hf.config, "reference", parallel, _precision_for(dtype),
+                        initialize_weights=False)
     progress = Progress("hf->megatron read", total=0)
     with atomic_output_dir(output, overwrite=overwrite) as staging:
         # Each rank reads only the HF tensors its parameters need.
@@ -101,6 +106,7 @@ def convert_hf_to_megatron(
         load_hf_weights(model.gpt_chunks(), _counting_source(hf, progress), model.shape,
                         distributed.tp_rank(), parallel.tensor_parallel_size,
                         model.padded_vocab_size)
+        progress.report()
         save_model_checkpoint(model, staging, hf.side_files() + [hf.path / "config.json"], {
             "hf_architecture": model.shape.architecture.hf_architecture,
             "role": role,
@@ -142,7 +148,8 @@ def convert_megatron_to_hf(
     manifest = read_manifest(checkpoint)
     hf_config = hf_config_of(checkpoint)
     dtype = dtype or getattr(torch, manifest["dtype"])
-    model = build_model(hf_config, "reference", parallel, _precision_for(dtype))
+    model = build_model(hf_config, "reference", parallel, _precision_for(dtype),
+                        initialize_weights=False)
     load_model_checkpoint(model, checkpoint)
     is_writer = distributed.tp_rank() == 0 and distributed.dp_rank() == 0
     progress = Progress("megatron->hf write", total=0)
@@ -153,6 +160,7 @@ def convert_megatron_to_hf(
                 writer.add(name, tensor)
                 progress.update(tensor.nbytes)
         writer.flush()
+        progress.report()
         files_per_rank: list = [None] * dist.get_world_size()
         dist.all_gather_object(files_per_rank, (distributed.pp_rank(), writer.files) if is_writer else None)
         if dist.get_rank() == 0:

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -64,7 +64,6 @@ class HFCheckpoint:
     shape: ModelShape
     weight_map: dict[str, str]  # tensor name -> file name
     dtype: torch.dtype
-    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "HFCheckpoint":
@@ -114,14 +113,16 @@ class HFCheckpoint:
         return cls(path, config, shape, weight_map, dtype)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, read from its shard (the file handle is kept open for the next one)."""
+        """One tensor, copied out of its shard.
+
+        The shard is memory-mapped only for the duration of the read: a mapping kept open
+        would leave every page read so far resident, so peak RSS would grow to the whole
+        checkpoint's size on top of the Megatron model.
+        """
         if name not in self.weight_map:
             raise KeyError(name)
-        file_name = self.weight_map[name]
-        handle = self._handles.get(file_name)
-        if handle is None:
-            handle = self._handles[file_name] = safe_open(str(self.path / file_name), framework="pt")
-        return handle.get_tensor(name)
+        with safe_open(str(self.path / self.weight_map[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def nbytes(self, names: Iterable[str] | None = None) -> int:
         names = self.weight_map if names is None else names
@@ -168,6 +169,7 @@ class SafetensorsShardWriter:
             return
         file_name = f"part-{self.writer_id:05d}-{len(self.files):05d}.safetensors"
         save_file(self.buffer, str(self.folder / file_name), metadata={"format": "pt"})
+        os.chmod(self.folder / file_name, 0o644)  # save_file creates it owner-only
         self.files.append((file_name, list(self.buffer)))
         self.buffer, self.buffered_bytes = {}, 0
 

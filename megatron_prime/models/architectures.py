@@ -163,7 +163,11 @@ def params_dtype(precision: PrecisionConfig, on_gpu: bool) -> torch.dtype:
 
 
 def transformer_config(
-    shape: ModelShape, parallel: ParallelConfig, precision: PrecisionConfig, on_gpu: bool
+    shape: ModelShape,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    on_gpu: bool,
+    initialize_weights: bool = True,
 ) -> TransformerConfig:
     """The one adapter from our configs into Megatron's ``TransformerConfig``."""
     precision.validate()
@@ -197,6 +201,9 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=shape.initializer_range,
+        # Skipped when weights are loaded right after (conversion): saves time and the
+        # full-size float32 master copy that CPU initialisation makes per tensor.
+        perform_initialization=initialize_weights,
         tensor_model_parallel_size=parallel.tensor_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel_size,

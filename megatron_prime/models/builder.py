@@ -61,14 +61,17 @@ def build_model(
     parallel: ParallelConfig,
     precision: PrecisionConfig | None = None,
     use_distributed_optimizer: bool = False,
+    initialize_weights: bool = True,
 ) -> BuiltModel:
-    """Creates this rank's part of the model. Weights are random until loaded (checkpoint/)."""
+    """Creates this rank's part of the model. Weights are random until loaded (checkpoint/);
+    ``initialize_weights=False`` leaves them uninitialised for a caller that loads them next."""
     if role not in ROLES:
         raise ValueError(f"model role={role!r} is invalid: expected one of {list(ROLES)}")
     precision = precision or PrecisionConfig()
     runtime = distributed.runtime()
     shape = ModelShape.from_hf(hf_config)
-    config = transformer_config(shape, parallel, precision, on_gpu=runtime.on_gpu)
+    config = transformer_config(shape, parallel, precision, on_gpu=runtime.on_gpu,
+                                initialize_weights=initialize_weights)
     spec = layer_spec(config, on_gpu=runtime.on_gpu)
     vocab = padded_vocab_size(shape.vocab_size, parallel.tensor_parallel_size)
 

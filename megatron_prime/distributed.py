@@ -243,3 +243,12 @@ def dp_world_size() -> int:
 
 def device() -> torch.device:
     return runtime().device
+
+
+def gather_tp_shards(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """All TP ranks' shards of a tensor, in TP-rank order (an all-gather in the TP group)."""
+    if tp_world_size() == 1:
+        return [tensor]
+    shards = [torch.empty_like(tensor) for _ in range(tp_world_size())]
+    dist.all_gather(shards, tensor.contiguous(), group=tp_group())
+    return shards

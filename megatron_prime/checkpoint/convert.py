@@ -121,15 +121,6 @@ def _hf_names_of(chunk: torch.nn.Module, shape) -> list[str]:
     return [n for name, _ in named_megatron_parameters(chunk) for n in resolve(name, shape).hf_names]
 
 
-def _gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
-    size = distributed.tp_world_size()
-    if size == 1:
-        return [tensor]
-    shards = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(shards, tensor.contiguous(), group=distributed.tp_group())
-    return shards
-
-
 def convert_megatron_to_hf(
     checkpoint: str | Path,
     output: str | Path,
@@ -155,7 +146,8 @@ def convert_megatron_to_hf(
     progress = Progress("megatron->hf write", total=0)
     with atomic_output_dir(output, overwrite=overwrite) as staging:
         writer = SafetensorsShardWriter(staging, distributed.pp_rank(), max_shard_bytes, dtype)
-        for name, tensor in iter_hf_tensors(model.gpt_chunks(), model.shape, _gather_tp):
+        for name, tensor in iter_hf_tensors(model.gpt_chunks(), model.shape,
+                                                 distributed.gather_tp_shards):
             if is_writer:
                 writer.add(name, tensor)
                 progress.update(tensor.nbytes)

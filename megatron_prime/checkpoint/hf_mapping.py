@@ -266,6 +266,30 @@ def expected_hf_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def exported_parameters(gpt_chunks: list[torch.nn.Module], shape: ModelShape
+                        ) -> Iterator[tuple[str, Tensor]]:
+    """This stage's parameters that have an HF counterpart of their own (global names).
+
+    With tied embeddings the last stage's copy of the embedding (PP > 1) is skipped: HF has
+    one tied tensor, which stage 0 provides.
+    """
+    for chunk in gpt_chunks:
+        for name, param in named_megatron_parameters(chunk):
+            if name == "output_layer.weight" and shape.tie_word_embeddings:
+                continue
+            yield name, param
+
+
+def hf_tensors_of(
+    weight: ResolvedWeight, param: Tensor, shape: ModelShape,
+    gather_tp: Callable[[Tensor], list[Tensor]],
+) -> dict[str, Tensor]:
+    """Full HF tensors of one local Megatron parameter (TP shards gathered unless replicated)."""
+    local = param.detach()
+    shards = [local] if weight.split is Split.REPLICATED else gather_tp(local)
+    return megatron_shards_to_hf(weight, shards, shape)
+
+
 def iter_hf_tensors(
     gpt_chunks: list[torch.nn.Module],
     shape: ModelShape,
@@ -274,14 +298,7 @@ def iter_hf_tensors(
     """This pipeline stage's weights as full HF tensors, one Megatron tensor at a time.
 
     ``gather_tp`` returns the TP shards of a local tensor in TP-rank order (an all-gather in
-    the TP group; ``lambda t: [t]`` at TP=1). Memory: one gathered tensor at a time. With tied
-    embeddings, the last stage's copy of the embedding is skipped (stage 0 emits it).
+    the TP group). Memory: one gathered tensor at a time.
     """
-    for chunk in gpt_chunks:
-        for name, param in named_megatron_parameters(chunk):
-            if name == "output_layer.weight" and shape.tie_word_embeddings:
-                continue
-            weight = resolve(name, shape)
-            shards = [param.detach()] if weight.split is Split.REPLICATED \
-                else gather_tp(param.detach())
-            yield from megatron_shards_to_hf(weight, shards, shape).items()
+    for name, param in exported_parameters(gpt_chunks, shape):
+        yield from hf_tensors_of(resolve(name, shape), param, shape, gather_tp).items()

@@ -31,10 +31,9 @@ import torch.distributed as dist
 from megatron_prime import distributed
 from megatron_prime.checkpoint.hf_mapping import (
     ResolvedWeight,
-    Split,
     expected_hf_shapes,
-    megatron_shards_to_hf,
-    named_megatron_parameters,
+    exported_parameters,
+    hf_tensors_of,
     resolve,
 )
 from megatron_prime.models.builder import BuiltModel
@@ -79,12 +78,7 @@ class WeightBridge:
         Resolving every name here makes an unmapped weight fail before any sampling.
         """
         shape = self.model.shape
-        local = []
-        for chunk in self.model.gpt_chunks():
-            for name, _ in named_megatron_parameters(chunk):
-                if name == "output_layer.weight" and shape.tie_word_embeddings:
-                    continue  # a copy of the embedding (PP > 1); HF has one tied tensor
-                local.append(name)
+        local = [name for name, _ in exported_parameters(self.model.gpt_chunks(), shape)]
         for name in local:
             resolve(name, shape)  # raises KeyError naming the tensor
         per_stage: list = [None] * distributed.pp_world_size()
@@ -94,30 +88,18 @@ class WeightBridge:
             per_stage = [local]
         return [(stage, resolve(name, shape)) for stage, names in enumerate(per_stage) for name in names]
 
-    def _local_params(self) -> dict[str, torch.Tensor]:
-        return {name: param for chunk in self.model.gpt_chunks()
-                for name, param in named_megatron_parameters(chunk)}
-
-    def _gather_tp(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        if distributed.tp_world_size() == 1:
-            return [tensor]
-        shards = [torch.empty_like(tensor) for _ in range(distributed.tp_world_size())]
-        dist.all_gather(shards, tensor.contiguous(), group=distributed.tp_group())
-        return shards
-
     def iter_full_tensors(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """(Megatron module, HF name, full tensor) for the whole policy, in plan order, on
         every rank."""
-        params = self._local_params()
+        params = dict(exported_parameters(self.model.gpt_chunks(), self.model.shape))
         my_stage = distributed.pp_rank()
         hf_shapes = expected_hf_shapes(self.model.shape)
         dtype = self.model.config.params_dtype
         device = distributed.device()
         for stage, weight in self.plan:
             if stage == my_stage:
-                local = params[weight.megatron_name].detach()
-                shards = [local] if weight.split is Split.REPLICATED else self._gather_tp(local)
-                tensors = megatron_shards_to_hf(weight, shards, self.model.shape)
+                tensors = hf_tensors_of(weight, params[weight.megatron_name], self.model.shape,
+                                        distributed.gather_tp_shards)
             else:
                 tensors = {name: torch.empty(hf_shapes[name], dtype=dtype, device=device)
                            for name in weight.hf_names}

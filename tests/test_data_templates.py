@@ -21,7 +21,19 @@ def test_system_prompt_names_seven_actions_and_the_step_format():
     lines = SYSTEM_PROMPT.splitlines()
     assert [line.split("]")[0] + "]" for line in lines[2:9]] == [f"[{a}]" for a in ACTIONS]
     assert SYSTEM_PROMPT.endswith("[ACTION NAME]\n\n# what you do in this step\n# ...\n\nNext action: [NEXT ACTION NAME]\n")
-    assert SYSTEM_PROMPT.startswith("You solve hard reasoning problems one step at a time.")
+    assert SYSTEM_PROMPT == (
+        "You solve hard reasoning problems one step at a time. Every step is one of seven actions; "
+        "pick the one that moves the solution forward:\n\n"
+        "[ASSESS] take stock of the problem: what is given, what is asked, what is still unknown.\n"
+        "[ADVANCE] carry the solution one step further: compute, derive or draw a conclusion.\n"
+        "[VERIFY] check the latest steps for mistakes and confirm what holds.\n"
+        "[SIMPLIFY] split a hard step into smaller, easier parts.\n"
+        "[SYNTHESIZE] combine the results found so far into a larger conclusion.\n"
+        "[PIVOT] drop an approach that is not working and choose another.\n"
+        "[OUTPUT] state the final answer, clearly and completely.\n\n"
+        "Write every step in exactly this format:\n\n"
+        "[ACTION NAME]\n\n# what you do in this step\n# ...\n\nNext action: [NEXT ACTION NAME]\n"
+    )
 
 
 def test_plain_string_prompt_gets_system_prompt_and_suffix():

@@ -21,6 +21,7 @@ setup(
         "tokenizers",
         "numpy",
         "pyyaml",
+        "pyarrow",  # parquet prompt datasets (Eurus-2-RL-Data)
         # megatron-core's dist-checkpointing writers need it and do not declare it.
         "psutil",
         "wandb",

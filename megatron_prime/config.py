@@ -100,3 +100,153 @@ class OptimizerConfig:
         _require(0 <= self.adam_beta2 < 1, f"{prefix}.adam_beta2", self.adam_beta2, "in [0, 1)")
         _require(self.adam_eps > 0, f"{prefix}.adam_eps", self.adam_eps, "a float > 0")
         _require(self.clip_grad >= 0, f"{prefix}.clip_grad", self.clip_grad, ">= 0 (0 = off)")
+
+
+# ---- YAML + command-line overrides into nested dataclasses ----
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks ``value`` against the annotation ``tp``; builds nested dataclasses."""
+    import dataclasses
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ValueError:
+                continue
+        raise ValueError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={value!r} is invalid: expected a mapping of {tp.__name__} fields")
+        return config_from_dict(tp, value, prefix=f"{key}.")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r} is invalid: expected a list")
+        args = typing.get_args(tp)
+        item_type = args[0] if args else Any
+        items = [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={value!r} is invalid: expected a mapping")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}={value!r} is invalid: expected a number")
+        return float(value)
+    if tp in (int, bool, str):
+        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+            raise ValueError(f"{key}={value!r} is invalid: expected {tp.__name__}")
+        return value
+    return value
+
+
+def config_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from a (nested) mapping; unknown keys and wrong types are
+    errors naming the dotted key, the value and what is allowed."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]} is not a known key: expected one of "
+                         f"{[prefix + name for name in fields]}")
+    kwargs = {name: _coerce(prefix + name, value, hints[name]) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain data (tuples as lists) that YAML can write and ``config_from_dict`` read back."""
+    import dataclasses
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """``trainer.steps=100 algo.beta=0.05`` style overrides; values are parsed as YAML."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {override!r} is invalid: expected dotted.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {override!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def validate_all(config: Any) -> None:
+    """Calls ``validate()`` on the config and every nested config that has one."""
+    import dataclasses
+
+    if hasattr(config, "validate"):
+        config.validate()
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_all(value)
+
+
+def load_config(cls: type, path: str | None = None, overrides: Iterable[str] = ()) -> Any:
+    """YAML file (optional) + overrides -> validated ``cls``."""
+    from pathlib import Path
+
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file not found: {file}")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{file}: not valid YAML ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a mapping at the top level, got {type(data).__name__}")
+    config = config_from_dict(cls, apply_overrides(data, overrides))
+    validate_all(config)
+    return config
+
+
+def save_config(config: Any, path: str) -> None:
+    """Writes the resolved config (saved with every run and checkpoint)."""
+    from pathlib import Path
+
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,84 @@
+"""YAML + dotted overrides into the nested dataclass configs, with errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from megatron_prime.config import (
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    apply_overrides,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    steps: int = 10
+    beta: float = 0.05
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 20\nparallel:\n  tensor_parallel_size: 2\noptimizer:\n  lr: 1.0e-6\n")
+    config = load_config(RunConfig, path, ["parallel.pipeline_parallel_size=4", "beta=1",
+                                           'stop=["</s>", "\\n\\n"]', "seed=7", "name=exp 1"])
+    assert (config.steps, config.beta, config.seed, config.name) == (20, 1.0, 7, "exp 1")
+    assert config.stop == ("</s>", "\n\n")
+    assert (config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size) == (2, 4)
+    assert config.optimizer.lr == 1e-6 and config.optimizer.clip_grad == 1.0  # default kept
+    assert isinstance(config.beta, float)
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = load_config(RunConfig, None, ["stop=[a, b]", "precision.fp8_recipe=delayed"])
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(RunConfig, tmp_path / "resolved.yaml") == config
+    assert config_to_dict(config)["stop"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tensor_paralel_size=2"],
+     r"parallel.tensor_paralel_size is not a known key: expected one of \['parallel.tensor_parallel_size'"),
+    (["steps=ten"], r"steps='ten' is invalid: expected int"),
+    (["steps=true"], r"steps=True is invalid: expected int"),
+    (["beta=[1]"], r"beta=\[1\] is invalid: expected a number"),
+    (["parallel=3"], r"parallel=3 is invalid: expected a mapping of ParallelConfig fields"),
+    (["precision.fp8_recipe=fast"], r"precision.fp8_recipe='fast' is invalid: expected one of"),
+    (["parallel.tensor_parallel_size=0"], r"parallel.tensor_parallel_size=0 is invalid"),
+    (["steps"], r"override 'steps' is invalid: expected dotted.key=value"),
+    (["steps.x=1"], r"steps={'x': 1} is invalid: expected int"),
+])
+def test_bad_values_name_key_value_and_allowed(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(RunConfig, None, overrides)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found: .*nope.yaml"):
+        load_config(RunConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1, 2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML"):
+        load_config(RunConfig, bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: expected a mapping at the top level, got list"):
+        load_config(RunConfig, bad)
+
+
+def test_overrides_do_not_modify_the_input():
+    data = {"parallel": {"tensor_parallel_size": 2}}
+    assert apply_overrides(data, ["parallel.tensor_parallel_size=4"]) == {
+        "parallel": {"tensor_parallel_size": 4}}
+    assert data == {"parallel": {"tensor_parallel_size": 2}}

@@ -19,7 +19,9 @@ from megatron_prime.checkpoint.hf_mapping import load_hf_weights
 from megatron_prime.config import OptimizerConfig, ParallelConfig
 from megatron_prime.models.builder import BuiltModel, build_model
 from megatron_prime.models.optimizer import build_optimizer, train_step
-from megatron_prime.models.schedule import TokenBatch, TokenOutputs, forward_only
+from megatron_prime.algo import PPOLossConfig
+from megatron_prime.losses import ppo_loss, prm_loss
+from megatron_prime.models.schedule import TokenBatch, TokenOutputs, forward_backward, forward_only
 
 ENTROPY_COEF = 0.1
 # Rows of the test batch (total lengths) and how pack_rows pairs them.
@@ -87,6 +89,19 @@ def pack_rows(batch: TokenBatch) -> TokenBatch:
                       segment_ids=segments)
 
 
+def prime_extras(batch: TokenBatch) -> dict[str, torch.Tensor]:
+    """Fixed synthetic old/ref log-probs, advantages and labels for the PRIME losses."""
+    generator = torch.Generator().manual_seed(5)
+    shape = batch.input_ids.shape
+    mask = batch.response_mask
+    return {
+        "old_logprobs": -(5.0 + torch.rand(shape, generator=generator)) * mask,
+        "advantages": torch.randn(shape, generator=generator) * mask,
+        "ref_logprobs": -(5.0 + torch.rand(shape, generator=generator)) * mask,
+        "outcome_labels": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+    }
+
+
 def nll_with_entropy_bonus(outputs: TokenOutputs, micro_batch: TokenBatch):
     mask = micro_batch.response_mask.to(outputs.logprobs.dtype).clone()
     mask[:, 0] = 0
@@ -128,8 +143,10 @@ def main() -> None:
     # Each DP rank takes its own rows, as the trainer will.
     rows_per_dp = batch.batch_size // distributed.dp_world_size()
     first = distributed.dp_rank() * rows_per_dp
+    extras = prime_extras(batch)
     local = TokenBatch(batch.input_ids[first:first + rows_per_dp],
-                       batch.response_mask[first:first + rows_per_dp])
+                       batch.response_mask[first:first + rows_per_dp],
+                       extras={k: v[first:first + rows_per_dp] for k, v in extras.items()})
     micro_batch_size = min(args.micro_batch_size, rows_per_dp)
 
     outputs = forward_only(policy, local, micro_batch_size)
@@ -139,6 +156,15 @@ def main() -> None:
 
     optimizer = build_optimizer(policy, OptimizerConfig(
         lr=1e-3, clip_grad=1.0, use_distributed_optimizer=args.distributed_optimizer))
+    # PRIME's losses through the schedule (no update): loss and gradient norm of each.
+    prime = {}
+    for name, loss_fn in (("ppo", ppo_loss(PPOLossConfig())), ("prm", prm_loss(beta=0.05))):
+        for chunk in policy.chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()  # prepare_grads aliased param.grad to the grad buffer
+        metrics = forward_backward(policy, local, micro_batch_size, loss_fn)
+        optimizer.prepare_grads()
+        prime[name] = {**metrics, "grad_norm": float(optimizer.get_grad_norm())}
     step0 = train_step(policy, optimizer, local, micro_batch_size, nll_with_entropy_bonus)
     step1 = train_step(policy, optimizer, local, micro_batch_size, nll_with_entropy_bonus)
     reference_unchanged = params_checksum(reference) == ref_checksum
@@ -167,6 +193,7 @@ def main() -> None:
             "num_units0": step0.metrics["num_units"],
             "reference_unchanged": reference_unchanged,
             "frozen_optimizer_error": frozen_error,
+            "prime": prime,
         }
         with open(args.out, "w") as handle:
             json.dump(result, handle)

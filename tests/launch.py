@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", str(REPO / script), *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

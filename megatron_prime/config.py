@@ -10,18 +10,18 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{key}={value!r} is invalid: expected {allowed}")
 
 
 def require_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = tuple(choices)
-    _require(value in choices, key, value, f"one of {list(choices)}")
+    require(value in choices, key, value, f"one of {list(choices)}")
 
 
 def require_positive_int(key: str, value: Any) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
              key, value, "an integer >= 1")
 
 
@@ -45,11 +45,11 @@ class ParallelConfig:
             require_positive_int(
                 "parallel.virtual_pipeline_parallel_size", self.virtual_pipeline_parallel_size
             )
-            _require(self.pipeline_parallel_size > 1, "parallel.virtual_pipeline_parallel_size",
+            require(self.pipeline_parallel_size > 1, "parallel.virtual_pipeline_parallel_size",
                      self.virtual_pipeline_parallel_size,
                      "None unless parallel.pipeline_parallel_size > 1")
         if self.sequence_parallel:
-            _require(self.tensor_parallel_size > 1, "parallel.sequence_parallel", True,
+            require(self.tensor_parallel_size > 1, "parallel.sequence_parallel", True,
                      "False unless parallel.tensor_parallel_size > 1")
 
     @property
@@ -94,12 +94,12 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = False
 
     def validate(self, prefix: str = "optimizer") -> None:
-        _require(self.lr > 0, f"{prefix}.lr", self.lr, "a float > 0")
-        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, ">= 0")
-        _require(0 <= self.adam_beta1 < 1, f"{prefix}.adam_beta1", self.adam_beta1, "in [0, 1)")
-        _require(0 <= self.adam_beta2 < 1, f"{prefix}.adam_beta2", self.adam_beta2, "in [0, 1)")
-        _require(self.adam_eps > 0, f"{prefix}.adam_eps", self.adam_eps, "a float > 0")
-        _require(self.clip_grad >= 0, f"{prefix}.clip_grad", self.clip_grad, ">= 0 (0 = off)")
+        require(self.lr > 0, f"{prefix}.lr", self.lr, "a float > 0")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, ">= 0")
+        require(0 <= self.adam_beta1 < 1, f"{prefix}.adam_beta1", self.adam_beta1, "in [0, 1)")
+        require(0 <= self.adam_beta2 < 1, f"{prefix}.adam_beta2", self.adam_beta2, "in [0, 1)")
+        require(self.adam_eps > 0, f"{prefix}.adam_eps", self.adam_eps, "a float > 0")
+        require(self.clip_grad >= 0, f"{prefix}.clip_grad", self.clip_grad, ">= 0 (0 = off)")
 
 
 # ---- YAML + command-line overrides into nested dataclasses ----

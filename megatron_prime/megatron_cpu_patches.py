@@ -10,7 +10,6 @@ Each patch carries a one-line reason. Checked against megatron-core 0.16.1.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -97,10 +96,3 @@ def apply_cpu_patches() -> None:
     # Reason: see _CudaToCpuMode. Entered for the life of the process, on this thread.
     _CudaToCpuMode().__enter__()
     _APPLIED = True
-
-
-@contextlib.contextmanager
-def cpu_device_mode():
-    """The device remap on the current thread, for code run in threads other than the main one."""
-    with _CudaToCpuMode():
-        yield

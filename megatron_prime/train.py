@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from megatron.core.optimizer import MegatronOptimizer
 from torch import Tensor
 
@@ -21,7 +20,7 @@ from megatron_prime.algo import (
     implicit_process_rewards,
     masked_mean,
 )
-from megatron_prime.config import _require, require_choice, require_positive_int
+from megatron_prime.config import require, require_choice, require_positive_int
 from megatron_prime.losses import ppo_loss, prm_loss, scored_token_mask
 from megatron_prime.models.builder import BuiltModel
 from megatron_prime.models.optimizer import train_step
@@ -43,9 +42,9 @@ class AlgoConfig:
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
 
     def validate(self) -> None:
-        _require(self.beta > 0, "algo.beta", self.beta, "a float > 0")
+        require(self.beta > 0, "algo.beta", self.beta, "a float > 0")
         require_positive_int("algo.num_samples_per_prompt", self.num_samples_per_prompt)
-        _require(self.num_samples_per_prompt >= 2, "algo.num_samples_per_prompt",
+        require(self.num_samples_per_prompt >= 2, "algo.num_samples_per_prompt",
                  self.num_samples_per_prompt, ">= 2 (leave-one-out baselines)")
         require_choice("algo.prm_mode", self.prm_mode, ("before", "after", "none"))
         require_choice("algo.process_reward_normalization", self.process_reward_normalization,

@@ -4,7 +4,6 @@ same metrics and updated weights at TP=2 and PP=2 as at TP=1/PP=1 (gloo processe
 from __future__ import annotations
 
 import pytest
-import torch
 
 from launch import run_json_worker
 from workers.parity_worker import make_hf_model

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from megatron_prime.config import _require, require_choice, require_positive_int
+from megatron_prime.config import require, require_choice, require_positive_int
 from megatron_prime.models.architectures import ModelShape
 
 
@@ -43,9 +43,9 @@ class SamplingConfig:
     def validate(self) -> None:
         require_positive_int("sampling.n", self.n)
         require_positive_int("sampling.max_new_tokens", self.max_new_tokens)
-        _require(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0")
-        _require(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
-        _require(self.top_k == -1 or self.top_k >= 1, "sampling.top_k", self.top_k, "-1 or >= 1")
+        require(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0")
+        require(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
+        require(self.top_k == -1 or self.top_k >= 1, "sampling.top_k", self.top_k, "-1 or >= 1")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class RolloutConfig:
         require_positive_int("rollout.tensor_parallel_size", self.tensor_parallel_size)
         require_positive_int("rollout.max_model_len", self.max_model_len)
         require_choice("rollout.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+        require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
                  self.gpu_memory_utilization, "in (0, 1]")
         require_positive_int("rollout.cpu_kv_cache_gib", self.cpu_kv_cache_gib)
 

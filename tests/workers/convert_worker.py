@@ -8,7 +8,6 @@ Mode "logits": load an existing Megatron checkpoint at --tp/--pp and dump logits
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

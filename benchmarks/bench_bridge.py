@@ -49,7 +49,7 @@ def main() -> None:
         distributed.init_distributed(parallel)
         hf = HFCheckpoint.open(folder)
         policy = build_model(hf.config, "policy", parallel)
-        load_hf_weights(policy.gpt_chunks(), hf.tensor, policy.shape, 0, 1, policy.padded_vocab_size)
+        load_hf_weights(policy, hf.tensor)
         engine = RolloutEngine(folder, RolloutConfig(max_model_len=512), on_gpu=False)
         bridge = WeightBridge(policy, engine, BridgeConfig(bucket_bytes=args.bucket_mb * 1024**2))
 

@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_config, hf_model = tiny_qwen2()
     runtime = distributed.init_distributed(parallel)
     policy = build_model(hf_config, "policy", parallel)
-    load_hf_weights(policy.gpt_chunks(), hf_model.state_dict(), policy.shape,
-                    distributed.tp_rank(), args.tp, policy.padded_vocab_size)
+    load_hf_weights(policy, hf_model.state_dict())
     optimizer = build_optimizer(policy, OptimizerConfig(lr=args.lr, clip_grad=1.0))
     is_logger = runtime.launch.rank == 0
     if is_logger:

@@ -14,7 +14,6 @@ Extras each loss needs (batch-first tensors, split into micro-batches with the t
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from megatron_prime.algo import (
     PPOLossConfig,
@@ -25,18 +24,11 @@ from megatron_prime.algo import (
 from megatron_prime.models.schedule import LossFn, TokenBatch, TokenOutputs
 
 
-def scored_token_mask(batch: TokenBatch, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Response tokens that have a prediction (position 0 never does)."""
-    mask = batch.response_mask.to(dtype).clone()
-    mask[:, 0] = 0
-    return mask
-
-
 def ppo_loss(config: PPOLossConfig) -> LossFn:
     """PPO clipped surrogate with entropy bonus; units: tokens (token_mean) or responses."""
 
     def loss_fn(outputs: TokenOutputs, batch: TokenBatch):
-        mask = scored_token_mask(batch, outputs.logprobs.dtype)
+        mask = batch.scored_token_mask(outputs.logprobs.dtype)
         # normalizer=1: a sum over this micro-batch; Megatron divides by the global count.
         loss_sum, metrics = ppo_policy_loss(
             outputs.logprobs, batch.extras["old_logprobs"], batch.extras["advantages"], mask,
@@ -63,7 +55,7 @@ def prm_loss(beta: float) -> LossFn:
     units: responses."""
 
     def loss_fn(outputs: TokenOutputs, batch: TokenBatch):
-        mask = scored_token_mask(batch, outputs.logprobs.dtype)
+        mask = batch.scored_token_mask(outputs.logprobs.dtype)
         labels = batch.extras["outcome_labels"].to(outputs.logprobs.dtype)
         ref = batch.extras["ref_logprobs"].to(outputs.logprobs.dtype)
         loss_sum = prm_cross_entropy_loss(outputs.logprobs, ref, mask, labels, beta, reduction="sum")

@@ -8,7 +8,7 @@ reference and the implicit PRM through Megatron's forward-only schedule; the PRM
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megatron.core.optimizer import MegatronOptimizer
 from torch import Tensor
@@ -21,7 +21,7 @@ from megatron_prime.algo import (
     masked_mean,
 )
 from megatron_prime.config import require, require_choice, require_positive_int
-from megatron_prime.losses import ppo_loss, prm_loss, scored_token_mask
+from megatron_prime.losses import ppo_loss, prm_loss
 from megatron_prime.models.builder import BuiltModel
 from megatron_prime.models.optimizer import train_step
 from megatron_prime.models.schedule import TokenBatch, forward_only
@@ -72,7 +72,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     if batch.batch_size % n:
         raise ValueError(f"{batch.batch_size} responses on this rank are not whole groups of "
                          f"algo.num_samples_per_prompt={n}")
-    mask = scored_token_mask(batch)
+    mask = batch.scored_token_mask()
     metrics: dict[str, float] = {}
 
     # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel).
@@ -113,5 +113,4 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
 
 
 def _with_extras(batch: TokenBatch, **extras: Tensor) -> TokenBatch:
-    return TokenBatch(batch.input_ids, batch.response_mask, batch.segment_ids,
-                      {**batch.extras, **{k: v.detach().cpu() for k, v in extras.items()}})
+    return replace(batch, extras={**batch.extras, **{k: v.detach().cpu() for k, v in extras.items()}})

@@ -38,6 +38,7 @@ from megatron_prime.checkpoint.model_checkpoint import (
     hf_config_of,
     load_model_checkpoint,
     read_manifest,
+    refuse_existing_output,
     save_model_checkpoint,
 )
 from megatron_prime.config import ParallelConfig, PrecisionConfig
@@ -103,9 +104,7 @@ def convert_hf_to_megatron(
         # Each rank reads only the HF tensors its parameters need.
         names = {n for chunk in model.gpt_chunks() for n in _hf_names_of(chunk, model.shape)}
         progress.total = len(names)
-        load_hf_weights(model.gpt_chunks(), _counting_source(hf, progress), model.shape,
-                        distributed.tp_rank(), parallel.tensor_parallel_size,
-                        model.padded_vocab_size)
+        load_hf_weights(model, _counting_source(hf, progress))
         progress.report()
         save_model_checkpoint(model, staging, hf.side_files() + [hf.path / "config.json"], {
             "hf_architecture": model.shape.architecture.hf_architecture,
@@ -226,8 +225,7 @@ def hf_to_megatron_main(argv: Sequence[str] | None = None) -> None:
     def check_before_start(parallel: ParallelConfig) -> None:
         # Refuse bad input before any process group starts.
         HFCheckpoint.open(args.hf_dir).shape.check_layout(parallel)
-        if Path(args.output).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
+        refuse_existing_output(args.output, args.overwrite)
 
     _run(lambda a, p: convert_hf_to_megatron(a.hf_dir, a.output, p, a.role, a.dtype, a.overwrite),
          args, check_before_start)
@@ -245,8 +243,7 @@ def megatron_to_hf_main(argv: Sequence[str] | None = None) -> None:
     def check_before_start(parallel: ParallelConfig) -> None:
         read_manifest(args.checkpoint)
         ModelShape.from_hf(hf_config_of(args.checkpoint)).check_layout(parallel)
-        if Path(args.output).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
+        refuse_existing_output(args.output, args.overwrite)
 
     _run(lambda a, p: convert_megatron_to_hf(a.checkpoint, a.output, p, a.dtype,
                                              a.max_shard_size, a.overwrite), args, check_before_start)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -124,23 +123,10 @@ class HFCheckpoint:
         with safe_open(str(self.path / self.weight_map[name]), framework="pt") as handle:
             return handle.get_tensor(name)
 
-    def nbytes(self, names: Iterable[str] | None = None) -> int:
-        names = self.weight_map if names is None else names
-        total = 0
-        for file_name in set(self.weight_map[n] for n in names):
-            total += (self.path / file_name).stat().st_size
-        return total
-
     def side_files(self) -> list[Path]:
         """Tokenizer, generation config and other non-weight files to carry along."""
         return sorted(p for p in self.path.iterdir() if p.is_file()
                       and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_INDEXES)
-
-
-def copy_side_files(files: Iterable[Path], destination: Path) -> None:
-    destination.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        shutil.copy2(file, destination / file.name)
 
 
 class SafetensorsShardWriter:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from megatron_prime.models.architectures import ModelShape
+
+if TYPE_CHECKING:
+    from megatron_prime.models.builder import BuiltModel
 
 
 class Split(enum.Enum):
@@ -199,23 +202,20 @@ def named_megatron_parameters(gpt_model: torch.nn.Module) -> Iterator[tuple[str,
 HFTensorSource = Callable[[str], Tensor]
 
 
-def load_hf_weights(
-    gpt_chunks: list[torch.nn.Module],
-    hf_tensor: HFTensorSource | Mapping[str, Tensor],
-    shape: ModelShape,
-    tp_rank: int,
-    tp_size: int,
-    padded_vocab_size: int,
-) -> int:
-    """Copies HF weights into this rank's Megatron parameters; returns the count loaded.
+def load_hf_weights(model: "BuiltModel", hf_tensor: HFTensorSource | Mapping[str, Tensor]) -> int:
+    """Copies HF weights into this rank's part of ``model``; returns the count loaded.
 
     ``hf_tensor`` is a mapping or a callable (so a converter can stream from safetensors
     shards without holding the whole model in memory).
     """
+    from megatron_prime import distributed
+
     get = hf_tensor.__getitem__ if isinstance(hf_tensor, Mapping) else hf_tensor
+    shape, padded_vocab_size = model.shape, model.padded_vocab_size
+    tp_rank, tp_size = distributed.tp_rank(), model.config.tensor_model_parallel_size
     loaded = 0
     with torch.no_grad():
-        for chunk in gpt_chunks:
+        for chunk in model.gpt_chunks():
             for name, param in named_megatron_parameters(chunk):
                 weight = resolve(name, shape)
                 try:

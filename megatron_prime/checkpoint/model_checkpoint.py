@@ -37,6 +37,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def refuse_existing_output(target: str | Path, overwrite: bool) -> None:
+    if Path(target).exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to "
+                              "replace it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yields a staging folder that replaces ``target`` only once everything is written.
@@ -44,10 +50,8 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     Collective: every rank enters and leaves together. On failure the staging folder is
     removed and ``target`` (if it existed) is untouched.
     """
+    refuse_existing_output(target, overwrite)
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to "
-                              "replace it")
     staging = target.with_name(f".{target.name}.partial")
     if _is_rank0():
         shutil.rmtree(staging, ignore_errors=True)

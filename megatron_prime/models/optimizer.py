@@ -71,9 +71,7 @@ def train_step(
 
 def sequence_nll_loss(outputs, micro_batch: TokenBatch):
     """Token-sum negative log-likelihood over response tokens (the demo's and tests' SFT loss)."""
-    # Position 0 has no prediction; clone so the caller's mask is never modified.
-    mask = micro_batch.response_mask.to(outputs.logprobs.dtype).clone()
-    mask[:, 0] = 0
+    mask = micro_batch.scored_token_mask(outputs.logprobs.dtype)
     loss_sum = -(outputs.logprobs * mask).sum()
     num_tokens = mask.sum().to(torch.int)
     return loss_sum, num_tokens, {"entropy": (outputs.entropy * mask).sum()}

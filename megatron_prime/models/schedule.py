@@ -14,7 +14,7 @@ sequences for the PRM's cross-entropy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
 
@@ -71,44 +71,38 @@ class TokenBatch:
         other_segment = self.segment_ids.unsqueeze(2) != self.segment_ids.unsqueeze(1)
         return (future.unsqueeze(0) | other_segment).unsqueeze(1)
 
-    def to(self, device: torch.device) -> "TokenBatch":
+    def scored_token_mask(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Response tokens that have a prediction (position 0 never does); a new tensor."""
+        mask = self.response_mask.to(dtype).clone()
+        mask[:, 0] = 0
+        return mask
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "TokenBatch":
+        """The same batch with ``fn`` applied to every tensor (tokens, masks and extras)."""
         return TokenBatch(
-            input_ids=self.input_ids.to(device),
-            response_mask=self.response_mask.to(device),
-            segment_ids=None if self.segment_ids is None else self.segment_ids.to(device),
-            extras={k: v.to(device) for k, v in self.extras.items()},
+            input_ids=fn(self.input_ids),
+            response_mask=fn(self.response_mask),
+            segment_ids=None if self.segment_ids is None else fn(self.segment_ids),
+            extras={k: fn(v) for k, v in self.extras.items()},
         )
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return self.map_tensors(lambda t: t.to(device))
 
     def micro_batches(self, micro_batch_size: int) -> list["TokenBatch"]:
         if self.batch_size % micro_batch_size:
             raise ValueError(f"batch of {self.batch_size} rows is not divisible by "
                              f"micro_batch_size={micro_batch_size}")
-
-        def rows(t: Tensor | None, i: int) -> Tensor | None:
-            return None if t is None else t[i:i + micro_batch_size]
-
-        return [
-            TokenBatch(rows(self.input_ids, i), rows(self.response_mask, i),
-                       rows(self.segment_ids, i), {k: v[i:i + micro_batch_size] for k, v in self.extras.items()})
-            for i in range(0, self.batch_size, micro_batch_size)
-        ]
+        return [self.map_tensors(lambda t, i=i: t[i:i + micro_batch_size])
+                for i in range(0, self.batch_size, micro_batch_size)]
 
     def padded_to_multiple(self, multiple: int) -> tuple["TokenBatch", int]:
         """Adds fully masked rows so the batch splits evenly; returns the real row count."""
         missing = -self.batch_size % multiple
         if missing == 0:
             return self, self.batch_size
-
-        def pad(t: Tensor) -> Tensor:
-            return torch.cat([t, t.new_zeros(missing, *t.shape[1:])])
-
-        return replace(
-            self,
-            input_ids=pad(self.input_ids),
-            response_mask=pad(self.response_mask),
-            segment_ids=None if self.segment_ids is None else pad(self.segment_ids),
-            extras={k: pad(v) for k, v in self.extras.items()},
-        ), self.batch_size
+        return self.map_tensors(
+            lambda t: torch.cat([t, t.new_zeros(missing, *t.shape[1:])])), self.batch_size
 
 
 @dataclass

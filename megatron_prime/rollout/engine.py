@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from multiprocessing import shared_memory
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,13 +215,11 @@ class RolloutEngine:
             entries.append((name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset))
             offset += tensor.nbytes
         block = self._shared_block(offset)
-        copy_start = time.perf_counter()
         for (name, tensor), (_, _, _, start) in zip(bucket, entries):
             flat = tensor.detach().reshape(-1)
             target = torch.frombuffer(block.buf, dtype=flat.dtype, count=flat.numel(), offset=start)
             target.copy_(flat)
             del target
-        self.last_copy_seconds = time.perf_counter() - copy_start
         self.llm.collective_rpc("load_weights_from_shared_memory", args=(block.name, entries))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()

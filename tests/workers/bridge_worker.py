@@ -88,8 +88,7 @@ def main() -> None:
     distributed.init_distributed(parallel)
     hf = HFCheckpoint.open(args.hf_dir)
     policy = build_model(hf.config, "policy", parallel)
-    load_hf_weights(policy.gpt_chunks(), hf.tensor, policy.shape, distributed.tp_rank(),
-                    args.tp, policy.padded_vocab_size)
+    load_hf_weights(policy, hf.tensor)
     # A weight the mapping does not know is refused when the bridge is built, before sampling.
     chunk = policy.gpt_chunks()[0]
     chunk.register_parameter("adapter_scale", torch.nn.Parameter(torch.ones(1)))

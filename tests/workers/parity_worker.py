@@ -103,19 +103,13 @@ def prime_extras(batch: TokenBatch) -> dict[str, torch.Tensor]:
 
 
 def nll_with_entropy_bonus(outputs: TokenOutputs, micro_batch: TokenBatch):
-    mask = micro_batch.response_mask.to(outputs.logprobs.dtype).clone()
-    mask[:, 0] = 0
+    mask = micro_batch.scored_token_mask(outputs.logprobs.dtype)
     loss_sum = -(outputs.logprobs * mask).sum() - ENTROPY_COEF * (outputs.entropy * mask).sum()
     return loss_sum, mask.sum().to(torch.int), {}
 
 
 def params_checksum(model: BuiltModel) -> float:
     return float(sum(p.double().abs().sum() for chunk in model.gpt_chunks() for p in chunk.parameters()))
-
-
-def load(model: BuiltModel, hf_model, parallel: ParallelConfig) -> None:
-    load_hf_weights(model.gpt_chunks(), hf_model.state_dict(), model.shape, distributed.tp_rank(),
-                    parallel.tensor_parallel_size, model.padded_vocab_size)
 
 
 def main() -> None:
@@ -136,8 +130,8 @@ def main() -> None:
     policy = build_model(hf_config, "policy", parallel,
                          use_distributed_optimizer=args.distributed_optimizer)
     reference = build_model(hf_config, "reference", parallel)
-    load(policy, hf_model, parallel)
-    load(reference, hf_model, parallel)
+    load_hf_weights(policy, hf_model.state_dict())
+    load_hf_weights(reference, hf_model.state_dict())
 
     batch = make_batch(hf_config.vocab_size)
     # Each DP rank takes its own rows, as the trainer will.

@@ -43,8 +43,7 @@ def main() -> None:
     distributed.init_distributed(parallel)
     built = {role: build_model(hf_config, role, parallel) for role in ("policy", "prm", "reference")}
     for model in built.values():
-        load_hf_weights(model.gpt_chunks(), hf_model.state_dict(), model.shape,
-                        distributed.tp_rank(), args.tp, model.padded_vocab_size)
+        load_hf_weights(model, hf_model.state_dict())
     models = PrimeModels(
         policy=built["policy"], reference=built["reference"], prm=built["prm"],
         policy_optimizer=build_optimizer(built["policy"], OptimizerConfig(lr=1e-3)),

@@ -25,6 +25,7 @@ setup(
         # megatron-core's dist-checkpointing writers need it and do not declare it.
         "psutil",
         "wandb",
+        "matplotlib",  # megatron-prime-plot: training curves as PNG (Agg, no display)
         "math-verify[antlr4_13_2]>=0.9",
     ],
     extras_require={
@@ -42,6 +43,7 @@ setup(
             "megatron-prime-demo=megatron_prime.demo:main",
             "megatron-prime-hf-to-megatron=megatron_prime.checkpoint.convert:hf_to_megatron_main",
             "megatron-prime-megatron-to-hf=megatron_prime.checkpoint.convert:megatron_to_hf_main",
+            "megatron-prime-plot=megatron_prime.plot:main",
         ]
     },
 )

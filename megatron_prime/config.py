@@ -108,8 +108,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Checks ``value`` against the annotation ``tp``; builds nested dataclasses."""
+def _coerce(key: str, value: Any, tp: Any, base: Any = None) -> Any:
+    """Checks ``value`` against the annotation ``tp``; builds nested dataclasses (on top of
+    ``base``, the field's current value, when it is one)."""
     import dataclasses
     import types
     import typing
@@ -132,7 +133,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{key}={value!r} is invalid: expected a mapping of {tp.__name__} fields")
-        return config_from_dict(tp, value, prefix=f"{key}.")
+        return config_from_dict(tp, value, prefix=f"{key}.",
+                                base=base if isinstance(base, tp) else None)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}={value!r} is invalid: expected a list")
@@ -145,6 +147,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ValueError(f"{key}={value!r} is invalid: expected a mapping")
         return dict(value)
     if tp is float:
+        # YAML 1.1 (PyYAML) reads "1e-3" as a string: only "1.0e-3" is a float there.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}={value!r} is invalid: expected a number")
         return float(value)
@@ -155,9 +163,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def config_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def config_from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
     """Builds dataclass ``cls`` from a (nested) mapping; unknown keys and wrong types are
-    errors naming the dotted key, the value and what is allowed."""
+    errors naming the dotted key, the value and what is allowed.
+
+    Keys absent from ``data`` keep their values in ``base`` (default: ``cls()``), so a
+    parent's own defaults for a nested config (a demo's shorter SFT, say) survive a partial
+    override of that config."""
     import dataclasses
     import typing
 
@@ -167,8 +179,10 @@ def config_from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if unknown:
         raise ValueError(f"{prefix}{unknown[0]} is not a known key: expected one of "
                          f"{[prefix + name for name in fields]}")
-    kwargs = {name: _coerce(prefix + name, value, hints[name]) for name, value in data.items()}
-    return cls(**kwargs)
+    base = base if base is not None else cls()
+    kwargs = {name: _coerce(prefix + name, value, hints[name], getattr(base, name))
+              for name, value in data.items()}
+    return dataclasses.replace(base, **kwargs)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

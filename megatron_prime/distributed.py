@@ -13,13 +13,12 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 
 from megatron_prime.config import ParallelConfig
 
@@ -252,3 +251,28 @@ def gather_tp_shards(tensor: torch.Tensor) -> list[torch.Tensor]:
     shards = [torch.empty_like(tensor) for _ in range(tp_world_size())]
     dist.all_gather(shards, tensor.contiguous(), group=tp_group())
     return shards
+
+
+def is_initialized() -> bool:
+    """Whether ``init_distributed`` ran (the default job runs SFT, then PRIME, in one process)."""
+    return _RUNTIME is not None
+
+
+def model_parallel_group() -> dist.ProcessGroup:
+    """The ranks of one model replica (all its TP and PP ranks)."""
+    return parallel_state.get_model_parallel_group()
+
+
+def model_parallel_src_rank() -> int:
+    """Global rank of the replica's TP rank 0 on pipeline stage 0: Megatron orders ranks with
+    TP fastest and PP slowest, so it is the smallest rank of the model-parallel group."""
+    return min(dist.get_process_group_ranks(model_parallel_group()))
+
+
+def broadcast_in_replica(obj: object) -> object:
+    """The replica's first rank's ``obj`` on every rank of the replica (pickled; host data)."""
+    if runtime().parallel.model_parallel_size == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=model_parallel_src_rank(), group=model_parallel_group())
+    return holder[0]

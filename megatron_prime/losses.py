@@ -58,11 +58,14 @@ def prm_loss(beta: float) -> LossFn:
         mask = batch.scored_token_mask(outputs.logprobs.dtype)
         labels = batch.extras["outcome_labels"].to(outputs.logprobs.dtype)
         ref = batch.extras["ref_logprobs"].to(outputs.logprobs.dtype)
-        loss_sum = prm_cross_entropy_loss(outputs.logprobs, ref, mask, labels, beta, reduction="sum")
+        # Rows without scored tokens are padding (forward_backward fills the last micro-batch).
+        is_response = (mask.sum(dim=-1) > 0).to(labels.dtype)
+        per_response = prm_cross_entropy_loss(outputs.logprobs, ref, mask, labels, beta, reduction="none")
+        loss_sum = (per_response * is_response).sum()
         with torch.no_grad():
             score = beta * sequence_log_ratio(outputs.logprobs, ref, mask)
             # Accuracy of the PRM as a classifier of the outcome (score > 0 <=> predicts correct).
-            correct = ((score > 0).to(labels.dtype) == labels).sum()
-        return loss_sum, torch.tensor(labels.numel(), dtype=torch.int), {"accuracy": correct}
+            correct = (((score > 0).to(labels.dtype) == labels).to(labels.dtype) * is_response).sum()
+        return loss_sum, is_response.sum().to(torch.int), {"accuracy": correct}
 
     return loss_fn

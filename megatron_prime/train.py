@@ -1,18 +1,35 @@
-"""The PRIME step. (The loop around it, the rollout and checkpointing steps, come next.)
+"""The PRIME trainer: the ten steps of ../shared/DESIGN.md, and the loop around them.
 
-``prime_update`` is steps 6-9 of the PRIME step in ../shared/DESIGN.md for a batch of
-sampled responses whose outcome rewards are known: log-probs of the old policy, the
-reference and the implicit PRM through Megatron's forward-only schedule; the PRM update
-("before" or "after" scoring); PRIME advantages; the PPO update of the policy.
+``python -m megatron_prime.train CONFIG.yaml trainer.steps=100 algo.beta=0.05`` (under
+torchrun or srun for several processes). One step, on every rank:
+
+  1  data/        this replica's shard of a round of prompts       (rollout/collect.py)
+  2  bridge       push the policy into vLLM if it changed           (rollout/bridge.py)
+  3  engine       n samples per prompt                              (rollout/collect.py)
+  4  rewards/     outcome reward per response                       (rollout/collect.py)
+  5  algo/filter  keep prompts with accuracy in the band, refill    (rollout/collect.py)
+  6  models       old-policy, reference and PRM log-probs           (prime_update)
+  7  PRM update   cross-entropy on the outcome label                (prime_update)
+  8  advantages   RLOO outcome + leave-one-out process returns      (prime_update)
+  9  policy       PPO clipped loss, optimizer step                  (prime_update)
+ 10  log + save   metrics, progress bar, wandb; train-state checkpoint
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
+import torch
 from megatron.core.optimizer import MegatronOptimizer
 from torch import Tensor
 
+from megatron_prime import distributed
 from megatron_prime.algo import (
     AdvantageConfig,
     PPOLossConfig,
@@ -20,11 +37,41 @@ from megatron_prime.algo import (
     implicit_process_rewards,
     masked_mean,
 )
-from megatron_prime.config import require, require_choice, require_positive_int
+from megatron_prime.checkpoint.train_state import (
+    CheckpointConfig,
+    load_train_state,
+    resolve_resume,
+    save_train_state,
+)
+from megatron_prime.config import (
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    config_to_dict,
+    load_config,
+    require,
+    require_choice,
+    require_positive_int,
+    validate_all,
+)
+from megatron_prime.data import DataConfig, PromptSampler, load_prompts
 from megatron_prime.losses import ppo_loss, prm_loss
 from megatron_prime.models.builder import BuiltModel
-from megatron_prime.models.optimizer import train_step
+from megatron_prime.models.optimizer import build_optimizer, train_step
 from megatron_prime.models.schedule import TokenBatch, forward_only
+from megatron_prime.monitor import LoggingConfig, RunLogger
+from megatron_prime.rollout.bridge import BridgeConfig, WeightBridge
+from megatron_prime.rollout.collect import (
+    BatchConfig,
+    check_batch_config,
+    collect_batch,
+)
+from megatron_prime.rollout.engine import (
+    RolloutConfig,
+    RolloutEngine,
+    SamplingConfig,
+    hosts_engine,
+)
 
 
 @dataclass
@@ -61,8 +108,15 @@ class PrimeModels:
     prm_optimizer: MegatronOptimizer | None = None
 
 
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    # Why an update was skipped by the NaN/inf guard, one entry per skipped model.
+    skip_reasons: list[str] = field(default_factory=list)
+
+
 def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor,
-                 config: AlgoConfig) -> dict[str, float]:
+                 config: AlgoConfig) -> UpdateResult:
     """One PRIME update on this data-parallel rank's responses (groups of n consecutive rows).
 
     Advantages are whitened over this rank's responses.
@@ -74,6 +128,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
                          f"algo.num_samples_per_prompt={n}")
     mask = batch.scored_token_mask()
     metrics: dict[str, float] = {}
+    skip_reasons: list[str] = []
 
     # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel).
     old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
@@ -89,6 +144,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
             prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
         prm_step = train_step(models.prm, models.prm_optimizer, prm_batch,
                               config.micro_batch_size, prm_loss(config.beta))
+        if prm_step.skip_reason:
+            skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
         if config.prm_mode == "before":
             prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
         process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,
@@ -106,11 +163,332 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     policy_batch = _with_extras(batch, old_logprobs=old, advantages=advantages)
     policy_step = train_step(models.policy, models.policy_optimizer, policy_batch,
                              config.micro_batch_size, ppo_loss(config.ppo))
+    if policy_step.skip_reason:
+        skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
     metrics.update({f"policy/{k}": v for k, v in policy_step.metrics.items()})
     metrics["policy/grad_norm"] = policy_step.grad_norm
     metrics["reward/outcome_mean"] = float(outcome_rewards.float().mean())
-    return metrics
+    return UpdateResult(metrics, skip_reasons)
 
 
 def _with_extras(batch: TokenBatch, **extras: Tensor) -> TokenBatch:
     return replace(batch, extras={**batch.extras, **{k: v.detach().cpu() for k, v in extras.items()}})
+
+
+# ---- the run: configuration, setup and the loop ----
+
+@dataclass
+class ModelConfig:
+    """The SFT checkpoint policy, PRM and reference all start from (PRIME.md)."""
+
+    # An HF folder (config.json + safetensors + tokenizer) or a megatron_prime Megatron
+    # checkpoint (tools/convert_hf_to_megatron.py), at any saved layout.
+    path: str = ""
+    # The PRM may start from another checkpoint of the same architecture (default: path).
+    prm_path: str | None = None
+
+    def validate(self) -> None:
+        require(isinstance(self.path, str) and bool(self.path), "model.path", self.path,
+                "the path of an HF folder or a megatron_prime checkpoint")
+
+
+@dataclass
+class RolloutSettings:
+    engine: RolloutConfig = field(default_factory=RolloutConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    seed: int = 1234
+    # NaN/inf guard: a step whose loss or gradient is not finite is skipped; this many
+    # skipped steps in a row stop the run.
+    max_consecutive_skips: int = 3
+    # "auto": GPU when CUDA is available.
+    device: str = "auto"
+
+    def validate(self) -> None:
+        require_positive_int("trainer.steps", self.steps)
+        require(isinstance(self.seed, int) and self.seed >= 0, "trainer.seed", self.seed, "an integer >= 0")
+        require_positive_int("trainer.max_consecutive_skips", self.max_consecutive_skips)
+        require_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class PrimeConfig:
+    """The whole run: one YAML file (examples/) plus ``key=value`` overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    # PRIME.md: policy lr 5e-7, PRM lr 1e-6, constant, grad clip 1.0, no weight decay.
+    policy_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    prm_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        require(self.rollout.sampling.n == self.algo.num_samples_per_prompt, "rollout.sampling.n",
+                self.rollout.sampling.n, f"equal to algo.num_samples_per_prompt="
+                f"{self.algo.num_samples_per_prompt}")
+        for name in ("policy_optimizer", "prm_optimizer"):
+            getattr(self, name).validate(name)
+        require(self.prm_optimizer.use_distributed_optimizer
+                == self.policy_optimizer.use_distributed_optimizer,
+                "prm_optimizer.use_distributed_optimizer", self.prm_optimizer.use_distributed_optimizer,
+                "the same value as policy_optimizer.use_distributed_optimizer")
+
+
+def _open_sft_checkpoint(path: str, key: str) -> tuple[dict[str, Any], Path, Any]:
+    """(HF config, folder with config.json + tokenizer, weight loader) of an SFT checkpoint."""
+    from megatron_prime.checkpoint.hf_io import HFCheckpoint
+    from megatron_prime.checkpoint.hf_mapping import load_hf_weights
+    from megatron_prime.checkpoint.model_checkpoint import (
+        MANIFEST,
+        hf_config_of,
+        load_model_checkpoint,
+    )
+
+    folder = Path(path)
+    if (folder / MANIFEST).is_file():
+        return hf_config_of(folder), folder / "hf", lambda model: load_model_checkpoint(model, folder)
+    if (folder / "config.json").is_file():
+        hf = HFCheckpoint.open(folder)
+        return hf.config, folder, lambda model: load_hf_weights(model, hf.tensor)
+    raise FileNotFoundError(f"{key}={path!r}: neither an HF model folder (config.json) nor a "
+                            f"megatron_prime checkpoint ({MANIFEST}) is there")
+
+
+def build_prime_models(config: PrimeConfig) -> PrimeModels:
+    """Policy, PRM and reference from the SFT checkpoint, with their optimizers (collective)."""
+    from megatron_prime.models.builder import build_model
+
+    hf_config, _, load_weights = _open_sft_checkpoint(config.model.path, "model.path")
+    distributed_optimizer = config.policy_optimizer.use_distributed_optimizer
+
+    def build(role: str, loader: Any) -> BuiltModel:
+        model = build_model(hf_config, role, config.parallel, config.precision,
+                            use_distributed_optimizer=distributed_optimizer, initialize_weights=False)
+        loader(model)
+        return model
+
+    policy = build("policy", load_weights)
+    reference = build("reference", load_weights)
+    prm = prm_optimizer = None
+    if config.algo.prm_mode != "none":
+        prm_loader = load_weights
+        if config.model.prm_path:
+            prm_hf_config, _, prm_loader = _open_sft_checkpoint(config.model.prm_path, "model.prm_path")
+            if prm_hf_config.get("architectures") != hf_config.get("architectures"):
+                raise ValueError(f"model.prm_path={config.model.prm_path!r} holds "
+                                 f"{prm_hf_config.get('architectures')}, the policy is "
+                                 f"{hf_config.get('architectures')}; expected the same architecture")
+        prm = build("prm", prm_loader)
+        prm_optimizer = build_optimizer(prm, config.prm_optimizer)
+    models = PrimeModels(policy=policy, reference=reference,
+                         policy_optimizer=build_optimizer(policy, config.policy_optimizer),
+                         prm=prm, prm_optimizer=prm_optimizer)
+    return models
+
+
+class StopRequest:
+    """SIGTERM (SLURM's pre-emption warning, scancel) or SIGUSR1 (``--signal=USR1@90``)
+    ask the run to save a checkpoint after the current step and exit."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank got a signal (one small all-reduce per step)."""
+        flag = torch.tensor([1 if self.signal_name else 0], device=distributed.device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())  # host sync
+
+
+class NonFiniteGuard:
+    """Counts skipped updates in a row and stops the run after ``limit`` of them."""
+
+    def __init__(self, limit: int, consecutive: int = 0) -> None:
+        self.limit, self.consecutive = limit, consecutive
+
+    def update(self, step: int, skip_reasons: list[str]) -> None:
+        self.consecutive = self.consecutive + 1 if skip_reasons else 0
+        if self.consecutive >= self.limit:
+            raise FloatingPointError(
+                f"step {step}: {self.consecutive} steps in a row had a non-finite loss or "
+                f"gradient (trainer.max_consecutive_skips={self.limit}); last: "
+                f"{'; '.join(skip_reasons)}. Lower the learning rates or check the data.")
+
+
+@dataclass
+class RunResult:
+    last_step: int
+    history: list[dict[str, float]]
+    stopped_by: str | None = None  # the signal that stopped the run early
+    checkpoint: Path | None = None
+    models: PrimeModels | None = None  # the trained models, for a caller that goes on (eval)
+
+
+def train(config: PrimeConfig) -> RunResult:
+    """Runs PRIME for ``config.trainer.steps`` steps (collective; every rank calls it)."""
+    from transformers import AutoTokenizer
+
+    from megatron_prime.rewards import RewardRegistry
+
+    validate_all(config)
+    use_gpu = None if config.trainer.device == "auto" else config.trainer.device == "cuda"
+    if not distributed.is_initialized():
+        distributed.init_distributed(config.parallel, seed=config.trainer.seed, use_gpu=use_gpu)
+    runtime = distributed.runtime()
+    is_logging_rank = runtime.launch.rank == 0
+    run_dir = Path(config.logging.run_dir)
+    checkpoint_root = Path(config.checkpoint.dir)
+    if not checkpoint_root.is_absolute():
+        checkpoint_root = run_dir / checkpoint_root
+
+    # Everything that can be wrong with the inputs fails here, before anything is written.
+    resume_from = resolve_resume(config.checkpoint, checkpoint_root)
+    _, hf_folder, _ = _open_sft_checkpoint(config.model.path, "model.path")
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
+    records = load_prompts(config.data, tokenizer)
+    check_batch_config(config.rollout.batch, distributed.dp_world_size(), len(records))
+    models = build_prime_models(config)
+    sampler = PromptSampler(records, config.rollout.batch.prompts_per_round, config.data.shuffle_seed,
+                            distributed.dp_rank(), distributed.dp_world_size())
+    schedulers: dict[str, Any] = {}
+    optimizers = {"policy": models.policy_optimizer}
+    trained = {"policy": models.policy}
+    if models.prm is not None:
+        optimizers["prm"], trained["prm"] = models.prm_optimizer, models.prm
+
+    start_step, guard, wandb_run_id = 0, NonFiniteGuard(config.trainer.max_consecutive_skips), None
+    if resume_from is not None:
+        start_step, extra = load_train_state(resume_from, trained, optimizers, schedulers)
+        sampler.load_state_dict(extra["sampler"])
+        guard.consecutive = extra.get("consecutive_skips", 0)
+        wandb_run_id = extra.get("wandb_run_id")
+
+    engine = None
+    if hosts_engine(distributed.tp_rank(), distributed.pp_rank()):
+        engine = RolloutEngine(hf_folder, config.rollout.engine, on_gpu=runtime.on_gpu)
+    bridge = WeightBridge(models.policy, engine, config.rollout.bridge)
+    rewards = RewardRegistry() if engine is not None else None
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logger = RunLogger(config.logging, config.trainer.steps, start_step, config_to_dict(config),
+                       is_logging_rank, wandb_run_id=wandb_run_id)
+    if resume_from is not None:
+        logger.message(f"resumed from {resume_from} at step {start_step}")
+    stop = StopRequest()
+    history: list[dict[str, float]] = []
+    saved: Path | None = None
+
+    def save(step: int) -> Path:
+        extra = {"sampler": sampler.state_dict(), "consecutive_skips": guard.consecutive,
+                 "wandb_run_id": logger.wandb_run_id, "config": config_to_dict(config)}
+        return save_train_state(checkpoint_root, step, trained, optimizers, schedulers, extra,
+                                config.checkpoint.keep_last)
+
+    step = start_step
+    try:
+        while step < config.trainer.steps:
+            step += 1
+            timer = _PhaseTimer()
+            with timer("sync"):  # step 2: the policy changed in the last step (or is new)
+                bridge.sync()
+            with timer("rollout"):  # steps 1, 3, 4, 5
+                collected = collect_batch(sampler, engine, tokenizer, rewards, config.rollout.sampling,
+                                          config.rollout.batch, step, config.trainer.seed,
+                                          config.data.use_chat_template, pad_token_id)
+            metrics = dict(collected.metrics)
+            if engine is not None:
+                engine.sleep()  # GPU: hand the memory to training
+            with timer("update"):  # steps 6-9
+                if collected.tokens.batch_size:
+                    update = prime_update(models, collected.tokens, collected.outcome_rewards, config.algo)
+                    metrics.update(update.metrics)
+                    skip_reasons = update.skip_reasons
+                else:
+                    skip_reasons = []
+                    logger.message(f"step {step}: no prompt had an accuracy inside "
+                                   f"{config.rollout.batch.filter}; no update")
+            for reason in skip_reasons:
+                logger.message(f"step {step}: {reason}")
+            metrics["guard/skipped_updates"] = float(len(skip_reasons))
+            guard.update(step, skip_reasons)
+            stop_now = stop.agreed()
+            save_due = (config.checkpoint.save_every and step % config.checkpoint.save_every == 0)
+            if stop_now or save_due or step == config.trainer.steps:
+                with timer("checkpoint"):  # step 10
+                    saved = save(step)
+            metrics.update(timer.metrics())
+            num_tokens = float(collected.tokens.scored_token_mask().sum()) * distributed.dp_world_size()
+            metrics["throughput/train_tokens_per_s"] = num_tokens / max(timer.total, 1e-9)
+            logger.log(step, metrics)
+            history.append({"step": step, **metrics})
+            if stop_now:
+                logger.message(f"{stop.signal_name}: saved {saved}, stopping at step {step}")
+                return RunResult(step, history, stop.signal_name, saved, models)
+    finally:
+        logger.close()
+        if engine is not None:
+            engine.shutdown()
+    return RunResult(step, history, None, saved, models)
+
+
+class _PhaseTimer:
+    """Wall time per phase of a step (host clock; phases end with a host sync anyway)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def phase():
+            begin = time.perf_counter()
+            yield
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+        return phase()
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"time/{k}": v for k, v in self.seconds.items()}, "time/step": self.total}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m megatron_prime.train [CONFIG.yaml] [key=value ...]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = args.pop(0) if args and "=" not in args[0] else None
+    try:
+        config = load_config(PrimeConfig, path, args)
+        result = train(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # Bad input: one clear line, no traceback (nothing has been written yet).
+        raise SystemExit(f"error: {error}") from None
+    if distributed.is_initialized():
+        distributed.destroy_distributed()
+    if result.stopped_by:
+        # SLURM requeues the job; the next start resumes from the saved checkpoint.
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,9 @@ else (shapes, RoPE, norms, parallel layout) is the same on both.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ class ModelShape:
     initializer_range: float
 
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "ModelShape":
+    def from_hf(cls, hf_config: Any) -> ModelShape:
         arch = architecture_of(hf_config)
         hidden = int(_hf_get(hf_config, "hidden_size"))
         heads = int(_hf_get(hf_config, "num_attention_heads"))

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+)
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 

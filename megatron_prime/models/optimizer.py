@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from megatron_prime.config import OptimizerConfig
 from megatron_prime.models.builder import BuiltModel
@@ -50,6 +52,8 @@ class StepResult:
     metrics: dict[str, float]
     grad_norm: float
     update_successful: bool
+    # Why the update was skipped ("" when it was applied): the NaN/inf guard's reason.
+    skip_reason: str = ""
 
 
 def train_step(
@@ -59,13 +63,34 @@ def train_step(
     micro_batch_size: int,
     loss_fn: LossFn,
 ) -> StepResult:
-    """Zero grads, accumulate over micro-batches, clip and step. The grad norm is pre-clip."""
+    """Zero grads, accumulate over micro-batches, clip and step. The grad norm is pre-clip.
+
+    Megatron's ``optimizer.step()`` is unrolled into its parts so that a non-finite loss or
+    gradient norm skips the update instead of writing NaN into the weights: the loss and
+    the norm are global (all-reduced) values, so every rank takes the same decision.
+    """
     for chunk in model.chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     metrics = forward_backward(model, batch, micro_batch_size, loss_fn)
-    update_successful, grad_norm, _ = optimizer.step()
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if not math.isfinite(metrics["loss"]):
+        return StepResult(metrics, float("nan"), False, f"non-finite loss {metrics['loss']}")
+    with torch.no_grad():
+        # fp16 loss scaling: an overflow is found here and the step is skipped (scale drops).
+        if optimizer.prepare_grads():
+            return StepResult(metrics, float("nan"), False, "gradient overflow (fp16 loss scale)")
+        norm = optimizer.get_grad_norm()  # global over DP/TP/PP
+        grad_norm = float(norm)  # host sync: the skip decision is made on the host
+        if not math.isfinite(grad_norm):
+            return StepResult(metrics, grad_norm, False, f"non-finite gradient norm {grad_norm}")
+        # A ChainedOptimizer (several param groups) clips each part by the one global norm.
+        for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = part.get_parameters()
+            if part.config.clip_grad > 0 and params:
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=part.config.clip_grad, total_norm=norm,
+                    use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        update_successful = optimizer.step_with_ready_grads()
     return StepResult(metrics=metrics, grad_norm=grad_norm, update_successful=bool(update_successful))
 
 

@@ -14,9 +14,9 @@ sequences for the PRM's cross-entropy).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,7 @@ class TokenBatch:
         mask[:, 0] = 0
         return mask
 
-    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "TokenBatch":
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> TokenBatch:
         """The same batch with ``fn`` applied to every tensor (tokens, masks and extras)."""
         return TokenBatch(
             input_ids=fn(self.input_ids),
@@ -86,17 +86,17 @@ class TokenBatch:
             extras={k: fn(v) for k, v in self.extras.items()},
         )
 
-    def to(self, device: torch.device) -> "TokenBatch":
+    def to(self, device: torch.device) -> TokenBatch:
         return self.map_tensors(lambda t: t.to(device))
 
-    def micro_batches(self, micro_batch_size: int) -> list["TokenBatch"]:
+    def micro_batches(self, micro_batch_size: int) -> list[TokenBatch]:
         if self.batch_size % micro_batch_size:
             raise ValueError(f"batch of {self.batch_size} rows is not divisible by "
                              f"micro_batch_size={micro_batch_size}")
         return [self.map_tensors(lambda t, i=i: t[i:i + micro_batch_size])
                 for i in range(0, self.batch_size, micro_batch_size)]
 
-    def padded_to_multiple(self, multiple: int) -> tuple["TokenBatch", int]:
+    def padded_to_multiple(self, multiple: int) -> tuple[TokenBatch, int]:
         """Adds fully masked rows so the batch splits evenly; returns the real row count."""
         missing = -self.batch_size % multiple
         if missing == 0:
@@ -209,7 +209,9 @@ def forward_backward(
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [chunk.no_sync for chunk in model.chunks] if len(model.chunks) > 1 \
         else model.chunks[0].no_sync
-    store, _ = _run_schedule(model, batch, micro_batch_size, loss_fn, forward_only=False)
+    # Filler rows have no scored tokens, so they add nothing to any loss or unit count.
+    padded, _ = batch.padded_to_multiple(micro_batch_size)
+    store, _ = _run_schedule(model, padded, micro_batch_size, loss_fn, forward_only=False)
     return _reduce_metrics(store)
 
 

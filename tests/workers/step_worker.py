@@ -51,7 +51,7 @@ def main() -> None:
     )
     metrics = prime_update(models, make_batch(hf_config.vocab_size),
                            torch.tensor([1.0, 0.0, 1.0, 0.0]),
-                           AlgoConfig(prm_mode=args.prm_mode, micro_batch_size=2))
+                           AlgoConfig(prm_mode=args.prm_mode, micro_batch_size=2)).metrics
     result = {"metrics": metrics, "policy": weight_sums(models.policy),
               "prm": weight_sums(models.prm)}
     if dist.get_rank() == 0:

@@ -1,0 +1,188 @@
+"""Steps 1, 3, 4 and 5 of the PRIME step: prompts -> samples -> outcome rewards -> filter.
+
+Each data-parallel replica draws its shard of a round of prompts, its engine-owning rank
+samples n responses per prompt and scores them, and the accuracy-band filter keeps the
+prompts that still teach something (neither always right nor always wrong). Rounds repeat
+(over-sampling, then refills) until every replica holds its share of the step's prompts;
+all replicas then train on the same number of prompts, so their schedules run the same
+number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_prime import distributed
+from megatron_prime.algo import AccuracyFilterConfig, accuracy_band_filter
+from megatron_prime.config import require, require_positive_int
+from megatron_prime.data import PromptRecord, PromptSampler, render_prompt
+from megatron_prime.models.schedule import TokenBatch
+from megatron_prime.rewards import RewardRegistry
+from megatron_prime.rollout.engine import RolloutEngine, SamplingConfig
+
+
+@dataclass
+class BatchConfig:
+    """How many prompts a step trains on and how they are found (PRIME.md, step 1)."""
+
+    # Prompts per step over all data-parallel replicas, after filtering (reference: 256).
+    prompts_per_step: int = 256
+    # Prompts drawn per round = oversample_factor * prompts_per_step (reference: 4).
+    oversample_factor: int = 4
+    # Rounds of sampling before the step trains on whatever was kept.
+    max_rounds: int = 4
+    filter: AccuracyFilterConfig = field(default_factory=AccuracyFilterConfig)
+
+    def validate(self) -> None:
+        require_positive_int("rollout.batch.prompts_per_step", self.prompts_per_step)
+        require_positive_int("rollout.batch.oversample_factor", self.oversample_factor)
+        require_positive_int("rollout.batch.max_rounds", self.max_rounds)
+
+    @property
+    def prompts_per_round(self) -> int:
+        return self.prompts_per_step * self.oversample_factor
+
+
+@dataclass
+class ScoredGroup:
+    """One prompt's n samples with their outcome rewards (host data, pickled between ranks)."""
+
+    prompt_token_ids: list[int]
+    response_token_ids: list[list[int]]
+    scores: list[float]
+
+
+@dataclass
+class CollectedBatch:
+    tokens: TokenBatch  # groups of n consecutive rows
+    outcome_rewards: torch.Tensor  # [rows]
+    metrics: dict[str, float]
+
+
+def sampling_seed(seed: int, step: int, round_index: int, dp_rank: int) -> int:
+    """A distinct, reproducible vLLM seed per (step, round, replica): a resumed run samples
+    the same responses as an uninterrupted one."""
+    return (seed * 1_000_003 + step * 10_007 + round_index * 101 + dp_rank) % (2**31 - 1)
+
+
+def _sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[PromptRecord],
+                      sampling: SamplingConfig, rewards: RewardRegistry,
+                      use_chat_template: bool) -> tuple[list[ScoredGroup], dict[str, float]]:
+    prompt_ids = [render_prompt(tokenizer, p.messages, use_chat_template).token_ids for p in prompts]
+    start = time.perf_counter()
+    rollouts = engine.generate(prompt_ids, sampling)
+    seconds = time.perf_counter() - start
+    n = sampling.n
+    scores = rewards.score_batch(
+        [r.text for r in rollouts],
+        [prompts[r.prompt_index].ground_truth for r in rollouts],
+        [prompts[r.prompt_index].ability for r in rollouts],
+        [prompts[r.prompt_index].data_source for r in rollouts],
+    )
+    groups = [ScoredGroup(prompt_ids[i], [r.response_token_ids for r in rollouts[i * n:(i + 1) * n]],
+                          scores[i * n:(i + 1) * n]) for i in range(len(prompts))]
+    lengths = [len(r.response_token_ids) for r in rollouts]
+    stats = {"responses": float(len(rollouts)), "correct": float(sum(scores)),
+             "response_tokens": float(sum(lengths)),
+             "truncated": float(sum(r.finish_reason == "length" for r in rollouts)),
+             "generate_seconds": seconds}
+    return groups, stats
+
+
+def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenizer: Any,
+                  rewards: RewardRegistry | None, sampling: SamplingConfig, config: BatchConfig,
+                  step: int, seed: int, use_chat_template: bool, pad_token_id: int) -> CollectedBatch:
+    """This replica's kept groups for one step (collective over the world).
+
+    Every rank advances the sampler the same way; only the engine owner samples and scores,
+    and the replica's other ranks receive its groups.
+    """
+    n = sampling.n
+    target = config.prompts_per_step // distributed.dp_world_size()
+    kept: list[ScoredGroup] = []
+    totals = {"prompts": 0.0, "responses": 0.0, "correct": 0.0, "response_tokens": 0.0,
+              "truncated": 0.0, "generate_seconds": 0.0, "kept_prompts": 0.0}
+    rounds = 0
+    for round_index in range(config.max_rounds):
+        rounds += 1
+        prompts = sampler.next_batch()
+        result = None
+        if engine is not None:
+            assert rewards is not None
+            round_sampling = replace(sampling, seed=sampling_seed(seed, step, round_index, distributed.dp_rank()))
+            result = _sample_and_score(engine, tokenizer, prompts, round_sampling, rewards, use_chat_template)
+        groups, stats = distributed.broadcast_in_replica(result)
+        scores = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)
+        verdict = accuracy_band_filter(scores, n, config.filter)
+        round_kept = [g for g, keep in zip(groups, verdict.keep_prompt.tolist()) if keep]
+        kept.extend(round_kept)
+        for name, value in stats.items():
+            totals[name] += value
+        totals["prompts"] += len(groups)
+        totals["kept_prompts"] += len(round_kept)
+        # Every replica must stop after the same round with at least `target` groups.
+        fewest = torch.tensor([len(kept)], dtype=torch.int64, device=distributed.device())
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        fewest_kept = int(fewest.item())  # host sync: the refill decision
+        if fewest_kept >= target:
+            break
+    take = min(target, fewest_kept)
+    batch_groups = kept[:take]
+    metrics = _rollout_metrics(totals, rounds, take * distributed.dp_world_size(), n)
+    tokens, rewards_tensor = _to_token_batch(batch_groups, pad_token_id)
+    return CollectedBatch(tokens, rewards_tensor, metrics)
+
+
+def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int, n: int) -> dict[str, float]:
+    """Step metrics over all replicas (sums over the data-parallel group, then ratios)."""
+    names = sorted(totals)
+    summed = torch.tensor([totals[k] for k in names], dtype=torch.float64, device=distributed.device())
+    dist.all_reduce(summed, group=distributed.dp_group())
+    total = dict(zip(names, summed.tolist()))
+    responses = max(total["responses"], 1.0)
+    generate_seconds = max(total["generate_seconds"] / distributed.dp_world_size(), 1e-9)
+    return {
+        # The policy's accuracy on everything it sampled this step, before filtering.
+        "reward/accuracy": total["correct"] / responses,
+        "rollout/kept_prompt_fraction": total["kept_prompts"] / max(total["prompts"], 1.0),
+        "rollout/prompts_trained": float(prompts_trained),
+        "rollout/rounds": float(rounds),
+        "rollout/response_length": total["response_tokens"] / responses,
+        "rollout/truncated_fraction": total["truncated"] / responses,
+        "rollout/generate_tokens_per_s": total["response_tokens"] / generate_seconds,
+    }
+
+
+def _to_token_batch(groups: list[ScoredGroup], pad_token_id: int) -> tuple[TokenBatch, torch.Tensor]:
+    """Right-padded prompt+response rows; the response mask marks the sampled tokens."""
+    rows = [(g.prompt_token_ids, response) for g in groups for response in g.response_token_ids]
+    scores = [s for g in groups for s in g.scores]
+    if not rows:
+        empty = torch.zeros(0, 1, dtype=torch.long)
+        return TokenBatch(empty, empty.float()), torch.zeros(0)
+    # Lengths rounded up to a multiple of 8 keep the number of distinct shapes small.
+    length = -(-max(len(p) + len(r) for p, r in rows) // 8) * 8
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros(len(rows), length, dtype=torch.float32)
+    for row, (prompt, response) in enumerate(rows):
+        input_ids[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        if response:
+            input_ids[row, len(prompt):len(prompt) + len(response)] = torch.tensor(response, dtype=torch.long)
+            response_mask[row, len(prompt):len(prompt) + len(response)] = 1.0
+    return TokenBatch(input_ids, response_mask), torch.tensor(scores, dtype=torch.float32)
+
+
+def check_batch_config(config: BatchConfig, dp_size: int, num_records: int) -> None:
+    """Layout-dependent checks, once the data-parallel size and the dataset are known."""
+    require(config.prompts_per_step % dp_size == 0, "rollout.batch.prompts_per_step",
+            config.prompts_per_step, f"a multiple of the data-parallel size {dp_size}")
+    require(config.prompts_per_round <= num_records, "rollout.batch.oversample_factor",
+            config.oversample_factor,
+            f"small enough that prompts_per_step * oversample_factor = {config.prompts_per_round} "
+            f"fits the dataset ({num_records} prompts)")

@@ -426,7 +426,6 @@ def train(config: PrimeConfig) -> RunResult:
             for reason in skip_reasons:
                 logger.message(f"step {step}: {reason}")
             metrics["guard/skipped_updates"] = float(len(skip_reasons))
-            guard.update(step, skip_reasons)
             stop_now = stop.agreed()
             save_due = (config.checkpoint.save_every and step % config.checkpoint.save_every == 0)
             if stop_now or save_due or step == config.trainer.steps:
@@ -437,6 +436,7 @@ def train(config: PrimeConfig) -> RunResult:
             metrics["throughput/train_tokens_per_s"] = num_tokens / max(timer.total, 1e-9)
             logger.log(step, metrics)
             history.append({"step": step, **metrics})
+            guard.update(step, skip_reasons)  # raises after too many skipped steps in a row
             if stop_now:
                 logger.message(f"{stop.signal_name}: saved {saved}, stopping at step {step}")
                 return RunResult(step, history, stop.signal_name, saved, models)
@@ -480,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = load_config(PrimeConfig, path, args)
         result = train(config)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # Bad input: one clear line, no traceback (nothing has been written yet).
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        # Bad input (nothing has been written yet) or the NaN guard: one clear line.
         raise SystemExit(f"error: {error}") from None
     if distributed.is_initialized():
         distributed.destroy_distributed()

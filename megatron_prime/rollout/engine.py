@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from multiprocessing import shared_memory
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,17 @@ def _without_env(names: Sequence[str]):
         os.environ.update(saved)
 
 
+@contextlib.contextmanager
+def _ignoring(signum: int):
+    """Processes started inside inherit an ignored ``signum`` (ignored dispositions survive
+    fork and exec); this process gets its previous handler back."""
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
 def hosts_engine(tp_rank: int, pp_rank: int) -> bool:
     """The first rank of each data-parallel replica owns that replica's engine."""
     return tp_rank == 0 and pp_rank == 0
@@ -139,8 +151,10 @@ class RolloutEngine:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
                           enable_sleep_mode=config.enable_sleep_mode)
         kwargs.update(config.extra_engine_args)
-        # The spawned engine must not take this process's launcher variables as its own.
-        with _without_env(_LAUNCHER_VARIABLES):
+        # The spawned engine must not take this process's launcher variables as its own, and
+        # must outlive SIGUSR1: SLURM's pre-emption warning (sbatch --signal=USR1@N) reaches
+        # every process of the job, and the trainer needs the engine until it has saved.
+        with _without_env(_LAUNCHER_VARIABLES), _ignoring(signal.SIGUSR1):
             self.llm = LLM(**kwargs)
         self._block: shared_memory.SharedMemory | None = None
         self.tokenizer = self.llm.get_tokenizer()

@@ -43,6 +43,7 @@ setup(
             "megatron-prime-demo=megatron_prime.demo:main",
             "megatron-prime-hf-to-megatron=megatron_prime.checkpoint.convert:hf_to_megatron_main",
             "megatron-prime-megatron-to-hf=megatron_prime.checkpoint.convert:megatron_to_hf_main",
+            "megatron-prime-sft=megatron_prime.sft:main",
             "megatron-prime-plot=megatron_prime.plot:main",
         ]
     },

@@ -85,6 +85,11 @@ class AlgoConfig:
     prm_mode: str = "before"
     process_reward_normalization: str = "batch_norm"
     micro_batch_size: int = 4
+    # PPO updates per step: the responses are cut into ppo_mini_batches optimizer steps,
+    # repeated ppo_epochs times (verl's ppo_mini_batch_size / ppo_epochs). The reference
+    # run makes one update per step; after the first, the clip starts to matter.
+    ppo_epochs: int = 1
+    ppo_mini_batches: int = 1
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
 
@@ -97,6 +102,8 @@ class AlgoConfig:
         require_choice("algo.process_reward_normalization", self.process_reward_normalization,
                        ("none", "batch_norm"))
         require_positive_int("algo.micro_batch_size", self.micro_batch_size)
+        require_positive_int("algo.ppo_epochs", self.ppo_epochs)
+        require_positive_int("algo.ppo_mini_batches", self.ppo_mini_batches)
 
 
 @dataclass
@@ -159,14 +166,24 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     advantages, _ = compute_prime_advantages(outcome_rewards.float(), process_rewards, mask, n,
                                              config.advantage)
 
-    # Step 9: PPO update of the policy.
+    # Step 9: PPO update of the policy, in ppo_epochs x ppo_mini_batches optimizer steps.
     policy_batch = _with_extras(batch, old_logprobs=old, advantages=advantages)
-    policy_step = train_step(models.policy, models.policy_optimizer, policy_batch,
-                             config.micro_batch_size, ppo_loss(config.ppo))
-    if policy_step.skip_reason:
-        skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
-    metrics.update({f"policy/{k}": v for k, v in policy_step.metrics.items()})
-    metrics["policy/grad_norm"] = policy_step.grad_norm
+    if config.ppo_mini_batches > batch.batch_size:
+        raise ValueError(f"algo.ppo_mini_batches={config.ppo_mini_batches} is more than the "
+                         f"{batch.batch_size} responses on this rank")
+    bounds = torch.linspace(0, batch.batch_size, config.ppo_mini_batches + 1).round().long().tolist()
+    policy_metrics: dict[str, list[float]] = {}
+    for _ in range(config.ppo_epochs):
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            mini_batch = policy_batch.map_tensors(lambda t, a=start, b=end: t[a:b])
+            policy_step = train_step(models.policy, models.policy_optimizer, mini_batch,
+                                     config.micro_batch_size, ppo_loss(config.ppo))
+            if policy_step.skip_reason:
+                skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
+            for name, value in {**policy_step.metrics, "grad_norm": policy_step.grad_norm}.items():
+                policy_metrics.setdefault(name, []).append(value)
+    # Means over the step's updates (the first update is on-policy: ratio 1, no clipping).
+    metrics.update({f"policy/{k}": sum(v) / len(v) for k, v in policy_metrics.items()})
     metrics["reward/outcome_mean"] = float(outcome_rewards.float().mean())
     return UpdateResult(metrics, skip_reasons)
 

@@ -13,7 +13,7 @@ N = 4
 
 
 def loop_ppo_loss(log_probs, old, adv, mask, clip, dual_clip, aggregation, entropy, entropy_coef):
-    per_row_loss, per_row_entropy, tokens = [], [], []
+    per_row_loss, per_row_entropy = [], []
     total_loss = total_entropy = 0.0
     clipped_tokens = count = 0
     for i in range(len(mask)):

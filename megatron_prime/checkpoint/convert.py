@@ -43,7 +43,7 @@ from megatron_prime.checkpoint.model_checkpoint import (
 )
 from megatron_prime.config import ParallelConfig, PrecisionConfig
 from megatron_prime.models.architectures import ModelShape
-from megatron_prime.models.builder import ROLES, build_model
+from megatron_prime.models.builder import ROLES, BuiltModel, build_model
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -141,6 +141,26 @@ def convert_megatron_to_hf(
     model = build_model(hf_config, "reference", parallel, _precision_for(dtype),
                         initialize_weights=False)
     load_model_checkpoint(model, checkpoint)
+    export_hf_folder(model, output, hf_config, sorted((checkpoint / "hf").iterdir()), dtype,
+                     max_shard_bytes, overwrite)
+
+
+def export_hf_folder(
+    model: BuiltModel,
+    output: str | Path,
+    hf_config: dict,
+    side_files: list[Path],
+    dtype: torch.dtype,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> None:
+    """Writes a built model (any layout) as an HF folder, atomically. Collective.
+
+    Each pipeline stage's TP-rank-0 (of DP replica 0) writes the layers it holds; global
+    rank 0 names the parts, writes the index, ``hf_config`` as config.json (with ``dtype``)
+    and copies ``side_files`` (tokenizer, generation config; a config.json among them is
+    skipped). Used by the converter and by SFT's final export.
+    """
     is_writer = distributed.tp_rank() == 0 and distributed.dp_rank() == 0
     progress = Progress("megatron->hf write", total=0)
     with atomic_output_dir(output, overwrite=overwrite) as staging:
@@ -158,11 +178,12 @@ def convert_megatron_to_hf(
             files = [f for entry in sorted(e for e in files_per_rank if e) for f in entry[1]]
             total = sum((staging / name).stat().st_size for name, _ in files)
             finalize_hf_folder(staging, files, total)
-            _write_hf_side_files(checkpoint / "hf", staging, hf_config, dtype)
+            _write_hf_side_files(side_files, staging, hf_config, dtype)
 
 
-def _write_hf_side_files(source: Path, folder: Path, hf_config: dict, dtype: torch.dtype) -> None:
-    for file in sorted(source.iterdir()):
+def _write_hf_side_files(side_files: list[Path], folder: Path, hf_config: dict,
+                         dtype: torch.dtype) -> None:
+    for file in side_files:
         if file.name != "config.json":
             (folder / file.name).write_bytes(file.read_bytes())
     config = dict(hf_config)

@@ -98,6 +98,8 @@ def build_model(
             rope_scaling_factor=shape.rope_scaling_factor or 8.0,
             vp_stage=stage,
         )
+        if not initialize_weights:
+            _mark_tensor_parallel_weights(model)
         model.to(runtime.device)
         chunks.append(model)
 
@@ -123,3 +125,27 @@ def build_model(
             for index, chunk in enumerate(chunks)
         ]
     return BuiltModel(role=role, chunks=chunks, config=config, shape=shape, padded_vocab_size=vocab)
+
+
+def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Tags TP-sharded weights the way Megatron's initialisers would have.
+
+    Megatron sets ``tensor_model_parallel`` / ``partition_dim`` inside its weight
+    initialisers, which ``perform_initialization=False`` skips (megatron-core 0.16). Untagged
+    shards count as TP duplicates, so the grad norm (and clipping) would leave out every TP
+    rank but the first.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    partition_dims = ((ColumnParallelLinear, 0), (RowParallelLinear, 1), (VocabParallelEmbedding, 0))
+    for module in model.modules():
+        for layer_type, dim in partition_dims:
+            weight = getattr(module, "weight", None)
+            if isinstance(module, layer_type) and weight is not None \
+                    and not hasattr(weight, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)

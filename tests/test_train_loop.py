@@ -1,0 +1,243 @@
+"""The PRIME trainer end to end (python -m megatron_prime.train, real vLLM CPU engine).
+
+- resume: 4 steps straight == 2 steps, SIGKILL, resume=auto, 2 more steps, bit for bit
+  (every logged loss and every saved tensor of policy, PRM and their optimizers);
+- bad config values, a missing model or data file, malformed rows: one clear error line,
+  exit status != 0, and no run folder written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import REPO
+
+TINY_RUN = [
+    "trainer.steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=3",
+    "rollout.batch.prompts_per_step=4", "rollout.batch.oversample_factor=2",
+    # A random-weight model solves nothing: keep every prompt so the updates are real.
+    "rollout.batch.filter.low=0.0", "rollout.batch.filter.high=1.0",
+    "rollout.sampling.max_new_tokens=24", "rollout.engine.max_model_len=96",
+    "algo.micro_batch_size=8", "policy_optimizer.lr=1e-3", "prm_optimizer.lr=1e-3",
+    "logging.wandb_mode=disabled",
+]
+
+
+@pytest.fixture(scope="module")
+def toy_inputs(tmp_path_factory) -> dict[str, Path]:
+    from megatron_prime.toy.arithmetic import make_rl_rows, write_jsonl
+    from megatron_prime.toy.model import write_toy_model
+
+    root = tmp_path_factory.mktemp("toy")
+    model = write_toy_model(root / "model", num_layers=2)
+    data = write_jsonl(make_rl_rows(64, seed=3), root / "rl.jsonl")
+    return {"model": model, "data": data}
+
+
+def train_command(toy_inputs: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_prime.train", f"model.path={toy_inputs['model']}",
+            f"data.paths=[{toy_inputs['data']}]", f"logging.run_dir={run_dir}", *TINY_RUN, *extra]
+
+
+def run_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def run_to_end(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    from megatron_prime.monitor import read_metrics
+
+    keys = ("policy/loss", "prm/loss", "policy/grad_norm", "prm/grad_norm", "reward/accuracy",
+            "rollout/response_length")
+    return {m["step"]: {k: m[k] for k in keys} for m in read_metrics(run_dir / "metrics.jsonl")}
+
+
+def saved_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a train-state checkpoint (model weights and optimizer state)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tensors = {}
+    for part in sorted(p for p in checkpoint.iterdir() if (p / ".metadata").is_file()):
+        out = checkpoint.parent / f"{checkpoint.name}-{part.name}.pt"
+        dcp_to_torch_save(str(part), str(out))
+        for name, value in torch.load(out, weights_only=False).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{part.name}/{name}"] = value
+        out.unlink()
+    return tensors
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_bit_exact(toy_inputs, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_to_end(train_command(toy_inputs, straight))
+
+    # Same run, killed (SIGKILL, the whole process group: trainer and vLLM) once step 2's
+    # checkpoint is complete, then started again with the same command (resume=auto).
+    command = train_command(toy_inputs, resumed)
+    process = subprocess.Popen(command, env=run_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    marker = resumed / "checkpoints" / "step_00000002" / "train_state.json"
+    deadline = time.monotonic() + 600
+    while not marker.is_file():
+        assert process.poll() is None, f"run ended before its step-2 checkpoint:\n{process.stderr.read()[-6000:]}"
+        assert time.monotonic() < deadline, "no step-2 checkpoint within 600 s"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "checkpoints" / "step_00000004").exists()
+    done = run_to_end(command)
+    assert "resumed from" in done.stdout + done.stderr
+
+    expected, got = losses(straight), losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert got == expected  # exact float equality, step by step
+    assert expected[1]["policy/loss"] != expected[4]["policy/loss"]  # the runs did learn something
+    final_a = saved_tensors(straight / "checkpoints" / "step_00000004")
+    final_b = saved_tensors(resumed / "checkpoints" / "step_00000004")
+    assert sorted(final_a) == sorted(final_b)
+    assert any("exp_avg" in name for name in final_a), "optimizer state missing from the checkpoint"
+    for name, tensor in final_a.items():
+        assert torch.equal(tensor, final_b[name]), name
+    # ... and the weights did move from the SFT start between step 2 and step 4.
+    step2 = saved_tensors(straight / "checkpoints" / "step_00000002")
+    assert any(not torch.equal(step2[name], final_a[name]) for name in final_a if "policy" in name)
+
+
+def run_failing(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout[-2000:]
+    return done
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("algo.beta=-1", "algo.beta=-1.0 is invalid: expected a float > 0"),
+    ("algo.prm_mode=sometimes", "algo.prm_mode='sometimes' is invalid"),
+    ("rollout.sampling.n=3", "rollout.sampling.n=3 is invalid: expected equal to algo.num_samples_per_prompt=4"),
+    ("trainer.steps=0", "trainer.steps=0 is invalid"),
+    ("trainer.stpes=3", "trainer.stpes is not a known key"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last=0 is invalid"),
+    ("logging.wandb_mode=loud", "logging.wandb_mode='loud' is invalid"),
+])
+def test_bad_config_value_is_named_and_nothing_is_written(toy_inputs, tmp_path, override, message):
+    from megatron_prime.train import main
+
+    run_dir = tmp_path / "run"
+    # Config errors are raised before any process group exists, so this runs in-process.
+    with pytest.raises(SystemExit) as error:
+        main(train_command(toy_inputs, run_dir, override)[3:])
+    assert message in str(error.value)
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_missing_inputs_and_malformed_rows(toy_inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    missing_model = run_failing(train_command(toy_inputs, run_dir, f"model.path={tmp_path / 'nope'}"))
+    assert f"model.path='{tmp_path / 'nope'}'" in missing_model.stderr
+
+    missing_data = run_failing(train_command(toy_inputs, run_dir, f"data.paths=[{tmp_path / 'none.jsonl'}]"))
+    assert f"data file not found: {tmp_path / 'none.jsonl'}" in missing_data.stderr
+
+    bad = tmp_path / "bad.jsonl"
+    rows = toy_inputs["data"].read_text().splitlines()
+    rows[4] = json.dumps({"prompt": [{"role": "user", "content": "1+1?"}], "ability": "math"})
+    bad.write_text("\n".join(rows) + "\n")
+    malformed = run_failing(train_command(toy_inputs, run_dir, f"data.paths=[{bad}]"))
+    assert f"{bad}:5: malformed row" in malformed.stderr
+    assert "reward_model" in malformed.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_whole_job_saves_and_stops_then_resumes(toy_inputs, tmp_path):
+    """SLURM's pre-emption warning (sbatch --signal=USR1@N) reaches every process of the job:
+    the trainer finishes its step, saves, exits 0; the vLLM engine survives until then."""
+    from megatron_prime.monitor import read_metrics
+
+    run_dir = tmp_path / "run"
+    command = train_command(toy_inputs, run_dir, "trainer.steps=50", "checkpoint.save_every=0")
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=run_env(), stdout=out, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert process.poll() is None, log.read_text()[-6000:]
+        assert time.monotonic() < deadline, "no step logged within 600 s"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGUSR1)
+    try:
+        process.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the group's leftovers, if any
+    assert process.returncode == 0, log.read_text()[-6000:]
+    assert "SIGUSR1: saved" in log.read_text()
+    last = read_metrics(metrics)[-1]["step"]
+    assert 1 <= last < 50
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{last:08d}"]
+
+    done = run_to_end(train_command(toy_inputs, run_dir, f"trainer.steps={last + 1}"))
+    assert f"at step {last}" in done.stdout + done.stderr
+    assert [m["step"] for m in read_metrics(metrics)] == list(range(1, last + 2))
+
+
+def torchrun_train(toy_inputs: dict[str, Path], run_dir: Path, nproc: int, *extra: str) -> None:
+    from launch import free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "-m", "megatron_prime.train",
+               *train_command(toy_inputs, run_dir, *extra)[3:]]
+    run_to_end(command)
+
+
+@pytest.mark.slow
+def test_full_step_matches_across_layouts(toy_inputs, tmp_path):
+    """One whole PRIME step (sync, vLLM rollout, rewards, PRM and PPO updates, checkpoint) at
+    TP=2 and at PP=2 gives the losses and updated weights of TP=1/PP=1 within 1e-5."""
+    # Adam's eps well above float noise: an element whose gradient is ~0 would otherwise move
+    # by +-lr on the sign of rounding noise. Updates stay ~lr * g / (|g| + eps) >> 1e-5.
+    one_step = ("trainer.steps=1", "policy_optimizer.adam_eps=1e-3", "prm_optimizer.adam_eps=1e-3")
+    runs = {"tp1pp1": (1, ()), "tp2": (2, ("parallel.tensor_parallel_size=2",)),
+            "pp2": (2, ("parallel.pipeline_parallel_size=2",))}
+    metrics, weights = {}, {}
+    for name, (nproc, layout) in runs.items():
+        run_dir = tmp_path / name
+        torchrun_train(toy_inputs, run_dir, nproc, *one_step, *layout)
+        metrics[name] = losses(run_dir)[1]
+        weights[name] = saved_tensors(run_dir / "checkpoints" / "step_00000001")
+    base = metrics["tp1pp1"]
+    # The rollouts are the same tokens: the engine got the same weights at every layout.
+    assert metrics["tp2"]["rollout/response_length"] == base["rollout/response_length"]
+    assert metrics["pp2"]["rollout/response_length"] == base["rollout/response_length"]
+    model_keys = [k for k in weights["tp1pp1"] if "optimizer" not in k]
+    assert any(k.startswith("policy/") for k in model_keys) and any(k.startswith("prm/") for k in model_keys)
+    for layout in ("tp2", "pp2"):
+        for key, value in base.items():
+            assert metrics[layout][key] == pytest.approx(value, abs=1e-5, rel=1e-5), (layout, key)
+        for key in model_keys:
+            a, b = weights["tp1pp1"][key], weights[layout][key]
+            if a.shape != b.shape:  # the vocabulary is padded to a multiple of 128 * TP
+                assert "word_embeddings" in key or "output_layer" in key, (layout, key)
+                rows = min(a.shape[0], b.shape[0])
+                assert not a[rows:].any() and not b[rows:].any(), (layout, key)
+                a, b = a[:rows], b[:rows]
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), (layout, key, (a - b).abs().max())

@@ -41,6 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-prime-demo=megatron_prime.demo:main",
+            "megatron-prime-train=megatron_prime.train:main",
             "megatron-prime-hf-to-megatron=megatron_prime.checkpoint.convert:hf_to_megatron_main",
             "megatron-prime-megatron-to-hf=megatron_prime.checkpoint.convert:megatron_to_hf_main",
             "megatron-prime-sft=megatron_prime.sft:main",

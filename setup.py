@@ -46,6 +46,7 @@ setup(
             "megatron-prime-megatron-to-hf=megatron_prime.checkpoint.convert:megatron_to_hf_main",
             "megatron-prime-sft=megatron_prime.sft:main",
             "megatron-prime-plot=megatron_prime.plot:main",
+            "megatron-prime-submit=megatron_prime.launch.submit:main",
         ]
     },
 )

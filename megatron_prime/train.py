@@ -36,6 +36,8 @@ from megatron_prime.algo import (
     compute_prime_advantages,
     implicit_process_rewards,
     masked_mean,
+    prm_pairwise_accuracy,
+    sequence_log_ratio,
 )
 from megatron_prime.checkpoint.train_state import (
     CheckpointConfig,
@@ -157,8 +159,13 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
             prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
         process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,
                                                    config.process_reward_normalization)
+        # How often the scoring PRM ranks a correct response above a wrong one of the same
+        # prompt (over this rank's groups).
+        ranking = prm_pairwise_accuracy(config.beta * sequence_log_ratio(prm_logprobs, ref, mask),
+                                        outcome_rewards.float(), n)
         metrics.update({"prm/loss": prm_step.metrics["loss"],
                         "prm/accuracy": prm_step.metrics["accuracy"],
+                        "prm/ranking_accuracy": float(ranking),
                         "prm/grad_norm": prm_step.grad_norm,
                         "reward/process_mean": float(masked_mean(process_rewards, mask))})
 

@@ -159,3 +159,22 @@ def test_bad_config_names_the_problem():
         MathVerifierConfig(timeout_s=0)
     with pytest.raises(ValueError, match="num_workers=0"):
         MathVerifierConfig(num_workers=0)
+
+
+def test_checker_process_survives_slurm_preemption_signal():
+    """The trainer saves on SIGUSR1 and still scores the step it is in; its checkers must
+    outlive the signal SLURM sends to every process of the job step."""
+    import signal
+    import time
+
+    from megatron_prime.rewards.math_verifier import _Worker
+
+    worker = _Worker()
+    try:
+        assert worker.check("\\boxed{4}", "4", 6, 5.0, 60.0) is True  # up and answering
+        worker.process.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        assert worker.process.poll() is None
+        assert worker.check("\\boxed{5}", "4", 6, 5.0, 60.0) is False
+    finally:
+        worker.close()

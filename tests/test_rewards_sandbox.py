@@ -156,8 +156,12 @@ def test_reading_parent_environment_secrets(verifier, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", secret)
     trainer = subprocess.Popen(["sleep", "60"], env={"WANDB_API_KEY": secret})
     try:
-        # The control: from the host the secret is readable.
-        assert secret.encode() in Path(f"/proc/{trainer.pid}/environ").read_bytes()
+        # The control: from the host the secret is readable (once the child has exec'd:
+        # mid-exec its environ reads empty).
+        deadline = time.monotonic() + 5
+        while secret.encode() not in Path(f"/proc/{trainer.pid}/environ").read_bytes():
+            assert time.monotonic() < deadline, "the control process never showed its environment"
+            time.sleep(0.01)
         ground_truth = {"inputs": [""], "outputs": [secret]}
         code = """
             import os
@@ -225,3 +229,18 @@ def test_runs_as_unprivileged_user_in_a_fresh_folder():
     assert first.stdout.decode().strip().endswith("[] /tmp/work [] 1")
     assert "left_behind" in second.stdout.decode()
     assert run_python(code, config=FAST).stdout == first.stdout  # nothing carried over between runs
+
+
+def test_sandboxed_program_ignores_slurm_preemption_signal():
+    """SLURM's --signal=USR1@N reaches every process of the job step: a program under test
+    must not die of it (it would score 0) while the trainer finishes its step and saves."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        ignored = int(open('/proc/self/status').read().split('SigIgn:')[1].split()[0], 16)
+        os.kill(os.getpid(), signal.SIGUSR1)  # delivered now if not ignored: default = die
+        time.sleep(0.1)
+        print('usr1 ignored' if ignored & (1 << (signal.SIGUSR1 - 1)) else 'usr1 not ignored')
+    """)
+    result = run_python(code, config=FAST)
+    assert result.status == RunStatus.OK, result
+    assert result.stdout.strip() == b"usr1 ignored"

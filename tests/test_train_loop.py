@@ -212,12 +212,21 @@ def torchrun_train(toy_inputs: dict[str, Path], run_dir: Path, nproc: int, *extr
 @pytest.mark.slow
 def test_full_step_matches_across_layouts(toy_inputs, tmp_path):
     """One whole PRIME step (sync, vLLM rollout, rewards, PRM and PPO updates, checkpoint) at
-    TP=2 and at PP=2 gives the losses and updated weights of TP=1/PP=1 within 1e-5."""
+    TP=2 and at PP=2 gives the losses and updated weights of TP=1/PP=1 within 1e-5.
+
+    The PP=2 run starts from a Megatron checkpoint converted at TP=2 (resharded on load), the
+    others from the HF folder: the SFT start may be either."""
+    from launch import free_port
+
+    converted = tmp_path / "sft_megatron_tp2"
+    run_to_end([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                f"--master-port={free_port()}", str(REPO / "tools" / "convert_hf_to_megatron.py"),
+                "--hf-dir", str(toy_inputs["model"]), "--output", str(converted), "--tp", "2"])
     # Adam's eps well above float noise: an element whose gradient is ~0 would otherwise move
     # by +-lr on the sign of rounding noise. Updates stay ~lr * g / (|g| + eps) >> 1e-5.
     one_step = ("trainer.steps=1", "policy_optimizer.adam_eps=1e-3", "prm_optimizer.adam_eps=1e-3")
     runs = {"tp1pp1": (1, ()), "tp2": (2, ("parallel.tensor_parallel_size=2",)),
-            "pp2": (2, ("parallel.pipeline_parallel_size=2",))}
+            "pp2": (2, ("parallel.pipeline_parallel_size=2", f"model.path={converted}"))}
     metrics, weights = {}, {}
     for name, (nproc, layout) in runs.items():
         run_dir = tmp_path / name

@@ -276,6 +276,9 @@ class MathVerifier:
 
 def _worker_main() -> None:
     """Answer requests until stdin closes (the parent exited or closed us)."""
+    # SLURM's pre-emption warning (--signal=USR1@N) reaches every process of the job step;
+    # the trainer saves on it and still needs its checkers until the step is done.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for line in sys.stdin:
         request = json.loads(line)
         try:

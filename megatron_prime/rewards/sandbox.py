@@ -119,6 +119,16 @@ def check_sandbox_available() -> None:
         raise SandboxUnavailable("the code sandbox needs util-linux 'unshare' on PATH (apt-get install util-linux)")
 
 
+# SLURM's pre-emption warning (--signal=USR1@N) reaches every process of the job step, and
+# would kill a run mid-test (scored as a failure) while the trainer finishes its step. An
+# ignored signal stays ignored across exec, so unshare and the harness inherit it.
+_IGNORE_USR1_THEN_EXEC = (
+    sys.executable, "-I", "-S", "-c",
+    "import os, signal, sys; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
+    "os.execvp(sys.argv[1], sys.argv[1:])",
+)
+
+
 def run_python(
     code: str,
     stdin: str = "",
@@ -156,6 +166,7 @@ def run_python(
         stdin_file.write(stdin.encode())
         stdin_file.seek(0)
         command = [
+            *_IGNORE_USR1_THEN_EXEC,
             "unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
             config.python, "-I", "-B", str(_HARNESS), str(job_file.fileno()),
         ]  # fmt: skip

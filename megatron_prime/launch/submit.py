@@ -1,0 +1,181 @@
+"""``megatron-prime-submit``: check a PRIME run against the cluster options, render its batch
+script and hand it to ``sbatch``.
+
+    megatron-prime-submit examples/eurus2_7b_prime.yaml --slurm examples/slurm/h100_2nodes.yaml \\
+        trainer.steps=300 --time 1-00:00:00 [--dry-run]
+
+``key=value`` arguments override the run config (as for ``megatron_prime.train``); the flags
+override the cluster YAML. Everything is validated before anything is written or submitted;
+a problem is one ``error: ...`` line and exit status 2. ``--dry-run`` prints the script and
+writes nothing. Otherwise the script goes to ``<output_dir>/<job_name>.sbatch`` and
+``sbatch --parsable`` submits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from megatron_prime.launch.sbatch import (
+    SlurmConfig,
+    load_run_config,
+    load_slurm_config,
+    log_path,
+    render_sbatch,
+)
+
+# Lists the cluster's partitions; None when that cannot be asked (no sinfo here).
+PartitionLister = Callable[[], "list[str] | None"]
+
+
+@dataclass
+class SubmitResult:
+    script: str
+    script_path: Path | None = None  # None with dry_run
+    job_id: str | None = None
+    log_path: str | None = None
+    notes: tuple[str, ...] = ()  # what was not checked, and why
+
+
+def sinfo_partitions() -> list[str] | None:
+    """The partitions ``sinfo`` lists (the default one is marked ``*``); None without sinfo."""
+    if shutil.which("sinfo") is None:
+        return None
+    done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ValueError(f"sinfo -h -o %P failed (exit status {done.returncode}): "
+                         f"{done.stderr.strip()}")
+    return [line.strip().rstrip("*") for line in done.stdout.splitlines() if line.strip()]
+
+
+def check_partition(slurm: SlurmConfig, list_partitions: PartitionLister,
+                    dry_run: bool) -> str | None:
+    """Errors when slurm.partition names a partition the cluster lacks; returns a note when
+    the check was skipped (allowed only for a dry run without sinfo)."""
+    if slurm.partition is None:
+        return None
+    existing = list_partitions()
+    if existing is None:
+        if dry_run:
+            return f"sinfo not found: slurm.partition={slurm.partition!r} was not checked"
+        raise ValueError(f"sinfo not found: cannot check slurm.partition={slurm.partition!r}; "
+                         "submit from a SLURM login node (or use --dry-run to only render)")
+    missing = [name for name in slurm.partition.split(",") if name not in existing]
+    if missing:
+        raise ValueError(f"slurm.partition={slurm.partition!r} is invalid: {missing[0]!r} is not "
+                         f"a partition of this cluster; expected one of {sorted(set(existing))}")
+    return None
+
+
+def run_sbatch(script_path: Path) -> str:
+    """``sbatch --parsable SCRIPT`` -> the job id."""
+    if shutil.which("sbatch") is None:
+        raise ValueError("sbatch not found: submit from a SLURM login node (or use --dry-run)")
+    done = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise ValueError(f"sbatch rejected {script_path} (exit status {done.returncode}): "
+                         f"{done.stderr.strip()}")
+    # --parsable prints "<job id>" or "<job id>;<cluster>".
+    return done.stdout.strip().split(";")[0]
+
+
+def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), *,
+           dry_run: bool = False, list_partitions: PartitionLister = sinfo_partitions,
+           sbatch: Callable[[Path], str] = run_sbatch) -> SubmitResult:
+    """Validates the run and the cluster options, renders the script, and (unless
+    ``dry_run``) writes and submits it. Nothing is written before every check passed."""
+    prime = load_run_config(config_path, overrides)
+    slurm.validate(prime)
+    note = check_partition(slurm, list_partitions, dry_run)
+    script = render_sbatch(slurm, config_path, overrides, prime)
+    notes = (note,) if note else ()
+    if dry_run:
+        return SubmitResult(script, notes=notes)
+    output_dir = Path(slurm.output_dir)
+    # SLURM does not create the log folder: a job whose --output folder is missing fails
+    # without a log.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    script_path = output_dir / f"{slurm.job_name}.sbatch"
+    script_path.write_text(script)
+    job_id = sbatch(script_path)
+    return SubmitResult(script, script_path, job_id, log_path(slurm, job_id), notes)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one "error: ..." line, like every other error
+        raise ValueError(message)
+
+
+# Flags that override the cluster YAML: (flag, SlurmConfig key, type).
+_SLURM_FLAGS: tuple[tuple[str, str, Any], ...] = (
+    ("--nodes", "nodes", int),
+    ("--gpus-per-node", "gpus_per_node", int),
+    ("--cpus-per-task", "cpus_per_task", int),
+    ("--partition", "partition", str),
+    ("--account", "account", str),
+    ("--qos", "qos", str),
+    ("--time", "time", str),
+    ("--job-name", "job_name", str),
+    ("--output-dir", "output_dir", str),
+    ("--container-image", "container_image", str),
+    ("--venv", "venv", str),
+    ("--signal-seconds", "signal_seconds", int),
+    ("--dependency", "dependency", str),
+    ("--seconds-per-step-estimate", "seconds_per_step_estimate", float),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="megatron-prime-submit",
+                     description="Render a SLURM batch script for a PRIME run and submit it.")
+    parser.add_argument("config", help="run config YAML (as for megatron_prime.train)")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="run config overrides, e.g. trainer.steps=300")
+    parser.add_argument("--slurm", metavar="CLUSTER.yaml",
+                        help="cluster options (SlurmConfig); flags below override them")
+    for flag, key, kind in _SLURM_FLAGS:
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=f"slurm.{key}")
+    parser.add_argument("--no-requeue", dest="requeue", action="store_false", default=None,
+                        help="do not requeue a run stopped by the time-limit signal")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the script; write and submit nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, list_partitions: PartitionLister = sinfo_partitions,
+         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        args = build_parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+        for override in args.overrides:
+            if "=" not in override:
+                raise ValueError(f"argument {override!r} is invalid: expected key=value "
+                                 "(a run config override) or a --flag")
+        flags = {key: getattr(args, key) for _, key, _ in _SLURM_FLAGS}
+        flags["requeue"] = args.requeue
+        slurm = load_slurm_config(args.slurm, {k: v for k, v in flags.items() if v is not None})
+        result = submit(args.config, slurm, args.overrides, dry_run=args.dry_run,
+                        list_partitions=list_partitions)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=stderr)
+        return 2
+    for note in result.notes:
+        print(f"note: {note}", file=stderr)
+    if args.dry_run:
+        stdout.write(result.script)
+    else:
+        print(f"submitted job {result.job_id}\nscript: {result.script_path}\nlog: {result.log_path}",
+              file=stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""SLURM submission layer: rendered batch scripts (golden files), option errors, the submit
+command, and the script's requeue logic run by bash against stand-in srun/scontrol.
+
+No cluster is needed; ``sbatch --test-only`` runs only where sbatch exists.
+Regenerate the golden files (and their copies in examples/slurm/) after an intended change
+with ``MEGATRON_PRIME_UPDATE_GOLDEN=1 python -m pytest tests/test_slurm_render.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_prime.launch.sbatch import (
+    SlurmConfig,
+    load_run_config,
+    load_slurm_config,
+    render_sbatch,
+)
+from megatron_prime.launch.submit import check_partition, main, submit
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_CONFIG = "examples/eurus2_7b_prime.yaml"  # relative: it is written into the scripts
+EXAMPLES = REPO / "examples" / "slurm"
+GOLDEN = REPO / "tests" / "golden" / "slurm"
+LAYOUTS = ("1node", "2nodes", "4nodes")
+
+
+@pytest.fixture(scope="module")
+def prime():
+    """The example run config as the job runs it (imports the trainer once per module)."""
+    return load_run_config(str(REPO / RUN_CONFIG), [])
+
+
+def example_slurm(layout: str, **changes) -> SlurmConfig:
+    return load_slurm_config(EXAMPLES / f"h100_{layout}.yaml", changes)
+
+
+def render_example(layout: str, prime, **changes) -> str:
+    return render_sbatch(example_slurm(layout, **changes), RUN_CONFIG, [], prime)
+
+
+# ---- golden files ----
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_example_scripts_match_golden_files(layout, prime, monkeypatch):
+    monkeypatch.chdir(REPO)
+    text = render_sbatch(example_slurm(layout), RUN_CONFIG, [])  # loads the run config itself
+    golden = GOLDEN / f"eurus2_7b_prime_{layout}.sbatch"
+    example = EXAMPLES / golden.name
+    if os.environ.get("MEGATRON_PRIME_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+        example.write_text(text)
+    assert text == golden.read_text()
+    assert example.read_text() == golden.read_text(), f"{example} differs from {golden}"
+    assert text == render_example(layout, prime)
+
+
+@pytest.mark.parametrize("layout,nodes,dp", [("1node", 1, 4), ("2nodes", 2, 8), ("4nodes", 4, 16)])
+def test_example_scripts_ask_for_one_task_per_gpu_and_resume(layout, nodes, dp, prime):
+    text = render_example(layout, prime)
+    for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --signal=USR1@300", "#SBATCH --requeue",
+                 "#SBATCH --open-mode=append", f"  --nodes={nodes} \\",
+                 "  python -m megatron_prime.train examples/eurus2_7b_prime.yaml "
+                 "checkpoint.resume=auto || status=$?",
+                 "RUN_STEPS=600", "CHECKPOINT_ROOT=runs/eurus2-7b-prime/checkpoints",
+                 'scontrol requeue "$SLURM_JOB_ID"'):
+        assert line in text.splitlines(), line
+    assert f"trainer processes: TP=2 x PP=1 x CP=1 per model replica, DP={dp}." in text
+    assert "B:USR1" not in text  # the trainers (job step tasks) must get the signal
+
+
+def test_render_quotes_paths_and_overrides(prime):
+    slurm = SlurmConfig(nodes=2, time="12:00:00", container_image="nvcr.io#nvidia/pytorch:25.01-py3",
+                        container_mounts=["/data_sets:/data"],
+                        venv="/opt/my venv", account="proj-1", qos="high", dependency=1234,
+                        extra_sbatch_lines=["--exclusive", "--mem=0"])
+    overrides = ["trainer.steps=20", "data.paths=[a b.parquet]"]
+    text = render_sbatch(slurm, "configs/my run.yaml", overrides,
+                         load_run_config(str(REPO / RUN_CONFIG), overrides))
+    lines = text.splitlines()
+    assert "#SBATCH --account=proj-1" in lines and "#SBATCH --qos=high" in lines
+    assert "#SBATCH --dependency=afterany:1234" in lines
+    assert "#SBATCH --exclusive" in lines and "#SBATCH --mem=0" in lines
+    assert "  --container-image='nvcr.io#nvidia/pytorch:25.01-py3' \\" in lines
+    assert "  --container-mounts=\"$SLURM_SUBMIT_DIR:$SLURM_SUBMIT_DIR\",/data_sets:/data \\" in lines
+    assert ("  '/opt/my venv/bin/python' -m megatron_prime.train 'configs/my run.yaml' "
+            "trainer.steps=20 'data.paths=[a b.parquet]' checkpoint.resume=auto || status=$?") in lines
+    assert "source" not in text  # with a container, the venv's python runs inside it
+    assert "RUN_STEPS=20" in lines
+
+
+def test_rendering_is_deterministic(prime):
+    assert render_example("2nodes", prime) == render_example("2nodes", prime)
+
+
+# ---- bash accepts every script ----
+
+def rendered_variants(prime) -> dict[str, str]:
+    variants = {layout: render_example(layout, prime) for layout in LAYOUTS}
+    variants["no-requeue"] = render_example("1node", prime, requeue=False)
+    variants["container"] = render_example("2nodes", prime, container_image="image.sqsh",
+                                           container_mounts=["/scratch:/scratch:ro"])
+    variants["plain"] = render_sbatch(SlurmConfig(time="12:00:00", dependency="77_3",
+                                                  nccl_env={"NCCL_SOCKET_IFNAME": "^lo,docker"}),
+                                      RUN_CONFIG, ["algo.beta=0.1"], prime)
+    return variants
+
+
+def test_bash_accepts_every_rendered_script(prime, tmp_path):
+    for name, text in rendered_variants(prime).items():
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(text)
+        done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{name}: {done.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None,
+                    reason="sbatch is not installed on this machine; `sbatch --test-only` on the "
+                           "example scripts belongs to the real-cluster part")
+def test_sbatch_test_only_accepts_example_scripts(prime, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for layout in LAYOUTS:
+        # The cluster's default partition: the examples' "gpu" is a placeholder.
+        path = tmp_path / f"{layout}.sbatch"
+        path.write_text(render_example(layout, prime, partition=None))
+        done = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True)
+        if done.returncode != 0 and "configuration is not available" in done.stderr:
+            pytest.skip(f"this cluster is smaller than the {layout} example: {done.stderr.strip()}")
+        assert done.returncode == 0, f"{layout}: {done.stderr}"
+
+
+# ---- option errors name the key, the value and what is allowed ----
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"gpus_per_node": 16}, ["slurm.gpus_per_node=16", "[1, 8]", "more GPUs than a node has"]),
+    ({"nodes": 0}, ["slurm.nodes=0", "integer >= 1"]),
+    ({"time": "90 minutes"}, ["slurm.time='90 minutes'", '"HH:MM:SS" or "D-HH:MM:SS"']),
+    ({"time": "1:75:00"}, ["slurm.time='1:75:00'", "minutes and seconds < 60"]),
+    ({"time": 43200}, ["slurm.time=43200", "quote it in YAML"]),
+    ({"time": "00:15:00"}, ["slurm.time='00:15:00'", "300 + 60 + 600 = 960 s",
+                            "signalled before it could save"]),
+    ({"signal_seconds": 0}, ["slurm.signal_seconds=0", "[1, 65535]"]),
+    ({"seconds_per_step_estimate": 400.0}, ["slurm.signal_seconds=300", "more than "
+                                            "seconds_per_step_estimate=400 s"]),
+    ({"extra_sbatch_lines": ["#SBATCH --exclusive"]}, ["slurm.extra_sbatch_lines[0]"]),
+    ({"dependency": "afterok:12"}, ["slurm.dependency='afterok:12'", "job id"]),
+    ({"nccl_env": {"NCCL_IB_DISABLE": True}}, ["slurm.nccl_env.NCCL_IB_DISABLE=True"]),
+    ({"container_mounts": ["/a:/a"]}, ["slurm.container_mounts", "container_image"]),
+    ({"gpus": 8}, ["slurm.gpus is not a known key", "slurm.gpus_per_node"]),
+])
+def test_bad_cluster_options_are_named(changes, expected):
+    with pytest.raises(ValueError) as error:
+        example_slurm("1node", **changes)
+    for part in expected:
+        assert part in str(error.value)
+
+
+def test_unquoted_yaml_time_gets_a_quoting_hint(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("nodes: 1\ntime: 12:00:00\n")  # YAML 1.1: the integer 43200
+    with pytest.raises(ValueError, match=r"slurm.time=43200 .*quote it in YAML"):
+        load_slurm_config(path)
+
+
+def test_world_size_must_be_a_multiple_of_the_model_parallel_size(prime):
+    slurm = example_slurm("1node", gpus_per_node=6, max_gpus_per_node=8)
+    with pytest.raises(ValueError) as error:
+        slurm.validate(load_run_config(str(REPO / RUN_CONFIG), ["parallel.pipeline_parallel_size=2"]))
+    message = str(error.value)
+    assert "slurm.nodes x slurm.gpus_per_node=6" in message
+    assert "parallel.tensor_parallel_size x parallel.pipeline_parallel_size" in message
+    assert "= 2 x 2 x 1 = 4" in message
+
+
+def test_prompts_per_step_must_split_over_data_parallel_ranks(prime):
+    with pytest.raises(ValueError, match=r"rollout.batch.prompts_per_step=256 .*data-parallel "
+                                         r"size 12"):
+        example_slurm("4nodes", nodes=3).validate(prime)  # 24 GPUs / TP 2 = DP 12
+
+
+def test_time_shorter_than_one_checkpoint_interval(prime):
+    # save_every=20 steps x 900 s = 18000 s > 4 h - 1200 - 60 - 600 = 12540 s for steps.
+    slurm = example_slurm("2nodes", time="04:00:00", signal_seconds=1200,
+                          seconds_per_step_estimate=900.0)
+    with pytest.raises(ValueError) as error:
+        slurm.validate(prime)
+    message = str(error.value)
+    assert "slurm.time='04:00:00'" in message and "one checkpoint interval" in message
+    assert "checkpoint.save_every=20 steps x seconds_per_step_estimate=900 s = 18000 s" in message
+    assert "12540 s for steps" in message
+    # A shorter interval fits; save_every=0 means the signal checkpoint is the only save.
+    slurm.validate(load_run_config(str(REPO / RUN_CONFIG), ["checkpoint.save_every=10"]))
+    slurm.validate(load_run_config(str(REPO / RUN_CONFIG), ["checkpoint.save_every=0"]))
+
+
+def test_explicit_resume_other_than_auto_is_refused():
+    with pytest.raises(ValueError, match=r"checkpoint.resume='none' is invalid for a SLURM job"):
+        load_run_config(str(REPO / RUN_CONFIG), ["checkpoint.resume=none"])
+
+
+# ---- partitions ----
+
+def test_unknown_partition_names_the_existing_ones():
+    with pytest.raises(ValueError) as error:
+        check_partition(example_slurm("1node"), lambda: ["debug", "a100"], dry_run=False)
+    assert "slurm.partition='gpu'" in str(error.value)
+    assert "['a100', 'debug']" in str(error.value)
+    assert check_partition(example_slurm("1node", partition="a100,debug"),
+                           lambda: ["debug", "a100"], dry_run=False) is None
+
+
+def test_without_sinfo_the_partition_check_is_skipped_only_for_a_dry_run():
+    slurm = example_slurm("1node")
+    assert "not checked" in check_partition(slurm, lambda: None, dry_run=True)
+    with pytest.raises(ValueError, match="sinfo not found"):
+        check_partition(slurm, lambda: None, dry_run=False)
+    assert check_partition(example_slurm("1node", partition=None), lambda: None, dry_run=False) is None
+
+
+# ---- the submit command ----
+
+def test_dry_run_prints_the_script_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out, err = io.StringIO(), io.StringIO()
+    status = main([str(REPO / RUN_CONFIG), "--slurm", str(EXAMPLES / "h100_2nodes.yaml"),
+                   "trainer.steps=300", "--nodes", "4", "--time", "12:00:00", "--dry-run"],
+                  list_partitions=lambda: ["gpu"], stdout=out, stderr=err)
+    assert status == 0, err.getvalue()
+    expected = render_sbatch(example_slurm("2nodes", nodes=4, time="12:00:00"), str(REPO / RUN_CONFIG),
+                             ["trainer.steps=300"])
+    assert out.getvalue() == expected
+    assert "#SBATCH --nodes=4" in expected and "RUN_STEPS=300" in expected
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_submit_writes_the_script_then_calls_sbatch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    submitted = []
+
+    def fake_sbatch(path: Path) -> str:
+        submitted.append(path.read_text())
+        return "4242"
+
+    slurm = example_slurm("1node")
+    result = submit(str(REPO / RUN_CONFIG), slurm, list_partitions=lambda: ["gpu"], sbatch=fake_sbatch)
+    assert result.job_id == "4242"
+    assert result.script_path == Path("slurm-logs/eurus2-7b-prime-1node.sbatch")
+    assert result.log_path == "slurm-logs/eurus2-7b-prime-1node-4242.out"
+    assert submitted == [result.script] == [(tmp_path / result.script_path).read_text()]
+
+
+def test_errors_are_one_line_with_status_2_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["--gpus-per-node", "16"], "slurm.gpus_per_node=16"),
+        (["--partition", "h200"], "slurm.partition='h200'"),
+        (["algo.beta=-1"], "algo.beta=-1.0 is invalid"),
+        (["trainer.steps"], "expected key=value"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ]
+    for extra, expected in cases:
+        out, err = io.StringIO(), io.StringIO()
+        status = main([str(REPO / RUN_CONFIG), "--slurm", str(EXAMPLES / "h100_1node.yaml"), *extra],
+                      list_partitions=lambda: ["gpu", "debug"], stdout=out, stderr=err)
+        lines = err.getvalue().splitlines()
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), (extra, lines)
+        assert expected in lines[0], (extra, lines)
+        assert out.getvalue() == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- the script's requeue logic, run by bash with stand-ins for srun and scontrol ----
+
+FAKE_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
+echo "$MASTER_ADDR:$MASTER_PORT" > "$FAKE_DIR/srun_master"
+if [[ -n "${FAKE_NEW_STEP:-}" ]]; then
+  folder="$FAKE_CHECKPOINTS/$(printf 'step_%08d' "$FAKE_NEW_STEP")"
+  mkdir -p "$folder" && echo '{}' > "$folder/train_state.json"
+fi
+exit "${FAKE_SRUN_STATUS:-0}"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in
+  show) printf 'node001\\nnode002\\n' ;;
+  requeue) echo "requeue $2" >> "$FAKE_DIR/scontrol_calls" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+def run_script(tmp_path: Path, prime_overrides: list[str], slurm: SlurmConfig, existing_steps=(),
+               **fake_env) -> tuple[subprocess.CompletedProcess, Path]:
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    for step in existing_steps:
+        (checkpoints / f"step_{step:08d}").mkdir(parents=True, exist_ok=True)
+        (checkpoints / f"step_{step:08d}" / "train_state.json").write_text("{}")
+    (checkpoints / "step_00000099").mkdir(parents=True, exist_ok=True)  # incomplete: no marker
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(stat.S_IRWXU)
+    overrides = [f"logging.run_dir={run_dir}", *prime_overrides]
+    prime = load_run_config(str(REPO / RUN_CONFIG), overrides)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(slurm, RUN_CONFIG, overrides, prime))
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[001-002]",
+           "FAKE_DIR": str(tmp_path), "FAKE_CHECKPOINTS": str(checkpoints),
+           **{key.upper(): str(value) for key, value in fake_env.items()}}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    return done, tmp_path / "scontrol_calls"
+
+
+def test_script_requeues_a_run_stopped_early_with_progress(tmp_path):
+    slurm = SlurmConfig(nodes=2, time="12:00:00")
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], slurm, existing_steps=[1],
+                             fake_new_step=2)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text() == "requeue 4242\n"
+    assert "stopped at step 2 of 3" in done.stdout and "from step 1 of 3" in done.stdout
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args[:4] == ["--nodes=2", "--ntasks-per-node=8", "--cpus-per-task=8", "--kill-on-bad-exit=1"]
+    assert args[-4:] == [RUN_CONFIG, f"logging.run_dir={tmp_path / 'run'}", "trainer.steps=3",
+                         "checkpoint.resume=auto"]
+    assert (tmp_path / "srun_master").read_text() == f"node001:{20000 + 4242 % 20000}\n"
+
+
+def test_script_does_not_requeue_a_finished_run(tmp_path):
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+                             fake_new_step=3)
+    assert done.returncode == 0, done.stderr
+    assert "all 3 steps done" in done.stdout and not calls.exists()
+
+
+def test_script_does_not_requeue_without_progress(tmp_path):
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+                             existing_steps=[2])
+    assert done.returncode == 1 and "make no progress" in done.stderr
+    assert not calls.exists()
+
+
+def test_script_passes_on_a_trainer_failure_without_requeue(tmp_path):
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+                             fake_new_step=1, fake_srun_status=7)
+    assert done.returncode == 7 and "exit status 7" in done.stderr
+    assert not calls.exists()
+
+
+def test_script_with_requeue_off_says_how_to_go_on(tmp_path):
+    done, calls = run_script(tmp_path, ["trainer.steps=3"],
+                             SlurmConfig(time="12:00:00", requeue=False), fake_new_step=2)
+    assert done.returncode == 0 and "submit again" in done.stdout
+    assert not calls.exists()

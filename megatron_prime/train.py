@@ -17,10 +17,11 @@ torchrun or srun for several processes). One step, on every rank:
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -290,11 +291,11 @@ def _open_sft_checkpoint(path: str, key: str) -> tuple[dict[str, Any], Path, Any
                             f"megatron_prime checkpoint ({MANIFEST}) is there")
 
 
-def build_prime_models(config: PrimeConfig) -> PrimeModels:
-    """Policy, PRM and reference from the SFT checkpoint, with their optimizers (collective)."""
+def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weights: Any) -> PrimeModels:
+    """Policy, PRM and reference from the SFT checkpoint (opened by ``_open_sft_checkpoint``),
+    with their optimizers (collective)."""
     from megatron_prime.models.builder import build_model
 
-    hf_config, _, load_weights = _open_sft_checkpoint(config.model.path, "model.path")
     distributed_optimizer = config.policy_optimizer.use_distributed_optimizer
 
     def build(role: str, loader: Any) -> BuiltModel:
@@ -384,11 +385,11 @@ def train(config: PrimeConfig) -> RunResult:
 
     # Everything that can be wrong with the inputs fails here, before anything is written.
     resume_from = resolve_resume(config.checkpoint, checkpoint_root)
-    _, hf_folder, _ = _open_sft_checkpoint(config.model.path, "model.path")
+    hf_config, hf_folder, load_weights = _open_sft_checkpoint(config.model.path, "model.path")
     tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
     records = load_prompts(config.data, tokenizer)
     check_batch_config(config.rollout.batch, distributed.dp_world_size(), len(records))
-    models = build_prime_models(config)
+    models = build_prime_models(config, hf_config, load_weights)
     sampler = PromptSampler(records, config.rollout.batch.prompts_per_round, config.data.shuffle_seed,
                             distributed.dp_rank(), distributed.dp_world_size())
     schedulers: dict[str, Any] = {}
@@ -478,16 +479,11 @@ class _PhaseTimer:
         self.seconds: dict[str, float] = {}
         self.start = time.perf_counter()
 
-    def __call__(self, name: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def phase():
-            begin = time.perf_counter()
-            yield
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
-
-        return phase()
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
 
     @property
     def total(self) -> float:

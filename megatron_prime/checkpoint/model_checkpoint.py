@@ -125,6 +125,12 @@ def load_model_checkpoint(model: BuiltModel, folder: str | Path) -> dict[str, An
         raise ValueError(f"{folder}: checkpoint holds {manifest['hf_architecture']}, the model "
                          f"is {model.shape.architecture.hf_architecture}")
     state = dist_checkpointing.load(_sharded_state_dict(model), str(folder / "model"))
+    load_model_chunks(model, state, folder)
+    return manifest
+
+
+def load_model_chunks(model: BuiltModel, state: dict[str, Any], folder: Path) -> None:
+    """Copies a loaded ``_sharded_state_dict`` layout into the model's chunks."""
     chunks = model.gpt_chunks()
     with torch.no_grad():
         for i, chunk in enumerate(chunks):
@@ -134,4 +140,3 @@ def load_model_checkpoint(model: BuiltModel, folder: str | Path) -> dict[str, An
             missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
             if missing:
                 raise ValueError(f"{folder}: checkpoint lacks tensors {missing[:5]}")
-    return manifest

@@ -47,6 +47,7 @@ from megatron_prime.checkpoint.model_checkpoint import (
     _is_rank0,
     _sharded_state_dict,
     atomic_output_dir,
+    load_model_chunks,
 )
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.models.builder import BuiltModel
@@ -358,18 +359,6 @@ def save_train_state(
     return final
 
 
-def _load_model_chunks(model: BuiltModel, state: dict[str, Any], folder: Path) -> None:
-    chunks = model.gpt_chunks()
-    with torch.no_grad():
-        for i, chunk in enumerate(chunks):
-            chunk_state = state["model"] if len(chunks) == 1 else state[f"model{i}"]
-            # _extra_state entries (TE's FP8 metadata) are absent on the local spec.
-            result = chunk.load_state_dict(chunk_state, strict=False)
-            missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-            if missing:
-                raise ValueError(f"{folder}: checkpoint lacks tensors {missing[:5]}")
-
-
 def _require_saved(folder: Path, what: str, wanted: dict[str, Any], saved: list[str]) -> None:
     absent = sorted(set(wanted) - set(saved))
     if absent:
@@ -429,7 +418,7 @@ def load_train_state(
         sharded = _role_sharded_state_dict(model, optimizer, marker["optimizers"].get(role),
                                            is_loading=True)
         state = dist_checkpointing.load(sharded, str(folder / role))
-        _load_model_chunks(model, state, folder / role)
+        load_model_chunks(model, state, folder / role)
         if optimizer is not None:
             # no_grad: the distributed optimizer copies into its main params in place, and
             # with fp32 weights those are views of the model's parameters (leaves needing grad).

@@ -108,9 +108,7 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
     kept: list[ScoredGroup] = []
     totals = {"prompts": 0.0, "responses": 0.0, "correct": 0.0, "response_tokens": 0.0,
               "truncated": 0.0, "generate_seconds": 0.0, "kept_prompts": 0.0}
-    rounds = 0
     for round_index in range(config.max_rounds):
-        rounds += 1
         prompts = sampler.next_batch()
         result = None
         if engine is not None:
@@ -134,7 +132,7 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
             break
     take = min(target, fewest_kept)
     batch_groups = kept[:take]
-    metrics = _rollout_metrics(totals, rounds, take * distributed.dp_world_size(), n)
+    metrics = _rollout_metrics(totals, round_index + 1, take * distributed.dp_world_size(), n)
     tokens, rewards_tensor = _to_token_batch(batch_groups, pad_token_id)
     return CollectedBatch(tokens, rewards_tensor, metrics)
 

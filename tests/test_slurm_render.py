@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -23,13 +22,27 @@ from megatron_prime.launch.sbatch import (
     load_slurm_config,
     render_sbatch,
 )
-from megatron_prime.launch.submit import check_partition, main, submit
+from megatron_prime.launch.submit import (
+    NodeShape,
+    Partitions,
+    check_partition,
+    gpus_in_gres,
+    main,
+    parse_sinfo,
+    submit,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIG = "examples/eurus2_7b_prime.yaml"  # relative: it is written into the scripts
 EXAMPLES = REPO / "examples" / "slurm"
 GOLDEN = REPO / "tests" / "golden" / "slurm"
 LAYOUTS = ("1node", "2nodes", "4nodes")
+DGX_H100 = NodeShape(cpus=112, gpus=8)
+
+
+def cluster(default: str | None = None, **partitions: list[NodeShape]):
+    """A stand-in for sinfo_partitions (the real one runs in test_slurm_cluster.py)."""
+    return lambda: Partitions(nodes=dict(partitions), default=default)
 
 
 @pytest.fixture(scope="module")
@@ -122,21 +135,6 @@ def test_bash_accepts_every_rendered_script(prime, tmp_path):
         assert done.returncode == 0, f"{name}: {done.stderr}"
 
 
-@pytest.mark.skipif(shutil.which("sbatch") is None,
-                    reason="sbatch is not installed on this machine; `sbatch --test-only` on the "
-                           "example scripts belongs to the real-cluster part")
-def test_sbatch_test_only_accepts_example_scripts(prime, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    for layout in LAYOUTS:
-        # The cluster's default partition: the examples' "gpu" is a placeholder.
-        path = tmp_path / f"{layout}.sbatch"
-        path.write_text(render_example(layout, prime, partition=None))
-        done = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True)
-        if done.returncode != 0 and "configuration is not available" in done.stderr:
-            pytest.skip(f"this cluster is smaller than the {layout} example: {done.stderr.strip()}")
-        assert done.returncode == 0, f"{layout}: {done.stderr}"
-
-
 # ---- option errors name the key, the value and what is allowed ----
 
 @pytest.mark.parametrize("changes,expected", [
@@ -210,11 +208,12 @@ def test_explicit_resume_other_than_auto_is_refused():
 
 def test_unknown_partition_names_the_existing_ones():
     with pytest.raises(ValueError) as error:
-        check_partition(example_slurm("1node"), lambda: ["debug", "a100"], dry_run=False)
+        check_partition(example_slurm("1node"), cluster(debug=[DGX_H100], a100=[DGX_H100]),
+                        dry_run=False)
     assert "slurm.partition='gpu'" in str(error.value)
     assert "['a100', 'debug']" in str(error.value)
     assert check_partition(example_slurm("1node", partition="a100,debug"),
-                           lambda: ["debug", "a100"], dry_run=False) is None
+                           cluster(debug=[DGX_H100], a100=[DGX_H100]), dry_run=False) is None
 
 
 def test_without_sinfo_the_partition_check_is_skipped_only_for_a_dry_run():
@@ -225,6 +224,51 @@ def test_without_sinfo_the_partition_check_is_skipped_only_for_a_dry_run():
     assert check_partition(example_slurm("1node", partition=None), lambda: None, dry_run=False) is None
 
 
+def test_sinfo_output_is_read_per_partition_and_node_kind():
+    text = "debug*|2|(null)\ngpu|112|gpu:8\ngpu|64|gpu:h100:4(S:0-1)\nmixed|2+|gpu:a100:2,shard:4\n"
+    partitions = parse_sinfo(text)
+    assert partitions.default == "debug"
+    assert partitions.nodes == {"debug": [NodeShape(2, 0)], "gpu": [DGX_H100, NodeShape(64, 4)],
+                                "mixed": [NodeShape(2, 2)]}
+    assert gpus_in_gres("gpu:h100:8(S:0-1)") == 8 and gpus_in_gres("(null)") == 0
+
+
+def test_a_job_node_must_fit_on_a_node_of_the_partition():
+    small = cluster(gpu=[NodeShape(64, 4), NodeShape(32, 8)])
+    with pytest.raises(ValueError) as error:
+        check_partition(example_slurm("1node", max_gpus_per_node=16, gpus_per_node=12), small,
+                        dry_run=False)
+    assert "slurm.gpus_per_node=12 is invalid: expected at most 8" in str(error.value)
+    with pytest.raises(ValueError) as error:  # 8 tasks x 12 CPUs, and 8-GPU nodes have 32
+        check_partition(example_slurm("1node"), small, dry_run=False)
+    assert ("slurm.cpus_per_task=12 is invalid: expected at most 4: 8 tasks per node x 12 CPUs "
+            "= 96, but the nodes of partition 'gpu' with 8 GPUs have at most 32 CPUs") in str(error.value)
+    assert check_partition(example_slurm("1node", cpus_per_task=4), small, dry_run=False) is None
+    # Without slurm.partition the default partition is checked.
+    with pytest.raises(ValueError, match="partition 'debug' \\(the default\\) have at most 0"):
+        check_partition(example_slurm("1node", partition=None),
+                        cluster("debug", debug=[NodeShape(2, 0)], gpu=[DGX_H100]), dry_run=False)
+
+
+def test_cpu_jobs_name_their_tasks_and_run_the_trainer_on_cpu(prime):
+    slurm = load_slurm_config(None, {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2,
+                                     "cpus_per_task": 1, "time": "00:30:00",
+                                     "startup_seconds": 60, "signal_seconds": 60})
+    cpu_run = load_run_config(str(REPO / RUN_CONFIG), ["trainer.device=cpu",
+                                                       "rollout.batch.prompts_per_step=2"])
+    text = render_sbatch(slurm, RUN_CONFIG, ["trainer.device=cpu"], cpu_run)
+    assert "#SBATCH --ntasks-per-node=2\n" in text and "--gpus-per-node" not in text
+    assert "1 node(s) x 2 CPU task(s) = 2 trainer processes: TP=2" in text
+    with pytest.raises(ValueError, match="trainer.device='auto' is invalid: expected 'cpu' for a CPU job"):
+        slurm.validate(prime)
+    with pytest.raises(ValueError, match="slurm.tasks_per_node=None is invalid: expected a positive"):
+        load_slurm_config(None, {"gpus_per_node": 0})
+    with pytest.raises(ValueError, match="slurm.tasks_per_node=4 is invalid: expected None or 8"):
+        load_slurm_config(None, {"tasks_per_node": 4})
+    with pytest.raises(ValueError, match="trainer.device='cpu' is invalid"):
+        example_slurm("1node").validate(cpu_run)
+
+
 # ---- the submit command ----
 
 def test_dry_run_prints_the_script_and_writes_nothing(tmp_path, monkeypatch):
@@ -232,7 +276,7 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path, monkeypatch):
     out, err = io.StringIO(), io.StringIO()
     status = main([str(REPO / RUN_CONFIG), "--slurm", str(EXAMPLES / "h100_2nodes.yaml"),
                    "trainer.steps=300", "--nodes", "4", "--time", "12:00:00", "--dry-run"],
-                  list_partitions=lambda: ["gpu"], stdout=out, stderr=err)
+                  list_partitions=cluster(gpu=[DGX_H100]), stdout=out, stderr=err)
     assert status == 0, err.getvalue()
     expected = render_sbatch(example_slurm("2nodes", nodes=4, time="12:00:00"), str(REPO / RUN_CONFIG),
                              ["trainer.steps=300"])
@@ -250,7 +294,8 @@ def test_submit_writes_the_script_then_calls_sbatch(tmp_path, monkeypatch):
         return "4242"
 
     slurm = example_slurm("1node")
-    result = submit(str(REPO / RUN_CONFIG), slurm, list_partitions=lambda: ["gpu"], sbatch=fake_sbatch)
+    result = submit(str(REPO / RUN_CONFIG), slurm, list_partitions=cluster(gpu=[DGX_H100]),
+                    sbatch=fake_sbatch)
     assert result.job_id == "4242"
     assert result.script_path == Path("slurm-logs/eurus2-7b-prime-1node.sbatch")
     assert result.log_path == "slurm-logs/eurus2-7b-prime-1node-4242.out"
@@ -269,7 +314,8 @@ def test_errors_are_one_line_with_status_2_and_nothing_is_written(tmp_path, monk
     for extra, expected in cases:
         out, err = io.StringIO(), io.StringIO()
         status = main([str(REPO / RUN_CONFIG), "--slurm", str(EXAMPLES / "h100_1node.yaml"), *extra],
-                      list_partitions=lambda: ["gpu", "debug"], stdout=out, stderr=err)
+                      list_partitions=cluster(gpu=[DGX_H100], debug=[NodeShape(2, 0)]),
+                      stdout=out, stderr=err)
         lines = err.getvalue().splitlines()
         assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), (extra, lines)
         assert expected in lines[0], (extra, lines)

@@ -1,7 +1,7 @@
 """SLURM batch scripts for a PRIME run: the cluster options (``SlurmConfig``) and the script.
 
 The script asks for ``nodes x gpus_per_node`` tasks and starts one trainer process per GPU
-with ``srun``; ``megatron_prime.distributed`` reads SLURM_PROCID / SLURM_NTASKS /
+with ``srun`` (a CPU job, ``gpus_per_node=0``, asks for ``tasks_per_node`` instead); ``megatron_prime.distributed`` reads SLURM_PROCID / SLURM_NTASKS /
 SLURM_LOCALID in each task. The run always resumes (``checkpoint.resume=auto``), so a job
 that SLURM restarts (node failure, pre-emption, or our own requeue) goes on from the newest
 complete checkpoint.
@@ -87,9 +87,13 @@ class SlurmConfig:
     plus command-line flags). Keys are named ``slurm.<key>`` in errors."""
 
     nodes: int = 1
+    # 0: a CPU job (trainer.device=cpu), for debugging and the local test cluster.
     gpus_per_node: int = 8
-    # What a node has; only used to check gpus_per_node.
+    # What a node has; checks gpus_per_node before sinfo is asked (at submit time).
     max_gpus_per_node: int = 8
+    # Trainer processes per node: None means one per GPU, the only layout a GPU job has.
+    # A CPU job (gpus_per_node=0) must name it.
+    tasks_per_node: int | None = None
     # CPU cores per task (= per GPU): data loading, tokenisation, the vLLM engine process
     # and the math verifier run on them.
     cpus_per_task: int = 8
@@ -128,8 +132,12 @@ class SlurmConfig:
     seconds_per_step_estimate: float | None = None
 
     @property
+    def ntasks_per_node(self) -> int:
+        return self.gpus_per_node if self.tasks_per_node is None else self.tasks_per_node
+
+    @property
     def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return self.nodes * self.ntasks_per_node
 
     @property
     def time_seconds(self) -> int:
@@ -139,10 +147,18 @@ class SlurmConfig:
         """Cluster options alone; with ``prime``, also whether the run fits the job."""
         require_positive_int("slurm.nodes", self.nodes)
         require_positive_int("slurm.max_gpus_per_node", self.max_gpus_per_node)
-        require(_is_int(self.gpus_per_node) and 1 <= self.gpus_per_node <= self.max_gpus_per_node,
+        require(_is_int(self.gpus_per_node) and 0 <= self.gpus_per_node <= self.max_gpus_per_node,
                 "slurm.gpus_per_node", self.gpus_per_node,
-                f"an integer in [1, {self.max_gpus_per_node}]: more GPUs than a node has "
-                f"(slurm.max_gpus_per_node={self.max_gpus_per_node})")
+                f"an integer in [1, {self.max_gpus_per_node}] (0 for a CPU job): more GPUs than "
+                f"a node has (slurm.max_gpus_per_node={self.max_gpus_per_node})")
+        if self.gpus_per_node == 0:
+            require(_is_int(self.tasks_per_node) and self.tasks_per_node >= 1,
+                    "slurm.tasks_per_node", self.tasks_per_node,
+                    "a positive integer for a CPU job (slurm.gpus_per_node=0)")
+        else:
+            require(self.tasks_per_node in (None, self.gpus_per_node), "slurm.tasks_per_node",
+                    self.tasks_per_node, f"None or {self.gpus_per_node}: a GPU job runs one "
+                    f"trainer process per GPU (slurm.gpus_per_node={self.gpus_per_node})")
         require_positive_int("slurm.cpus_per_task", self.cpus_per_task)
         time_seconds = self.time_seconds
         require(isinstance(self.job_name, str) and _NAME.fullmatch(self.job_name) is not None,
@@ -204,15 +220,24 @@ class SlurmConfig:
             self._validate_run(prime, time_seconds - needed)
 
     def _validate_run(self, prime: PrimeConfig, seconds_for_steps: int) -> None:
+        if self.gpus_per_node == 0:
+            require(prime.trainer.device == "cpu", "trainer.device", prime.trainer.device,
+                    "'cpu' for a CPU job (slurm.gpus_per_node=0)")
+        else:
+            require(prime.trainer.device != "cpu", "trainer.device", prime.trainer.device,
+                    f"'auto' or 'cuda': the job holds slurm.gpus_per_node={self.gpus_per_node} "
+                    "GPUs per node (set slurm.gpus_per_node=0 and slurm.tasks_per_node for a "
+                    "CPU job)")
         parallel = prime.parallel
         model_parallel = parallel.model_parallel_size
-        require(self.world_size % model_parallel == 0, "slurm.nodes x slurm.gpus_per_node",
+        per_node_key = "slurm.gpus_per_node" if self.gpus_per_node else "slurm.tasks_per_node"
+        require(self.world_size % model_parallel == 0, f"slurm.nodes x {per_node_key}",
                 self.world_size,
                 f"a multiple of parallel.tensor_parallel_size x parallel.pipeline_parallel_size x "
                 f"parallel.context_parallel_size = {parallel.tensor_parallel_size} x "
                 f"{parallel.pipeline_parallel_size} x {parallel.context_parallel_size} = "
-                f"{model_parallel} (the job has {self.nodes} x {self.gpus_per_node} = "
-                f"{self.world_size} processes, one per GPU)")
+                f"{model_parallel} (the job has {self.nodes} x {self.ntasks_per_node} = "
+                f"{self.world_size} processes{', one per GPU' if self.gpus_per_node else ''})")
         dp_size = self.world_size // model_parallel
         require(prime.rollout.batch.prompts_per_step % dp_size == 0,
                 "rollout.batch.prompts_per_step", prime.rollout.batch.prompts_per_step,
@@ -310,7 +335,7 @@ def render_sbatch(slurm: SlurmConfig, config_path: str, overrides: Sequence[str]
         "#!/bin/bash",
         "# PRIME on SLURM, rendered by megatron-prime-submit (megatron_prime/launch/sbatch.py).",
         "# Change the cluster YAML and render again rather than editing this file.",
-        f"# {slurm.nodes} node(s) x {slurm.gpus_per_node} GPUs = {slurm.world_size} trainer "
+        f"# {slurm.nodes} node(s) x {_per_node(slurm)} = {slurm.world_size} trainer "
         f"processes: TP={parallel.tensor_parallel_size} x PP={parallel.pipeline_parallel_size} x "
         f"CP={parallel.context_parallel_size} per model replica, DP={dp_size}.",
         *(f"#SBATCH {option}" for option in _sbatch_options(slurm)),
@@ -382,8 +407,8 @@ def _sbatch_options(slurm: SlurmConfig) -> list[str]:
     options = [
         f"--job-name={slurm.job_name}",
         f"--nodes={slurm.nodes}",
-        f"--ntasks-per-node={slurm.gpus_per_node}",
-        f"--gpus-per-node={slurm.gpus_per_node}",
+        f"--ntasks-per-node={slurm.ntasks_per_node}",
+        *([f"--gpus-per-node={slurm.gpus_per_node}"] if slurm.gpus_per_node else []),
         f"--cpus-per-task={slurm.cpus_per_task}",
         f"--time={slurm.time}",
     ]
@@ -403,6 +428,12 @@ def _sbatch_options(slurm: SlurmConfig) -> list[str]:
     return options + list(slurm.extra_sbatch_lines)
 
 
+def _per_node(slurm: SlurmConfig) -> str:
+    if slurm.gpus_per_node:
+        return f"{slurm.gpus_per_node} GPUs"
+    return f"{slurm.ntasks_per_node} CPU task(s)"
+
+
 def _software_lines(slurm: SlurmConfig) -> list[str]:
     if slurm.venv is None or slurm.container_image is not None:
         return []  # a container's venv python is named on the srun line instead
@@ -413,7 +444,7 @@ def _software_lines(slurm: SlurmConfig) -> list[str]:
 def _srun_lines(slurm: SlurmConfig, trainer_args: Sequence[str]) -> list[str]:
     options = [
         f"--nodes={slurm.nodes}",
-        f"--ntasks-per-node={slurm.gpus_per_node}",
+        f"--ntasks-per-node={slurm.ntasks_per_node}",
         # Since SLURM 22.05 srun no longer takes --cpus-per-task from the batch job.
         f"--cpus-per-task={slurm.cpus_per_task}",
         # One dead rank ends the step instead of leaving the others blocked in a collective.

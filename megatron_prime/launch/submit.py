@@ -14,6 +14,7 @@ writes nothing. Otherwise the script goes to ``<output_dir>/<job_name>.sbatch`` 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from megatron_prime.config import require
 from megatron_prime.launch.sbatch import (
     SlurmConfig,
     load_run_config,
@@ -30,8 +32,28 @@ from megatron_prime.launch.sbatch import (
     render_sbatch,
 )
 
-# Lists the cluster's partitions; None when that cannot be asked (no sinfo here).
-PartitionLister = Callable[[], "list[str] | None"]
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """What one kind of node in a partition offers a job."""
+
+    cpus: int
+    gpus: int
+
+
+@dataclass
+class Partitions:
+    """The cluster's partitions and the node kinds in each (``sinfo``)."""
+
+    nodes: dict[str, list[NodeShape]]
+    default: str | None = None  # the partition a job without --partition goes to
+
+
+# Asks the cluster for its partitions; None when that cannot be asked (no sinfo here).
+PartitionLister = Callable[[], "Partitions | None"]
+
+_GPU_GRES = re.compile(r"(?:^|,)gpu(?::[^:,()]+)?:(\d+)")
 
 
 @dataclass
@@ -43,33 +65,81 @@ class SubmitResult:
     notes: tuple[str, ...] = ()  # what was not checked, and why
 
 
-def sinfo_partitions() -> list[str] | None:
-    """The partitions ``sinfo`` lists (the default one is marked ``*``); None without sinfo."""
+def gpus_in_gres(gres: str) -> int:
+    """GPUs per node in sinfo's %G field: ``gpu:8``, ``gpu:h100:8(S:0-1)``, ``(null)``."""
+    return sum(int(count) for count in _GPU_GRES.findall(gres))
+
+
+def parse_sinfo(text: str) -> Partitions:
+    """``sinfo -h -o '%P|%c|%G'`` output (one line per partition and node kind; the default
+    partition is marked ``*``) -> Partitions."""
+    partitions = Partitions(nodes={})
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, cpus, gres = (line.split("|") + ["", ""])[:3]
+        name = name.strip()
+        if name.endswith("*"):
+            name = name[:-1]
+            partitions.default = name
+        cpus = cpus.strip().rstrip("+")  # sinfo writes "2+" for mixed groups
+        shape = NodeShape(int(cpus) if cpus.isdigit() else 0, gpus_in_gres(gres))
+        partitions.nodes.setdefault(name, []).append(shape)
+    return partitions
+
+
+def sinfo_partitions() -> Partitions | None:
+    """The cluster's partitions from ``sinfo``; None where sinfo is not installed."""
     if shutil.which("sinfo") is None:
         return None
-    done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=False)
+    command = ["sinfo", "-h", "-o", "%P|%c|%G"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise ValueError(f"sinfo -h -o %P failed (exit status {done.returncode}): "
+        raise ValueError(f"{' '.join(command)} failed (exit status {done.returncode}): "
                          f"{done.stderr.strip()}")
-    return [line.strip().rstrip("*") for line in done.stdout.splitlines() if line.strip()]
+    return parse_sinfo(done.stdout)
 
 
 def check_partition(slurm: SlurmConfig, list_partitions: PartitionLister,
                     dry_run: bool) -> str | None:
-    """Errors when slurm.partition names a partition the cluster lacks; returns a note when
-    the check was skipped (allowed only for a dry run without sinfo)."""
-    if slurm.partition is None:
-        return None
-    existing = list_partitions()
-    if existing is None:
+    """Errors when slurm.partition names a partition the cluster lacks, or when no node of the
+    partition holds what one node of the job asks for (GPUs, CPUs for its tasks). Returns a
+    note when the check was skipped (allowed only for a dry run without sinfo)."""
+    partitions = list_partitions()
+    if partitions is None:
+        if slurm.partition is None:
+            return None
         if dry_run:
             return f"sinfo not found: slurm.partition={slurm.partition!r} was not checked"
         raise ValueError(f"sinfo not found: cannot check slurm.partition={slurm.partition!r}; "
                          "submit from a SLURM login node (or use --dry-run to only render)")
-    missing = [name for name in slurm.partition.split(",") if name not in existing]
+    if slurm.partition is None:
+        if partitions.default is None:
+            return None
+        names = [partitions.default]
+    else:
+        names = slurm.partition.split(",")
+    missing = [name for name in names if name not in partitions.nodes]
     if missing:
         raise ValueError(f"slurm.partition={slurm.partition!r} is invalid: {missing[0]!r} is not "
-                         f"a partition of this cluster; expected one of {sorted(set(existing))}")
+                         f"a partition of this cluster; expected one of {sorted(partitions.nodes)}")
+    shapes = [shape for name in names for shape in partitions.nodes[name]]
+    where = f"partition {'/'.join(names)!r}" + (" (the default)" if slurm.partition is None else "")
+    most_gpus = max(shape.gpus for shape in shapes)
+    require(slurm.gpus_per_node <= most_gpus, "slurm.gpus_per_node", slurm.gpus_per_node,
+            f"at most {most_gpus}: more GPUs than a node has (the nodes of {where} have at most "
+            f"{most_gpus}, says sinfo)")
+    fitting = [shape for shape in shapes if shape.gpus >= slurm.gpus_per_node]
+    most_cpus = max(shape.cpus for shape in fitting)
+    tasks = slurm.ntasks_per_node
+    nodes_meant = f"the nodes of {where}" + (f" with {slurm.gpus_per_node} GPUs" if slurm.gpus_per_node else "")
+    require(tasks <= most_cpus, "slurm.tasks_per_node", tasks,
+            f"at most {most_cpus}: {nodes_meant} have at most {most_cpus} CPUs (sinfo), and "
+            "each task needs one at least")
+    cpus = tasks * slurm.cpus_per_task
+    require(cpus <= most_cpus, "slurm.cpus_per_task", slurm.cpus_per_task,
+            f"at most {most_cpus // tasks}: {tasks} tasks per node x {slurm.cpus_per_task} CPUs = "
+            f"{cpus}, but {nodes_meant} have at most {most_cpus} CPUs (sinfo)")
     return None
 
 
@@ -117,6 +187,7 @@ class _Parser(argparse.ArgumentParser):
 _SLURM_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--nodes", "nodes", int),
     ("--gpus-per-node", "gpus_per_node", int),
+    ("--tasks-per-node", "tasks_per_node", int),
     ("--cpus-per-task", "cpus_per_task", int),
     ("--partition", "partition", str),
     ("--account", "account", str),

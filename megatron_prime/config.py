@@ -36,6 +36,13 @@ class ParallelConfig:
     virtual_pipeline_parallel_size: int | None = None
     # Shards LayerNorm/dropout activations over TP ranks; needs TP > 1.
     sequence_parallel: bool = False
+    # Activation recomputation (Megatron's recompute_granularity): "none" keeps every
+    # activation for the backward pass; "selective" recomputes the attention core (drops
+    # the s x s softmax terms); "full" keeps only each recomputed layer's input.
+    recompute_granularity: str = "none"
+    # With "full": layers recomputed per pipeline stage chunk (Megatron's "uniform" method
+    # with this many layers per recomputed group); None = every layer.
+    recompute_num_layers: int | None = None
 
     def validate(self) -> None:
         require_positive_int("parallel.tensor_parallel_size", self.tensor_parallel_size)
@@ -51,6 +58,12 @@ class ParallelConfig:
         if self.sequence_parallel:
             require(self.tensor_parallel_size > 1, "parallel.sequence_parallel", True,
                      "False unless parallel.tensor_parallel_size > 1")
+        require_choice("parallel.recompute_granularity", self.recompute_granularity,
+                       ("none", "selective", "full"))
+        if self.recompute_num_layers is not None:
+            require_positive_int("parallel.recompute_num_layers", self.recompute_num_layers)
+            require(self.recompute_granularity == "full", "parallel.recompute_num_layers",
+                    self.recompute_num_layers, "None unless parallel.recompute_granularity='full'")
 
     @property
     def model_parallel_size(self) -> int:
@@ -69,6 +82,10 @@ class PrecisionConfig:
     fp8_format: str = "hybrid"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
+    # Which layer implementations: "auto" is Transformer Engine on GPU (fused kernels, FP8,
+    # flash attention) and Megatron's local spec on CPU; "local" forces Megatron's own layers
+    # on GPU too (a GPU without Transformer Engine; no FP8).
+    layer_spec: str = "auto"
 
     def validate(self) -> None:
         require_choice("precision.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -77,6 +94,10 @@ class PrecisionConfig:
         require_positive_int("precision.fp8_amax_history_len", self.fp8_amax_history_len)
         require_choice("precision.fp8_amax_compute_algo", self.fp8_amax_compute_algo,
                        ("max", "most_recent"))
+        require_choice("precision.layer_spec", self.layer_spec, ("auto", "local"))
+        require(self.fp8_recipe == "off" or self.layer_spec == "auto", "precision.fp8_recipe",
+                self.fp8_recipe, "'off' with precision.layer_spec='local' (FP8 needs Transformer "
+                "Engine's layers)")
 
 
 @dataclass

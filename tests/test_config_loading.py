@@ -59,6 +59,12 @@ def test_saved_config_loads_back_identically(tmp_path):
     (["parallel.tensor_parallel_size=0"], r"parallel.tensor_parallel_size=0 is invalid"),
     (["steps"], r"override 'steps' is invalid: expected dotted.key=value"),
     (["steps.x=1"], r"steps={'x': 1} is invalid: expected int"),
+    (["parallel.recompute_granularity=some"],
+     r"parallel.recompute_granularity='some' is invalid: expected one of \['none', 'selective', 'full'\]"),
+    (["parallel.recompute_num_layers=2"],
+     r"parallel.recompute_num_layers=2 is invalid: expected None unless parallel.recompute_granularity='full'"),
+    (["precision.layer_spec=local", "precision.fp8_recipe=delayed"],
+     r"precision.fp8_recipe='delayed' is invalid: expected 'off' with precision.layer_spec='local'"),
 ])
 def test_bad_values_name_key_value_and_allowed(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -220,19 +220,42 @@ def transformer_config(
         # Fused CUDA kernels exist only on GPU; on CPU the unfused reference ops run.
         use_cpu_initialization=not on_gpu,
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # The fused softmax and persistent LayerNorm kernels come with TE/apex builds.
+        masked_softmax_fusion=uses_transformer_engine(precision, on_gpu),
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=on_gpu,
+        persist_layer_norm=uses_transformer_engine(precision, on_gpu),
         # batch_isend_irecv with a CUDA sync in between is what NCCL wants; gloo does plain p2p.
         batch_p2p_comm=on_gpu,
+        **_recompute_kwargs(parallel, shape),
         **fp8_kwargs,
     )
 
 
-def layer_spec(config: TransformerConfig, on_gpu: bool) -> ModuleSpec:
-    if on_gpu:
+def _recompute_kwargs(parallel: ParallelConfig, shape: ModelShape) -> dict[str, Any]:
+    if parallel.recompute_granularity == "none":
+        return {}
+    if parallel.recompute_granularity == "selective":
+        return dict(recompute_granularity="selective")
+    layers_per_chunk = shape.num_layers // (parallel.pipeline_parallel_size
+                                            * (parallel.virtual_pipeline_parallel_size or 1))
+    return dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=parallel.recompute_num_layers or layers_per_chunk)
+
+
+def uses_transformer_engine(precision: PrecisionConfig, on_gpu: bool) -> bool:
+    return on_gpu and precision.layer_spec == "auto"
+
+
+def layer_spec(config: TransformerConfig, use_transformer_engine: bool) -> ModuleSpec:
+    if use_transformer_engine:
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as error:
+            raise ValueError("Transformer Engine is not importable on this GPU machine "
+                             f"({error}); install the [gpu] extra, or set "
+                             "precision.layer_spec=local for Megatron's own layers (no FP8)") from None
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )

@@ -25,6 +25,7 @@ from megatron_prime.models.architectures import (
     layer_spec,
     padded_vocab_size,
     transformer_config,
+    uses_transformer_engine,
 )
 
 Role = Literal["policy", "prm", "reference"]
@@ -75,7 +76,7 @@ def build_model(
     shape = ModelShape.from_hf(hf_config)
     config = transformer_config(shape, parallel, precision, on_gpu=runtime.on_gpu,
                                 initialize_weights=initialize_weights)
-    spec = layer_spec(config, on_gpu=runtime.on_gpu)
+    spec = layer_spec(config, uses_transformer_engine(precision, runtime.on_gpu))
     vocab = padded_vocab_size(shape.vocab_size, parallel.tensor_parallel_size)
 
     num_chunks = parallel.virtual_pipeline_parallel_size or 1

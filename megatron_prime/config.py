@@ -6,7 +6,7 @@ bad value and what is allowed, so a wrong YAML value fails before any process gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 
@@ -82,6 +82,10 @@ class PrecisionConfig:
     fp8_format: str = "hybrid"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
+    # The models that run their GEMMs in FP8 when fp8_recipe is not "off". The reference
+    # only ever runs forward; dropping "policy" keeps the trained policy in bf16 while the
+    # frozen reference (and the PRM) take FP8's speed.
+    fp8_roles: list[str] = field(default_factory=lambda: ["policy", "prm", "reference"])
     # Which layer implementations: "auto" is Transformer Engine on GPU (fused kernels, FP8,
     # flash attention) and Megatron's local spec on CPU; "local" forces Megatron's own layers
     # on GPU too (a GPU without Transformer Engine; no FP8).
@@ -95,6 +99,10 @@ class PrecisionConfig:
         require_choice("precision.fp8_amax_compute_algo", self.fp8_amax_compute_algo,
                        ("max", "most_recent"))
         require_choice("precision.layer_spec", self.layer_spec, ("auto", "local"))
+        require(isinstance(self.fp8_roles, list)
+                and all(role in ("policy", "prm", "reference") for role in self.fp8_roles)
+                and len(set(self.fp8_roles)) == len(self.fp8_roles), "precision.fp8_roles",
+                self.fp8_roles, "a list of distinct roles from ['policy', 'prm', 'reference']")
         require(self.fp8_recipe == "off" or self.layer_spec == "auto", "precision.fp8_recipe",
                 self.fp8_recipe, "'off' with precision.layer_spec='local' (FP8 needs Transformer "
                 "Engine's layers)")

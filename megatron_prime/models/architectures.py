@@ -169,8 +169,10 @@ def transformer_config(
     precision: PrecisionConfig,
     on_gpu: bool,
     initialize_weights: bool = True,
+    role: str = "policy",
 ) -> TransformerConfig:
-    """The one adapter from our configs into Megatron's ``TransformerConfig``."""
+    """The one adapter from our configs into Megatron's ``TransformerConfig``. ``role``
+    decides whether this model runs FP8 (``precision.fp8_roles``)."""
     precision.validate()
     shape.check_layout(parallel)
     dtype = params_dtype(precision, on_gpu)
@@ -178,7 +180,7 @@ def transformer_config(
         raise ValueError(f"precision.fp8_recipe={precision.fp8_recipe!r} needs a GPU with "
                          "Transformer Engine; expected 'off' on CPU")
     fp8_kwargs: dict[str, Any] = {}
-    if precision.fp8_recipe != "off":
+    if precision.fp8_recipe != "off" and role in precision.fp8_roles:
         fp8_kwargs = dict(
             fp8=precision.fp8_format,
             # Megatron calls per-tensor current scaling "tensorwise".

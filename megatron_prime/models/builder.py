@@ -75,7 +75,7 @@ def build_model(
     runtime = distributed.runtime()
     shape = ModelShape.from_hf(hf_config)
     config = transformer_config(shape, parallel, precision, on_gpu=runtime.on_gpu,
-                                initialize_weights=initialize_weights)
+                                initialize_weights=initialize_weights, role=role)
     spec = layer_spec(config, uses_transformer_engine(precision, runtime.on_gpu))
     vocab = padded_vocab_size(shape.vocab_size, parallel.tensor_parallel_size)
 

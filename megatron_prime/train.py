@@ -125,6 +125,27 @@ class UpdateResult:
     skip_reasons: list[str] = field(default_factory=list)
 
 
+class _PhaseTimer:
+    """Wall time per phase of a step (host clock; phases end with a host sync anyway)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"time/{k}": v for k, v in self.seconds.items()}, "time/step": self.total}
+
+
 def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor,
                  config: AlgoConfig) -> UpdateResult:
     """One PRIME update on this data-parallel rank's responses (groups of n consecutive rows).
@@ -139,10 +160,13 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     mask = batch.scored_token_mask()
     metrics: dict[str, float] = {}
     skip_reasons: list[str] = []
+    # Where the update's time goes: log-prob passes, PRM update, policy update.
+    timer = _PhaseTimer()
 
     # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel).
-    old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
-    ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
+    with timer("logprobs"):
+        old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
+        ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
 
     # Step 7: the implicit PRM, updated before or after it scores the batch.
     process_rewards = None
@@ -151,13 +175,16 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
             raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs a PRM model and optimizer")
         prm_batch = _with_extras(batch, ref_logprobs=ref, outcome_labels=outcome_rewards.float())
         if config.prm_mode == "after":
-            prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
-        prm_step = train_step(models.prm, models.prm_optimizer, prm_batch,
-                              config.micro_batch_size, prm_loss(config.beta))
+            with timer("logprobs"):
+                prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
+        with timer("prm_update"):
+            prm_step = train_step(models.prm, models.prm_optimizer, prm_batch,
+                                  config.micro_batch_size, prm_loss(config.beta))
         if prm_step.skip_reason:
             skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
         if config.prm_mode == "before":
-            prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
+            with timer("logprobs"):
+                prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
         process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,
                                                    config.process_reward_normalization)
         # How often the scoring PRM ranks a correct response above a wrong one of the same
@@ -184,8 +211,9 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     for _ in range(config.ppo_epochs):
         for start, end in zip(bounds[:-1], bounds[1:]):
             mini_batch = policy_batch.map_tensors(lambda t, a=start, b=end: t[a:b])
-            policy_step = train_step(models.policy, models.policy_optimizer, mini_batch,
-                                     config.micro_batch_size, ppo_loss(config.ppo))
+            with timer("policy_update"):
+                policy_step = train_step(models.policy, models.policy_optimizer, mini_batch,
+                                         config.micro_batch_size, ppo_loss(config.ppo))
             if policy_step.skip_reason:
                 skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
             for name, value in {**policy_step.metrics, "grad_norm": policy_step.grad_norm}.items():
@@ -193,6 +221,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     # Means over the step's updates (the first update is on-policy: ratio 1, no clipping).
     metrics.update({f"policy/{k}": sum(v) / len(v) for k, v in policy_metrics.items()})
     metrics["reward/outcome_mean"] = float(outcome_rewards.float().mean())
+    metrics.update({f"time/{name}": seconds for name, seconds in timer.seconds.items()})
     return UpdateResult(metrics, skip_reasons)
 
 
@@ -470,27 +499,6 @@ def train(config: PrimeConfig) -> RunResult:
         if engine is not None:
             engine.shutdown()
     return RunResult(step, history, None, saved, models)
-
-
-class _PhaseTimer:
-    """Wall time per phase of a step (host clock; phases end with a host sync anyway)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        begin = time.perf_counter()
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-    def metrics(self) -> dict[str, float]:
-        return {**{f"time/{k}": v for k, v in self.seconds.items()}, "time/step": self.total}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -28,6 +28,8 @@ def run(layout: str, prm_mode: str, tmp_path_factory) -> dict:
 def test_prime_update_matches_single_process(layout, tmp_path_factory):
     base, ours = run("tp1pp1", "before", tmp_path_factory), run(layout, "before", tmp_path_factory)
     for name, value in base["metrics"].items():
+        if name.startswith("time/"):  # wall clock, not a result
+            continue
         assert ours["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     for role in ("policy", "prm"):
         assert sorted(ours[role]) == sorted(base[role])

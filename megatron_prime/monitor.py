@@ -32,7 +32,7 @@ CONFIG_FILE = "config.yaml"
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 # Metric key -> short name shown in the progress bar / one-line summary.
-HEADLINE_METRICS = {"reward/outcome_mean": "reward", "reward/accuracy": "acc"}
+HEADLINE_METRICS = {"reward/outcome_mean": "reward", "reward/accuracy": "acc", "val/accuracy": "val"}
 
 # Fields every metrics line carries; a metric may not reuse them.
 RESERVED_KEYS = ("step", "time")

@@ -75,6 +75,7 @@ from megatron_prime.rollout.engine import (
     SamplingConfig,
     hosts_engine,
 )
+from megatron_prime.rollout.validation import ValidationConfig, greedy, run_validation
 
 
 @dataclass
@@ -281,6 +282,8 @@ class PrimeConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    # Held-out greedy pass@1 during training (val/accuracy).
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     # PRIME.md: policy lr 5e-7, PRM lr 1e-6, constant, grad clip 1.0, no weight decay.
     policy_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     prm_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6))
@@ -417,6 +420,11 @@ def train(config: PrimeConfig) -> RunResult:
     hf_config, hf_folder, load_weights = _open_sft_checkpoint(config.model.path, "model.path")
     tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
     records = load_prompts(config.data, tokenizer)
+    val_records = []
+    if config.validation.enabled:
+        val_records = load_prompts(replace(config.data, paths=config.validation.paths),
+                                   tokenizer)[:config.validation.max_prompts]
+    val_sampling = greedy(config.rollout.sampling, config.validation.max_new_tokens)
     check_batch_config(config.rollout.batch, distributed.dp_world_size(), len(records))
     models = build_prime_models(config, hf_config, load_weights)
     sampler = PromptSampler(records, config.rollout.batch.prompts_per_round, config.data.shuffle_seed,
@@ -454,13 +462,29 @@ def train(config: PrimeConfig) -> RunResult:
         return save_train_state(checkpoint_root, step, trained, optimizers, schedulers, extra,
                                 config.checkpoint.keep_last)
 
+    def validation() -> dict[str, float]:
+        """Greedy pass@1 on the held-out prompts; the engine must hold the current policy."""
+        metrics = run_validation(val_records, engine, tokenizer, rewards, val_sampling,
+                                 config.data.use_chat_template)
+        if engine is not None:
+            engine.sleep()
+        return metrics
+
     step = start_step
+    engine_has_policy = False  # the engine's weights are the current policy's
     try:
+        if config.validation.enabled and config.validation.before_train and start_step == 0:
+            bridge.sync()
+            engine_has_policy = True
+            initial = validation()
+            logger.log(0, initial)
+            history.append({"step": 0, **initial})
         while step < config.trainer.steps:
             step += 1
             timer = _PhaseTimer()
             with timer("sync"):  # step 2: the policy changed in the last step (or is new)
-                bridge.sync()
+                if not engine_has_policy:
+                    bridge.sync()
             with timer("rollout"):  # steps 1, 3, 4, 5
                 collected = collect_batch(sampler, engine, tokenizer, rewards, config.rollout.sampling,
                                           config.rollout.batch, step, config.trainer.seed,
@@ -477,6 +501,12 @@ def train(config: PrimeConfig) -> RunResult:
                     skip_reasons = []
                     logger.message(f"step {step}: no prompt had an accuracy inside "
                                    f"{config.rollout.batch.filter}; no update")
+            engine_has_policy = False
+            if config.validation.due(step, config.trainer.steps):
+                with timer("validation"):
+                    bridge.sync()
+                    engine_has_policy = True
+                    metrics.update(validation())
             for reason in skip_reasons:
                 logger.message(f"step {step}: {reason}")
             metrics["guard/skipped_updates"] = float(len(skip_reasons))

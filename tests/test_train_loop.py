@@ -250,3 +250,27 @@ def test_full_step_matches_across_layouts(toy_inputs, tmp_path):
                 assert not a[rows:].any() and not b[rows:].any(), (layout, key)
                 a, b = a[:rows], b[:rows]
             assert torch.allclose(a, b, atol=1e-5, rtol=0), (layout, key, (a - b).abs().max())
+
+
+@pytest.mark.slow
+def test_held_out_validation_runs_before_training_every_k_steps_and_at_the_end(toy_inputs, tmp_path):
+    """validation.* : greedy pass@1 on held-out rows at step 0 (the SFT start), every 2 steps
+    and after the last step, over all held-out prompts."""
+    from megatron_prime.monitor import read_metrics
+    from megatron_prime.toy.arithmetic import make_rl_rows, write_jsonl
+
+    held_out = write_jsonl(make_rl_rows(10, seed=99), tmp_path / "held_out.jsonl")
+    run_dir = tmp_path / "run"
+    run_to_end(train_command(toy_inputs, run_dir, "trainer.steps=3", "checkpoint.save_every=0",
+                             f"validation.paths=[{held_out}]", "validation.every=2",
+                             "validation.before_train=true", "validation.max_prompts=7",
+                             "validation.max_new_tokens=16"))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in records] == [0, 1, 2, 3]
+    validated = {m["step"]: m for m in records if "val/accuracy" in m}
+    assert sorted(validated) == [0, 2, 3]
+    for metrics in validated.values():
+        assert metrics["val/prompts"] == 7  # max_prompts of the 10 rows, one greedy sample each
+        assert 0.0 <= metrics["val/accuracy"] <= 1.0
+        assert 1.0 <= metrics["val/response_length"] <= 16.0
+    assert "time/validation" in validated[2] and "time/validation" not in records[1]

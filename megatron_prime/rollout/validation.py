@@ -1,0 +1,87 @@
+"""Held-out validation during training: greedy pass@1 of the current policy (verl's
+``test_freq``/``val_before_train``).
+
+The rollout engine already holds the policy's weights after a sync, so validation is one
+more ``generate`` on held-out prompts with greedy decoding, scored by the same verifiers as
+training. Prompts are split over the data-parallel replicas (replica r takes rows r, r+DP,
+...); each replica's engine rank samples, and the counts are summed over replicas, so every
+rank logs the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_prime import distributed
+from megatron_prime.config import require, require_positive_int
+from megatron_prime.data import PromptRecord, render_prompt
+from megatron_prime.rewards import RewardRegistry
+from megatron_prime.rollout.engine import RolloutEngine, SamplingConfig
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out prompts (the training rows' layout) and when to score them."""
+
+    paths: list[str] = field(default_factory=list)  # empty: no validation
+    # Every this many steps, and always after the last step; 0: only after the last step.
+    every: int = 0
+    # Also score the starting (SFT) policy, logged as step 0.
+    before_train: bool = False
+    # Use the first this many held-out prompts (None: all).
+    max_prompts: int | None = None
+    # None: rollout.sampling.max_new_tokens.
+    max_new_tokens: int | None = None
+
+    def validate(self) -> None:
+        require(isinstance(self.paths, list) and all(isinstance(p, str) and p for p in self.paths),
+                "validation.paths", self.paths, "a list of .jsonl/.parquet paths (empty: none)")
+        require(isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 0,
+                "validation.every", self.every, "an integer >= 0 (0: after the last step only)")
+        if self.max_prompts is not None:
+            require_positive_int("validation.max_prompts", self.max_prompts)
+        if self.max_new_tokens is not None:
+            require_positive_int("validation.max_new_tokens", self.max_new_tokens)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.paths)
+
+    def due(self, step: int, last_step: int) -> bool:
+        return self.enabled and (step == last_step or (self.every > 0 and step % self.every == 0))
+
+
+def greedy(sampling: SamplingConfig, max_new_tokens: int | None) -> SamplingConfig:
+    """One greedy sample per prompt (temperature 0: pass@1 without sampling noise)."""
+    return replace(sampling, n=1, temperature=0.0, top_p=1.0, top_k=-1, seed=0,
+                   max_new_tokens=max_new_tokens or sampling.max_new_tokens)
+
+
+def run_validation(records: list[PromptRecord], engine: RolloutEngine | None, tokenizer: Any,
+                   rewards: RewardRegistry | None, sampling: SamplingConfig,
+                   use_chat_template: bool) -> dict[str, float]:
+    """``val/accuracy`` (greedy pass@1) and ``val/response_length`` over all held-out prompts
+    (collective over the world; the engine must hold the current policy)."""
+    shard = records[distributed.dp_rank()::distributed.dp_world_size()]
+    result = None
+    if engine is not None and shard:
+        assert rewards is not None
+        prompt_ids = [render_prompt(tokenizer, r.messages, use_chat_template).token_ids for r in shard]
+        rollouts = engine.generate(prompt_ids, sampling)
+        scores = rewards.score_batch([r.text for r in rollouts],
+                                     [shard[r.prompt_index].ground_truth for r in rollouts],
+                                     [shard[r.prompt_index].ability for r in rollouts],
+                                     [shard[r.prompt_index].data_source for r in rollouts])
+        result = (float(sum(scores)), float(len(rollouts)),
+                  float(sum(len(r.response_token_ids) for r in rollouts)))
+    correct, count, tokens = distributed.broadcast_in_replica(result) or (0.0, 0.0, 0.0)
+    totals = torch.tensor([correct, count, tokens], dtype=torch.float64, device=distributed.device())
+    # One copy per replica: the replica's ranks hold the same numbers after the broadcast.
+    dist.all_reduce(totals, group=distributed.dp_group())
+    correct, count, tokens = totals.tolist()
+    return {"val/accuracy": correct / max(count, 1.0), "val/response_length": tokens / max(count, 1.0),
+            "val/prompts": count}

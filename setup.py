@@ -37,6 +37,7 @@ setup(
         # container; megatron_prime uses it only when importable.
         "gpu": ["transformer-engine[pytorch]"],
         "dev": ["pytest", "pytest-timeout"],
+        "bench": ["trl==1.16.0", "psutil"],
     },
     entry_points={
         "console_scripts": [
@@ -47,6 +48,7 @@ setup(
             "megatron-prime-sft=megatron_prime.sft:main",
             "megatron-prime-plot=megatron_prime.plot:main",
             "megatron-prime-submit=megatron_prime.launch.submit:main",
+            "megatron-prime-plan=megatron_prime.plan:main",
         ]
     },
 )

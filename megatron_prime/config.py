@@ -40,8 +40,10 @@ class ParallelConfig:
     # activation for the backward pass; "selective" recomputes the attention core (drops
     # the s x s softmax terms); "full" keeps only each recomputed layer's input.
     recompute_granularity: str = "none"
-    # With "full": layers recomputed per pipeline stage chunk (Megatron's "uniform" method
-    # with this many layers per recomputed group); None = every layer.
+    # With "full": layers per recomputed group (Megatron's "uniform" method): each group
+    # keeps its input and is rebuilt as a whole in the backward pass. None = 1 (Megatron-LM's
+    # usual setting: the least memory); larger groups store fewer inputs but rebuild more
+    # activations at once.
     recompute_num_layers: int | None = None
 
     def validate(self) -> None:

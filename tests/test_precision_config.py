@@ -52,9 +52,9 @@ def test_transformer_engine_spec_needs_transformer_engine():
 @pytest.mark.parametrize("parallel, expected", [
     (ParallelConfig(), (None, None, None)),
     (ParallelConfig(recompute_granularity="selective"), ("selective", None, None)),
-    (ParallelConfig(recompute_granularity="full"), ("full", "uniform", 4)),
-    (ParallelConfig(recompute_granularity="full", pipeline_parallel_size=2), ("full", "uniform", 2)),
-    (ParallelConfig(recompute_granularity="full", recompute_num_layers=1), ("full", "uniform", 1)),
+    (ParallelConfig(recompute_granularity="full"), ("full", "uniform", 1)),
+    (ParallelConfig(recompute_granularity="full", pipeline_parallel_size=2), ("full", "uniform", 1)),
+    (ParallelConfig(recompute_granularity="full", recompute_num_layers=2), ("full", "uniform", 2)),
 ])
 def test_recompute_reaches_megatron(parallel, expected):
     config = transformer_config(SHAPE, parallel, PrecisionConfig(), on_gpu=False)

@@ -240,10 +240,10 @@ def _recompute_kwargs(parallel: ParallelConfig, shape: ModelShape) -> dict[str, 
         return {}
     if parallel.recompute_granularity == "selective":
         return dict(recompute_granularity="selective")
-    layers_per_chunk = shape.num_layers // (parallel.pipeline_parallel_size
-                                            * (parallel.virtual_pipeline_parallel_size or 1))
+    # Groups of recompute_num_layers layers keep only each group's input; the backward pass
+    # rebuilds one group at a time, so a group as large as the stage would save nothing.
     return dict(recompute_granularity="full", recompute_method="uniform",
-                recompute_num_layers=parallel.recompute_num_layers or layers_per_chunk)
+                recompute_num_layers=parallel.recompute_num_layers or 1)
 
 
 def uses_transformer_engine(precision: PrecisionConfig, on_gpu: bool) -> bool:

@@ -629,3 +629,39 @@ def _worker_main() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     _worker_main()
+
+
+@pytest.mark.parametrize("config_file, plan_file", [
+    ("examples/eurus2_7b_prime.yaml", "examples/plans/eurus2_7b_1node.txt"),
+    ("examples/eurus2_7b_rloo.yaml", "examples/plans/eurus2_7b_1node.txt"),
+    ("examples/qwen2.5_32b_prime.yaml", "examples/plans/qwen2.5_32b_4nodes.txt"),
+    ("examples/qwen2.5_72b_prime.yaml", "examples/plans/qwen2.5_72b_8nodes.txt"),
+])
+def test_example_run_configs_use_the_planned_layout(config_file, plan_file):
+    """The example configs run what their committed plan checked: its best layout and the
+    options on its command line."""
+    import re
+
+    from megatron_prime.config import load_config
+    from megatron_prime.train import PrimeConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    prime = load_config(PrimeConfig, str(repo / config_file), [])
+    text = (repo / plan_file).read_text()
+    tp, pp = (int(x) for x in re.search(r"Best layout: TP=(\d+) PP=(\d+)", text).groups())
+    command = text.splitlines()[0].split()
+
+    def flag(name: str) -> str | None:
+        return command[command.index(name) + 1] if name in command else None
+
+    assert (prime.parallel.tensor_parallel_size, prime.parallel.pipeline_parallel_size) == (tp, pp)
+    assert prime.algo.micro_batch_size == int(flag("--micro-batch-size"))
+    assert prime.rollout.engine.gpu_memory_utilization == float(flag("--vllm-memory-fraction"))
+    assert prime.rollout.engine.tensor_parallel_size == int(flag("--vllm-tensor-parallel-size"))
+    assert prime.rollout.sampling.max_new_tokens == int(flag("--response-tokens"))
+    assert prime.data.max_prompt_tokens == int(flag("--prompt-tokens"))
+    assert prime.rollout.batch.prompts_per_step == int(flag("--prompts-per-step"))
+    assert prime.algo.num_samples_per_prompt == int(flag("--samples-per-prompt"))
+    assert prime.policy_optimizer.use_distributed_optimizer == ("--distributed-optimizer" in command)
+    assert prime.parallel.recompute_granularity == (flag("--recompute") or "none")
+    assert prime.parallel.sequence_parallel == ("--sequence-parallel" in command)

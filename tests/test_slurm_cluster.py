@@ -1,9 +1,10 @@
 """SLURM submission on a real one-machine cluster (munged, slurmctld, slurmd started by
 tools/slurm_local.sh; .ci/run installs and starts it).
 
-- ``sbatch --test-only`` accepts the example scripts for 1, 2 and 4 nodes of 8 H100s against
+- ``sbatch --test-only`` accepts the example scripts (Eurus-2-7B on 1, 2 and 4 nodes, Qwen2.5-32B
+  on 4 and Qwen2.5-72B on 8 nodes of 8 H100s) against
   the cluster's H100-shaped ``gpu`` partition (nodes with no slurmd: nothing runs there), and
-  refuses a 5-node one: the check is the controller's, not ours;
+  refuses a 16-node one: the check is the controller's, not ours;
 - a tiny PRIME run submitted through tools/submit.py as a 2-task CPU job (TP=2) completes,
   and metrics.jsonl holds every step;
 - the same run signalled mid-run (``scancel --signal=USR1``, what ``--signal=USR1@N`` sends
@@ -150,7 +151,8 @@ def test_sbatch_test_only_accepts_the_example_scripts(local_cluster, tmp_path):
     from megatron_prime.launch.sbatch import load_run_config, load_slurm_config, render_sbatch
 
     for nodes, script in ((1, "eurus2_7b_prime_1node"), (2, "eurus2_7b_prime_2nodes"),
-                          (4, "eurus2_7b_prime_4nodes")):
+                          (4, "eurus2_7b_prime_4nodes"), (4, "qwen2.5_32b_prime_4nodes"),
+                          (8, "qwen2.5_72b_prime_8nodes")):
         done = subprocess.run(["sbatch", "--test-only", f"examples/slurm/{script}.sbatch"],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"{script}: {done.stderr}"
@@ -158,10 +160,10 @@ def test_sbatch_test_only_accepts_the_example_scripts(local_cluster, tmp_path):
         nodelist = "h100-1" if nodes == 1 else f"h100-[1-{nodes}]"
         assert f"using {112 * nodes} processors on nodes {nodelist} in partition gpu" in done.stderr
 
-    # The controller does check: 8 nodes are more than the partition has.
+    # The controller does check: 16 nodes are more than the partition has.
     prime = load_run_config(str(REPO / "examples" / "eurus2_7b_prime.yaml"), [])
-    slurm = load_slurm_config(REPO / "examples" / "slurm" / "h100_4nodes.yaml", {"nodes": 8})
-    too_big = tmp_path / "8nodes.sbatch"
+    slurm = load_slurm_config(REPO / "examples" / "slurm" / "h100_4nodes.yaml", {"nodes": 16})
+    too_big = tmp_path / "16nodes.sbatch"
     too_big.write_text(render_sbatch(slurm, "examples/eurus2_7b_prime.yaml", [], prime))
     done = subprocess.run(["sbatch", "--test-only", str(too_big)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)

@@ -75,7 +75,26 @@ def test_example_scripts_match_golden_files(layout, prime, monkeypatch):
     assert text == render_example(layout, prime)
 
 
-@pytest.mark.parametrize("layout,nodes,dp", [("1node", 1, 4), ("2nodes", 2, 8), ("4nodes", 4, 16)])
+# Larger models: (run config, cluster options, rendered script); layouts from examples/plans/.
+BIG_MODELS = [("examples/qwen2.5_32b_prime.yaml", "h100_qwen2.5_32b_4nodes.yaml",
+               "qwen2.5_32b_prime_4nodes.sbatch", "TP=8 x PP=4 x CP=1 per model replica, DP=1"),
+              ("examples/qwen2.5_72b_prime.yaml", "h100_qwen2.5_72b_8nodes.yaml",
+               "qwen2.5_72b_prime_8nodes.sbatch", "TP=8 x PP=8 x CP=1 per model replica, DP=1")]
+
+
+@pytest.mark.parametrize("run_config, cluster_options, script, layout", BIG_MODELS)
+def test_large_model_example_scripts_match_golden_files(run_config, cluster_options, script, layout,
+                                                       monkeypatch):
+    monkeypatch.chdir(REPO)
+    text = render_sbatch(load_slurm_config(EXAMPLES / cluster_options), run_config, [])
+    if os.environ.get("MEGATRON_PRIME_UPDATE_GOLDEN") == "1":
+        (GOLDEN / script).write_text(text)
+        (EXAMPLES / script).write_text(text)
+    assert text == (GOLDEN / script).read_text() == (EXAMPLES / script).read_text()
+    assert layout in text
+
+
+@pytest.mark.parametrize("layout,nodes,dp", [("1node", 1, 2), ("2nodes", 2, 4), ("4nodes", 4, 8)])
 def test_example_scripts_ask_for_one_task_per_gpu_and_resume(layout, nodes, dp, prime):
     text = render_example(layout, prime)
     for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=8",
@@ -86,7 +105,7 @@ def test_example_scripts_ask_for_one_task_per_gpu_and_resume(layout, nodes, dp, 
                  "RUN_STEPS=600", "CHECKPOINT_ROOT=runs/eurus2-7b-prime/checkpoints",
                  'scontrol requeue "$SLURM_JOB_ID"'):
         assert line in text.splitlines(), line
-    assert f"trainer processes: TP=2 x PP=1 x CP=1 per model replica, DP={dp}." in text
+    assert f"trainer processes: TP=4 x PP=1 x CP=1 per model replica, DP={dp}." in text
     assert "B:USR1" not in text  # the trainers (job step tasks) must get the signal
 
 
@@ -175,13 +194,13 @@ def test_world_size_must_be_a_multiple_of_the_model_parallel_size(prime):
     message = str(error.value)
     assert "slurm.nodes x slurm.gpus_per_node=6" in message
     assert "parallel.tensor_parallel_size x parallel.pipeline_parallel_size" in message
-    assert "= 2 x 2 x 1 = 4" in message
+    assert "= 4 x 2 x 1 = 8" in message
 
 
 def test_prompts_per_step_must_split_over_data_parallel_ranks(prime):
     with pytest.raises(ValueError, match=r"rollout.batch.prompts_per_step=256 .*data-parallel "
-                                         r"size 12"):
-        example_slurm("4nodes", nodes=3).validate(prime)  # 24 GPUs / TP 2 = DP 12
+                                         r"size 6"):
+        example_slurm("4nodes", nodes=3).validate(prime)  # 24 GPUs / TP 4 = DP 6
 
 
 def test_time_shorter_than_one_checkpoint_interval(prime):
@@ -254,9 +273,9 @@ def test_cpu_jobs_name_their_tasks_and_run_the_trainer_on_cpu(prime):
     slurm = load_slurm_config(None, {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2,
                                      "cpus_per_task": 1, "time": "00:30:00",
                                      "startup_seconds": 60, "signal_seconds": 60})
-    cpu_run = load_run_config(str(REPO / RUN_CONFIG), ["trainer.device=cpu",
+    cpu_run = load_run_config(str(REPO / RUN_CONFIG), ["trainer.device=cpu", "parallel.tensor_parallel_size=2",
                                                        "rollout.batch.prompts_per_step=2"])
-    text = render_sbatch(slurm, RUN_CONFIG, ["trainer.device=cpu"], cpu_run)
+    text = render_sbatch(slurm, RUN_CONFIG, ["trainer.device=cpu", "parallel.tensor_parallel_size=2"], cpu_run)
     assert "#SBATCH --ntasks-per-node=2\n" in text and "--gpus-per-node" not in text
     assert "1 node(s) x 2 CPU task(s) = 2 trainer processes: TP=2" in text
     with pytest.raises(ValueError, match="trainer.device='auto' is invalid: expected 'cpu' for a CPU job"):

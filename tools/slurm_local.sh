@@ -9,7 +9,7 @@
 #
 # Two partitions:
 #   debug (default)  this machine as it is (CPUs and memory from `slurmd -C`): jobs really run
-#   gpu              four H100-shaped nodes (112 CPUs, 8 GPUs, 2 TB) that have no slurmd:
+#   gpu              eight H100-shaped nodes (112 CPUs, 8 GPUs, 2 TB) that have no slurmd:
 #                    never started, but `sbatch --test-only` checks a script's request
 #                    against them, so examples/slurm/*.sbatch are validated as on a DGX cluster
 # No systemd: the daemons are started directly, munged as the munge user.
@@ -75,12 +75,12 @@ SlurmdLogFile=$STATE/log/slurmd.log
 SlurmctldTimeout=30
 SlurmdTimeout=0
 $hardware State=UNKNOWN
-NodeName=h100-[1-4] NodeHostname=h100-node NodeAddr=127.0.0.2 CPUs=112 Boards=1 SocketsPerBoard=2 CoresPerSocket=56 ThreadsPerCore=1 RealMemory=2000000 Gres=gpu:8 State=IDLE
+NodeName=h100-[1-8] NodeHostname=h100-node NodeAddr=127.0.0.2 CPUs=112 Boards=1 SocketsPerBoard=2 CoresPerSocket=56 ThreadsPerCore=1 RealMemory=2000000 Gres=gpu:8 State=IDLE
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=h100-[1-4] MaxTime=7-00:00:00 State=UP
+PartitionName=gpu Nodes=h100-[1-8] MaxTime=7-00:00:00 State=UP
 EOF
   cat >"$CONF_DIR/gres.conf" <<EOF
-NodeName=h100-[1-4] Name=gpu Count=8
+NodeName=h100-[1-8] Name=gpu Count=8
 EOF
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,7 +93,16 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", default_port)),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", "29500")), "single")
+    # One process talks only to itself: any free port does, and two runs on one machine
+    # (a benchmark beside a test) must not both take 29500.
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def validate_layout(parallel: ParallelConfig, world_size: int) -> None:

@@ -39,7 +39,8 @@ With vLLM's sleep mode the engine frees its weights and KV cache outside the rol
 the peak is the largest phase, not the sum; without it the engine is in every phase. An
 offloaded reference or PRM (``--offload-*``) is assumed to be wholly on the GPU during its own
 phase (reference forward; PRM update) and in host memory otherwise: the peak of its phase
-includes all of its state. The trainer does not offload yet; these options size the feature.
+includes all of its state. The trainer offloads the reference (trainer.offload_reference);
+PRM offload is sized here only: the trainer keeps the PRM resident.
 
 What is not modelled: CUDA graphs and kernels' private workspaces beyond the reserve,
 allocator fragmentation beyond the reserve, the weight bridge's 512 MiB staging bucket, and
@@ -1001,7 +1002,7 @@ def _breakdown(p: LayoutPlan, options: Options) -> list[str]:
     if options.offload_reference or options.offload_prm:
         lines.append("Offload assumption: an offloaded model's whole state (weights, and for the "
                      "PRM grads and optimizer) is on the GPU during its own phase and in host "
-                     "memory otherwise; the trainer does not offload yet.")
+                     "memory otherwise; the trainer offloads the reference (trainer.offload_reference), not yet the PRM.")
     return lines
 
 

@@ -59,7 +59,7 @@ from megatron_prime.config import (
 )
 from megatron_prime.data import DataConfig, PromptSampler, load_prompts
 from megatron_prime.losses import ppo_loss, prm_loss
-from megatron_prime.models.builder import BuiltModel
+from megatron_prime.models.builder import BuiltModel, move_to, resident
 from megatron_prime.models.optimizer import build_optimizer, train_step
 from megatron_prime.models.schedule import TokenBatch, forward_only
 from megatron_prime.monitor import LoggingConfig, RunLogger
@@ -117,6 +117,8 @@ class PrimeModels:
     policy_optimizer: MegatronOptimizer
     prm: BuiltModel | None = None
     prm_optimizer: MegatronOptimizer | None = None
+    # The reference lives in host memory between its forward passes (trainer.offload_reference).
+    reference_offloaded: bool = False
 
 
 @dataclass
@@ -167,7 +169,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel).
     with timer("logprobs"):
         old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
-        ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
+        with resident(models.reference, models.reference_offloaded):
+            ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
 
     # Step 7: the implicit PRM, updated before or after it scores the batch.
     process_rewards = None
@@ -264,6 +267,10 @@ class TrainerConfig:
     max_consecutive_skips: int = 3
     # "auto": GPU when CUDA is available.
     device: str = "auto"
+    # Keep the frozen reference in host memory, on the GPU only for its forward pass: frees
+    # its bf16 weights (2 bytes/param/TP/PP) for the updates at the cost of one host-to-GPU
+    # copy per step (megatron-prime-plan --offload-reference sizes the gain).
+    offload_reference: bool = False
 
     def validate(self) -> None:
         require_positive_int("trainer.steps", self.steps)
@@ -338,6 +345,8 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
 
     policy = build("policy", load_weights)
     reference = build("reference", load_weights)
+    if config.trainer.offload_reference:
+        move_to(reference, torch.device("cpu"))
     prm = prm_optimizer = None
     if config.algo.prm_mode != "none":
         prm_loader = load_weights
@@ -351,7 +360,8 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
         prm_optimizer = build_optimizer(prm, config.prm_optimizer)
     models = PrimeModels(policy=policy, reference=reference,
                          policy_optimizer=build_optimizer(policy, config.policy_optimizer),
-                         prm=prm, prm_optimizer=prm_optimizer)
+                         prm=prm, prm_optimizer=prm_optimizer,
+                         reference_offloaded=config.trainer.offload_reference)
     return models
 
 

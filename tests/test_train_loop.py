@@ -274,3 +274,18 @@ def test_held_out_validation_runs_before_training_every_k_steps_and_at_the_end(t
         assert 0.0 <= metrics["val/accuracy"] <= 1.0
         assert 1.0 <= metrics["val/response_length"] <= 16.0
     assert "time/validation" in validated[2] and "time/validation" not in records[1]
+
+
+@pytest.mark.slow
+def test_offloaded_reference_gives_the_same_step(toy_inputs, tmp_path):
+    """trainer.offload_reference moves the frozen reference to host memory between its
+    forward passes; the step's numbers must not change (on CPU the moves are host to host, the
+    same code path as on GPU)."""
+    runs = {}
+    for name, extra in (("resident", ()), ("offloaded", ("trainer.offload_reference=true",))):
+        run_to_end(train_command(toy_inputs, tmp_path / name, "trainer.steps=1", *extra))
+        runs[name] = losses(tmp_path / name)
+    assert runs["offloaded"] == runs["resident"]
+    with pytest.raises(AssertionError):  # the check can fail: another seed changes the losses
+        run_to_end(train_command(toy_inputs, tmp_path / "seed", "trainer.steps=1", "trainer.seed=7"))
+        assert losses(tmp_path / "seed") == runs["resident"]

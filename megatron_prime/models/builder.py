@@ -7,6 +7,8 @@ copy of the SFT model: no grads, no DDP buffers, no optimizer state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -150,3 +152,26 @@ def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             if isinstance(module, layer_type) and weight is not None \
                     and not hasattr(weight, "tensor_model_parallel"):
                 set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+
+
+def move_to(model: BuiltModel, device: torch.device) -> None:
+    """Moves a frozen model's weights (no DDP buffers, no optimizer) between host and GPU."""
+    if model.trainable:
+        raise ValueError(f"only the frozen reference can be offloaded, not the {model.role}")
+    for chunk in model.chunks:
+        chunk.to(device)
+
+
+@contextmanager
+def resident(model: BuiltModel, offloaded: bool) -> Iterator[None]:
+    """The model on this rank's device for the block, and back in host memory after it, when
+    ``offloaded`` (trainer.offload_reference): the reference is used once per step, so its
+    GPU memory serves the PRM and policy updates the rest of the time."""
+    if not offloaded:
+        yield
+        return
+    move_to(model, distributed.device())
+    try:
+        yield
+    finally:
+        move_to(model, torch.device("cpu"))

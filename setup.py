@@ -49,6 +49,7 @@ setup(
             "megatron-prime-plot=megatron_prime.plot:main",
             "megatron-prime-submit=megatron_prime.launch.submit:main",
             "megatron-prime-plan=megatron_prime.plan:main",
+            "megatron-prime-eval=megatron_prime.evaluate:main",
         ]
     },
 )

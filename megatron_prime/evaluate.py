@@ -1,0 +1,483 @@
+"""Evaluate a policy (an HF folder) on math benchmarks: greedy pass@1, pass@k, majority vote,
+and best-of-N with the implicit PRM (PRIME.md: "the implicit PRM also serves inference-time
+scaling").
+
+Benchmark files are .jsonl or .parquet; each row holds ``question`` (or ``problem``),
+``answer`` and optionally ``source`` (the benchmark's name; default: the file's stem). A few
+metadata columns common in published benchmark files (``id``, ``solution``, ``level``, ...)
+are carried into the per-problem outputs; any other column is an error, so a typo such as
+``anwser`` is not silently read as a row without an answer.
+
+Prompts are rendered as the trainer renders a bare question (``data/templates.py``,
+``data/render.py``): the Eurus-2 system prompt, then the question and the math suffix, through
+the tokenizer's chat template when it has one. Sampling runs on the trainer's
+``RolloutEngine``; answers are checked by the trainer's math verifier.
+
+Weights: the trainer's engine starts with dummy weights and receives the policy through the
+weight bridge. Here there is no trainer, so the engine is built with ``load_format="auto"``
+(through ``RolloutConfig.extra_engine_args``): vLLM reads the folder's safetensors itself,
+which is the same loader the bridge's in-place reload ends in, without a second copy of the
+model through shared memory.
+
+Outputs in ``--out-dir``: ``results.json`` and ``results.md`` (one row per benchmark plus the
+unweighted average over benchmarks, as in PRIME.md's results table; percentages) and
+``outputs.jsonl`` (per problem: prompt, responses, extracted answers, correct flags, and the
+majority / best-of-N choices). Input errors exit with status 2 and a one-line message before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_prime.data.dataset import MalformedRow, read_rows
+from megatron_prime.data.render import render_prompt
+from megatron_prime.data.templates import MATH_SUFFIX, question_messages
+
+QUESTION_COLUMNS: tuple[str, ...] = ("question", "problem")
+# Metadata of published benchmark files (MATH-500, AIME, ...): kept, not used.
+METADATA_COLUMNS: tuple[str, ...] = ("id", "unique_id", "solution", "level", "subject", "type", "year", "url")
+KNOWN_COLUMNS: tuple[str, ...] = QUESTION_COLUMNS + ("answer", "source") + METADATA_COLUMNS
+DEFAULT_BEST_OF: tuple[int, ...] = (1, 4, 16, 64)
+PRM_AGGREGATES: tuple[str, ...] = ("sum", "min")
+
+
+class EvalInputError(ValueError):
+    """A user error in the inputs of an evaluation: reported in one line, exit status 2."""
+
+
+# ---- benchmark files ----
+
+@dataclass
+class Problem:
+    benchmark: str
+    index: int  # 0-based position in its benchmark
+    question: str
+    answer: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_benchmark(path: str | Path) -> list[Problem]:
+    """The problems of one benchmark file; EvalInputError naming ``file:line`` for a bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"benchmark file not found: {path}")
+    try:
+        rows = list(read_rows(path))
+    except (ValueError, ImportError) as error:
+        raise EvalInputError(str(error)) from None
+    if not rows:
+        raise EvalInputError(f"{path}: empty benchmark file (no rows)")
+    problems = []
+    for line, row in rows:
+        where = f"{path}:{line}"
+        if isinstance(row, MalformedRow):
+            raise EvalInputError(f"{where}: {row}")
+        if not isinstance(row, dict):
+            raise EvalInputError(f"{where}: a row must be an object, got {type(row).__name__}")
+        unknown = sorted(set(row) - set(KNOWN_COLUMNS))
+        if unknown:
+            raise EvalInputError(f"{where}: unknown columns {unknown}; allowed: {list(KNOWN_COLUMNS)}")
+        question = next((row[c] for c in QUESTION_COLUMNS if row.get(c) is not None), None)
+        if not isinstance(question, str) or not question.strip():
+            raise EvalInputError(f"{where}: row has no 'question' (or 'problem') text")
+        answer = row.get("answer")
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
+            raise EvalInputError(f"{where}: row has no 'answer'")
+        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+            raise EvalInputError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+        source = row.get("source") or path.stem
+        metadata = {k: row[k] for k in METADATA_COLUMNS if k in row}
+        problems.append(Problem(str(source), 0, question, str(answer), metadata))
+    return problems
+
+
+def group_by_benchmark(problems: Sequence[Problem]) -> dict[str, list[Problem]]:
+    """Benchmarks in order of first appearance; each problem's index within its benchmark."""
+    groups: dict[str, list[Problem]] = {}
+    for problem in problems:
+        group = groups.setdefault(problem.benchmark, [])
+        problem.index = len(group)
+        group.append(problem)
+    return groups
+
+
+def problem_messages(question: str, system_prompt: bool) -> list[dict[str, str]]:
+    """The chat the trainer builds for a bare math question (``question_messages``); without
+    the system prompt, the user turn alone (the toy task's layout, see toy/arithmetic.py)."""
+    if system_prompt:
+        return question_messages(question, "math")
+    return [{"role": "user", "content": question + MATH_SUFFIX}]
+
+
+# ---- metrics (pure functions) ----
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. 2021: 1 - C(n-c, k) / C(n, k), from n samples with c correct.
+
+    Computed as a running product, which stays exact in floats where the binomials overflow.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers: Sequence[str | None], equivalent: Callable[[str, str], bool]) -> int | None:
+    """Index of a response holding the most common answer, or None if no response has one.
+
+    Answers are grouped by ``equivalent`` against each group's first answer (identical strings
+    without a call); responses without an answer do not vote. Ties go to the group whose first
+    answer comes first, and the group is represented by that first response.
+    """
+    groups: list[list[int]] = []  # indices of responses, first one = representative
+    for index, answer in enumerate(answers):
+        if answer is None:
+            continue
+        for group in groups:
+            representative = answers[group[0]]
+            if answer == representative or equivalent(answer, representative):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    if not groups:
+        return None
+    best = max(groups, key=len)  # max keeps the first of equal-sized groups
+    return best[0]
+
+
+def best_of_n(scores: Sequence[float]) -> int:
+    """Index of the highest score; ties go to the earliest response (deterministic)."""
+    if not scores:
+        raise ValueError("best_of_n needs at least one score")
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+# ---- implicit PRM ----
+
+class ImplicitPRM:
+    """Response scores from the implicit PRM: r_t = beta * (log pi_prm(y_t|.) - log pi_ref(y_t|.))
+    over the response tokens, aggregated by ``sum`` (the PRM's outcome logit, what its
+    cross-entropy trains) or ``min`` (the weakest step). Runs the two models with transformers."""
+
+    def __init__(self, prm_folder: str | Path, reference_folder: str | Path, beta: float,
+                 aggregate: str = "sum", batch_size: int = 8):
+        from transformers import AutoModelForCausalLM
+
+        if aggregate not in PRM_AGGREGATES:
+            raise EvalInputError(f"--prm-aggregate={aggregate!r} is invalid: expected one of {list(PRM_AGGREGATES)}")
+        self.beta, self.aggregate, self.batch_size = beta, aggregate, batch_size
+        self.prm = AutoModelForCausalLM.from_pretrained(str(prm_folder), dtype=torch.float32).eval()
+        self.reference = AutoModelForCausalLM.from_pretrained(str(reference_folder), dtype=torch.float32).eval()
+
+    @staticmethod
+    @torch.no_grad()
+    def token_log_probs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] log-prob of each token given the ones before it (0 at position 0)."""
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+
+    def score(self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
+        """One score per response of one prompt (0.0 for an empty response)."""
+        from megatron_prime.algo import implicit_process_rewards
+
+        scores: list[float] = []
+        for start in range(0, len(responses), self.batch_size):
+            chunk = responses[start:start + self.batch_size]
+            length = len(prompt_ids) + max(len(r) for r in chunk)
+            input_ids = torch.zeros(len(chunk), length, dtype=torch.long)
+            attention_mask = torch.zeros(len(chunk), length, dtype=torch.long)
+            response_mask = torch.zeros(len(chunk), length)
+            for row, response in enumerate(chunk):
+                ids = list(prompt_ids) + list(response)
+                input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, :len(ids)] = 1
+                response_mask[row, len(prompt_ids):len(ids)] = 1.0
+            rewards = implicit_process_rewards(self.token_log_probs(self.prm, input_ids, attention_mask),
+                                               self.token_log_probs(self.reference, input_ids, attention_mask),
+                                               response_mask, self.beta)
+            if self.aggregate == "sum":
+                values = rewards.sum(-1)
+            else:
+                values = rewards.masked_fill(response_mask == 0, math.inf).min(-1).values
+                values = torch.where(response_mask.sum(-1) > 0, values, torch.zeros_like(values))
+            scores.extend(values.tolist())
+        return scores
+
+
+# ---- the evaluation ----
+
+@dataclass
+class EvalConfig:
+    model: str
+    benchmarks: list[str]
+    out_dir: str
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int = 0
+    ks: list[int] | None = None  # pass@k / maj@k / bon@k; None: 1, 4, 16, 64 up to n, and n
+    system_prompt: bool = True
+    use_chat_template: bool = True
+    prm: str | None = None
+    reference: str | None = None
+    beta: float = 0.05
+    prm_aggregate: str = "sum"
+    verifier_workers: int = 2
+
+    def validate(self) -> None:
+        for name in ("n", "max_new_tokens", "verifier_workers"):
+            if getattr(self, name) < 1:
+                raise EvalInputError(f"--{name.replace('_', '-')}={getattr(self, name)} is invalid: expected >= 1")
+        if self.temperature < 0:
+            raise EvalInputError(f"--temperature={self.temperature} is invalid: expected >= 0")
+        if self.n > 1 and self.temperature == 0:
+            raise EvalInputError(f"--n={self.n} needs --temperature > 0 (greedy samples are all the same)")
+        for k in self.ks or ():
+            if not 1 <= k <= self.n:
+                raise EvalInputError(f"--ks value {k} is invalid: expected 1 <= k <= --n={self.n}")
+        if (self.prm is None) != (self.reference is None):
+            raise EvalInputError("--prm and --reference go together: give both or neither")
+        if self.prm is not None and self.n == 1:
+            raise EvalInputError("--prm (best-of-N) needs --n > 1 samples per problem")
+        if self.prm_aggregate not in PRM_AGGREGATES:
+            raise EvalInputError(f"--prm-aggregate={self.prm_aggregate!r} is invalid: expected one of {list(PRM_AGGREGATES)}")
+        for flag, folder in (("model", self.model), ("prm", self.prm), ("reference", self.reference)):
+            if folder is not None and not (Path(folder) / "config.json").is_file():
+                raise EvalInputError(f"--{flag} {folder}: not an HF folder (no config.json)")
+
+    @property
+    def k_values(self) -> list[int]:
+        if self.ks:
+            return sorted(set(self.ks))
+        return sorted({k for k in DEFAULT_BEST_OF if k <= self.n} | {self.n})
+
+
+def _check_vocabularies(config: EvalConfig) -> None:
+    """The PRM scores the policy's tokens: all three models must share one vocabulary."""
+    if config.prm is None:
+        return
+    sizes = {flag: json.loads((Path(folder) / "config.json").read_text()).get("vocab_size")
+             for flag, folder in (("model", config.model), ("prm", config.prm), ("reference", config.reference))}
+    if len(set(sizes.values())) != 1:
+        raise EvalInputError(f"--model, --prm and --reference must share a vocabulary; vocab sizes: {sizes}")
+
+
+def _problem_record(problem: Problem, prompt_text: str, rollouts: Sequence[Any], answers: list[str | None],
+                    correct: list[float], prm_scores: list[float] | None,
+                    choices: dict[str, int | None]) -> dict[str, Any]:
+    record = {"benchmark": problem.benchmark, "index": problem.index, "question": problem.question,
+              "answer": problem.answer, "prompt": prompt_text,
+              "responses": [r.text for r in rollouts], "extracted_answers": answers,
+              "correct": [bool(c) for c in correct],
+              "finish_reasons": [r.finish_reason for r in rollouts], "choices": choices,
+              **({"metadata": problem.metadata} if problem.metadata else {})}
+    if prm_scores is not None:
+        record["prm_scores"] = prm_scores
+    return record
+
+
+def problem_metrics(correct: Sequence[float], answers: Sequence[str | None], ks: Sequence[int],
+                    equivalent: Callable[[str, str], bool],
+                    prm_scores: Sequence[float] | None) -> tuple[dict[str, float], dict[str, int | None]]:
+    """Per-problem metric values (0..1) and the index each selection rule picked.
+
+    maj@k and bon@k use the first k samples (in sampling order); pass@k uses all n.
+    """
+    n, c = len(correct), int(sum(correct))
+    values: dict[str, float] = {}
+    choices: dict[str, int | None] = {}
+    for k in ks:
+        values[f"pass@{k}"] = pass_at_k(n, c, k)
+    if n > 1:
+        for k in ks:
+            chosen = majority_vote(answers[:k], equivalent)
+            choices[f"maj@{k}"] = chosen
+            values[f"maj@{k}"] = float(chosen is not None and correct[chosen] > 0)
+        if prm_scores is not None:
+            for k in ks:
+                chosen = best_of_n(prm_scores[:k])
+                choices[f"bon@{k}"] = chosen
+                values[f"bon@{k}"] = float(correct[chosen] > 0)
+    return values, choices
+
+
+def summarize(per_benchmark: dict[str, list[dict[str, float]]], columns: Sequence[str]) -> dict[str, Any]:
+    """Mean of each metric per benchmark (percent) and their unweighted mean over benchmarks."""
+    table = {name: {column: 100.0 * sum(v[column] for v in values) / len(values) for column in columns}
+             for name, values in per_benchmark.items()}
+    average = {column: sum(row[column] for row in table.values()) / len(table) for column in columns}
+    return {"benchmarks": table, "average": average,
+            "problems": {name: len(values) for name, values in per_benchmark.items()}}
+
+
+def markdown_table(summary: dict[str, Any], columns: Sequence[str], headers: Sequence[str]) -> str:
+    """PRIME.md's layout: ``| benchmark | ... |``, one row per benchmark, then ``average``."""
+    lines = ["| benchmark | " + " | ".join(headers) + " |", "|---|" + "---|" * len(headers)]
+    rows = list(summary["benchmarks"].items()) + [("average", summary["average"])]
+    for name, row in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Runs the evaluation and writes the outputs; EvalInputError before any work for bad inputs."""
+    from transformers import AutoTokenizer
+
+    from megatron_prime.rewards import MathVerifier, MathVerifierConfig, RewardRegistry, extract_last_boxed
+    from megatron_prime.rollout.engine import RolloutConfig, RolloutEngine, SamplingConfig
+    from megatron_prime.rollout.validation import greedy
+
+    config.validate()
+    _check_vocabularies(config)
+    problems = [p for path in config.benchmarks for p in load_benchmark(path)]
+    benchmarks = group_by_benchmark(problems)
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalInputError(f"--out-dir {out_dir} exists and is not a folder")
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    rendered = [render_prompt(tokenizer, problem_messages(p.question, config.system_prompt), config.use_chat_template)
+                for p in problems]
+    hf_config = json.loads((Path(config.model) / "config.json").read_text())
+    max_model_len = config.max_model_len or int(hf_config.get("max_position_embeddings", 4096))
+    for problem, prompt in zip(problems, rendered):
+        if len(prompt.token_ids) + config.max_new_tokens > max_model_len:
+            raise EvalInputError(
+                f"{problem.benchmark} problem {problem.index}: prompt of {len(prompt.token_ids)} tokens + "
+                f"--max-new-tokens {config.max_new_tokens} exceeds the model length {max_model_len}")
+
+    base = SamplingConfig(n=config.n, temperature=config.temperature, top_p=config.top_p,
+                          max_new_tokens=config.max_new_tokens, seed=config.seed)
+    sampling = greedy(base, None) if config.n == 1 and config.temperature == 0 else base
+    engine = RolloutEngine(config.model, RolloutConfig(max_model_len=max_model_len, enforce_eager=True,
+                                                       seed=config.seed,
+                                                       extra_engine_args={"load_format": "auto"}),
+                           on_gpu=torch.cuda.is_available())
+    try:
+        rollouts = engine.generate([p.token_ids for p in rendered], sampling)
+    finally:
+        engine.shutdown()
+
+    n = config.n
+    registry = RewardRegistry(MathVerifier(MathVerifierConfig(num_workers=config.verifier_workers)))
+    try:
+        scores = registry.score_batch([r.text for r in rollouts], [problems[r.prompt_index].answer for r in rollouts],
+                                      ["math"] * len(rollouts),
+                                      [problems[r.prompt_index].benchmark for r in rollouts])
+        prm = (ImplicitPRM(config.prm, config.reference, config.beta, config.prm_aggregate)
+               if config.prm is not None else None)
+        ks = config.k_values
+        per_benchmark: dict[str, list[dict[str, float]]] = {name: [] for name in benchmarks}
+        records = []
+        for index, problem in enumerate(problems):
+            group = rollouts[index * n:(index + 1) * n]
+            correct = scores[index * n:(index + 1) * n]
+            answers = [extract_last_boxed(r.text) or None for r in group]
+            prm_scores = (prm.score(rendered[index].token_ids, [r.response_token_ids for r in group])
+                          if prm is not None else None)
+            values, choices = problem_metrics(correct, answers, ks, registry.math.is_equivalent, prm_scores)
+            per_benchmark[problem.benchmark].append(values)
+            records.append(_problem_record(problem, rendered[index].text, group, answers, correct,
+                                           prm_scores, choices))
+    finally:
+        registry.math.close()
+
+    columns = list(per_benchmark[problems[0].benchmark][0])
+    summary = summarize(per_benchmark, columns)
+    model_name = Path(config.model).resolve().name
+    # Greedy pass@1 is PRIME.md's table exactly: one column headed by the model.
+    headers = [model_name] if columns == ["pass@1"] and n == 1 else columns
+    result = {"model": str(config.model), "mode": "greedy" if sampling.temperature == 0 else "sampling",
+              "n": n, "temperature": sampling.temperature, "max_new_tokens": config.max_new_tokens,
+              "seed": config.seed, "columns": columns, **summary}
+    if prm is not None:
+        result["prm"] = {"prm": config.prm, "reference": config.reference, "beta": config.beta,
+                         "aggregate": config.prm_aggregate}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(summary, columns, headers))
+    with (out_dir / "outputs.jsonl").open("w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record) + "\n")
+    return result
+
+
+# ---- command line ----
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-prime-eval",
+        description="Evaluate an HF policy on math benchmarks (greedy pass@1; pass@k, majority vote "
+                    "and implicit-PRM best-of-N with --n/--temperature).")
+    parser.add_argument("--model", required=True, help="HF folder of the policy")
+    parser.add_argument("--benchmarks", required=True, nargs="+",
+                        help=".jsonl/.parquet files with question (or problem), answer, optional source")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--n", type=int, default=None,
+                        help="samples per problem (default 1 = greedy; with --prm: the largest --ks)")
+    parser.add_argument("--temperature", type=float, default=None, help="default 0 for n=1, else 1.0")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--ks", type=_int_list, default=None,
+                        help="k of pass@k, maj@k and bon@k, e.g. 1,4,16,64 (default: those up to n, and n)")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-system-prompt", action="store_true",
+                        help="user turn only (question + math suffix), as the toy task's prompts")
+    parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--prm", default=None, help="HF folder of the implicit PRM (best-of-N)")
+    parser.add_argument("--reference", default=None, help="HF folder of the PRM's reference model")
+    parser.add_argument("--beta", type=float, default=0.05)
+    parser.add_argument("--prm-aggregate", default="sum", choices=PRM_AGGREGATES)
+    parser.add_argument("--verifier-workers", type=int, default=2)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    n = args.n
+    if n is None:
+        n = max(args.ks or DEFAULT_BEST_OF) if args.prm else 1
+    temperature = args.temperature if args.temperature is not None else (0.0 if n == 1 else 1.0)
+    return EvalConfig(model=args.model, benchmarks=args.benchmarks, out_dir=args.out_dir, n=n,
+                      temperature=temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                      max_model_len=args.max_model_len, seed=args.seed, ks=args.ks,
+                      system_prompt=not args.no_system_prompt, use_chat_template=not args.no_chat_template,
+                      prm=args.prm, reference=args.reference, beta=args.beta,
+                      prm_aggregate=args.prm_aggregate, verifier_workers=args.verifier_workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(config_from_args(args))
+    except EvalInputError as error:
+        print(f"megatron-prime-eval: error: {error}", file=sys.stderr)
+        return 2
+    print((Path(args.out_dir) / "results.md").read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

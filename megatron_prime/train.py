@@ -113,7 +113,7 @@ class AlgoConfig:
 @dataclass
 class PrimeModels:
     policy: BuiltModel
-    reference: BuiltModel
+    reference: BuiltModel | None  # None for outcome-only RLOO (algo.prm_mode=none)
     policy_optimizer: MegatronOptimizer
     prm: BuiltModel | None = None
     prm_optimizer: MegatronOptimizer | None = None
@@ -166,11 +166,15 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     # Where the update's time goes: log-prob passes, PRM update, policy update.
     timer = _PhaseTimer()
 
-    # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel).
+    # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel). Only the
+    # implicit PRM reads the reference (PRIME has no KL term): outcome-only RLOO skips it.
     with timer("logprobs"):
         old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
-        with resident(models.reference, models.reference_offloaded):
-            ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
+        if config.prm_mode != "none":
+            if models.reference is None:
+                raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
+            with resident(models.reference, models.reference_offloaded):
+                ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
 
     # Step 7: the implicit PRM, updated before or after it scores the batch.
     process_rewards = None
@@ -344,9 +348,11 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
         return model
 
     policy = build("policy", load_weights)
-    reference = build("reference", load_weights)
-    if config.trainer.offload_reference:
-        move_to(reference, torch.device("cpu"))
+    reference = None
+    if config.algo.prm_mode != "none":  # outcome-only RLOO never reads the reference
+        reference = build("reference", load_weights)
+        if config.trainer.offload_reference:
+            move_to(reference, torch.device("cpu"))
     prm = prm_optimizer = None
     if config.algo.prm_mode != "none":
         prm_loader = load_weights

@@ -70,6 +70,9 @@ def test_vllm_logprobs_match_megatron_after_sync_and_after_a_step(layout, tiny_m
     assert seeded["first"] == seeded["second"]  # same seed, same samples
     assert seeded["first"] != seeded["other_seed"]
     assert seeded["keys"] == [[p, s] for p in range(2) for s in range(3)]  # n=3 per prompt
+    twice = seeded["same_prompt_twice"]
+    assert twice[:3] != twice[3:]  # each prompt draws its own random stream
+    assert twice[:3] == seeded["first"][:3]  # ... and prompt 0's stream depends on its index only
 
 
 def test_sync_memory_stays_below_one_model_copy(tmp_path):

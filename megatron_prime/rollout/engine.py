@@ -14,6 +14,7 @@ arrive through ``RolloutEngine.load_weights`` (rollout/bridge.py).
 
 from __future__ import annotations
 
+import hashlib
 import contextlib
 import os
 import signal
@@ -111,6 +112,13 @@ def _ignoring(signum: int):
         signal.signal(signum, previous)
 
 
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """A per-prompt vLLM seed derived from the batch seed: reproducible, and unrelated
+    between prompts (a hash, not seed + index, so neighbouring batches do not share seeds)."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 1)
+
+
 def hosts_engine(tp_rank: int, pp_rank: int) -> bool:
     """The first rank of each data-parallel replica owns that replica's engine."""
     return tp_rank == 0 and pp_rank == 0
@@ -200,13 +208,17 @@ class RolloutEngine:
                     f"prompt {index} has {len(ids)} tokens; with sampling.max_new_tokens="
                     f"{sampling.max_new_tokens} that exceeds rollout.max_model_len="
                     f"{self.config.max_model_len}")
-        params = SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None, seed=sampling.seed, logprobs=0,
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params,
-                                    use_tqdm=False)
+        def params(index: int) -> SamplingParams:
+            # vLLM seeds each request's generator with its own seed: one batch-wide seed would
+            # make sample j of every prompt draw the same random numbers (correlated rollouts).
+            return SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
+                stop=list(sampling.stop) or None, logprobs=0,
+                seed=None if sampling.seed is None else prompt_seed(sampling.seed, index))
+
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_ids],
+                                    [params(i) for i in range(len(token_ids))], use_tqdm=False)
         rollouts = []
         for prompt_index, output in enumerate(outputs):
             for sample_index, sample in enumerate(output.outputs):

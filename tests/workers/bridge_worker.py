@@ -148,6 +148,10 @@ def main() -> None:
                 "second": [r.response_token_ids for r in second],
                 "other_seed": [r.response_token_ids for r in other],
                 "keys": [[r.prompt_index, r.sample_index] for r in first],
+                # The same prompt twice in one seeded batch: its two groups must still differ
+                # (one batch-wide seed would give sample j of every prompt the same stream).
+                "same_prompt_twice": [r.response_token_ids for r in engine.generate(
+                    [PROMPTS[0], PROMPTS[0]], sampled)],
             }
     if dist.get_rank() == 0:
         with open(args.out, "w") as handle:

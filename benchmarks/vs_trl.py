@@ -537,9 +537,9 @@ DIFFERENCES = [
     "continuous batching; the policy's weights are pushed into it each step = 'weight sync'); "
     "TRL here samples with HF transformers generate() on the training model in-process "
     "(TRL's vLLM path needs a vLLM server or colocated GPU vLLM, not set up on CPU).",
-    "log-probs: megatron_prime's prm_mode=none still runs a reference-model forward pass each "
-    "step (the reference is built and scored although no KL or PRM term uses it); TRL with "
-    "beta=0 runs only the old-policy pass and loads no reference model.",
+    "log-probs: with prm_mode=none megatron_prime runs only the old-policy pass (no reference "
+    "model is built: only the implicit PRM reads it); TRL with beta=0 likewise runs only the "
+    "old-policy pass.",
     "loss: megatron_prime's PPO loss clips per-token ratios, token-mean; TRL's RLOO loss "
     "clips the sequence-level ratio (summed log-probs), mean over sequences. Both clip at 0.2, "
     "one optimizer step per batch (ppo_epochs=1 / num_iterations=1).",
@@ -550,12 +550,8 @@ DIFFERENCES = [
     "HF Trainer (same betas, eps, clip, weight decay 0); constant learning rate in both.",
     "prompt order and sampling seeds differ (each trainer's own sampler and RNG); the pool "
     "of prompts, the rendering and the reward are the same.",
-    "sampling randomness: megatron_prime gives vLLM one seed per step for the whole batch, so "
-    "sample j of every prompt draws the same random numbers (vLLM seeds child j with seed + j): "
-    "with this near prompt-blind random model the responses of different prompts largely "
-    "coincide and truncate together (truncated fraction per step in steps of 1/4), so its "
-    "tokens per step vary more than TRL's, whose generate() draws independently per row. "
-    "Throughput is per generated token, so the tokens/s comparison holds.",
+    "sampling randomness: megatron_prime gives each prompt its own vLLM seed, derived from "
+    "the step's seed; TRL's generate() draws from the torch RNG per row.",
     "the megatron_prime process also hosts torch.distributed (gloo, world size 1) and "
     "Megatron's model/optimizer wrappers; its tree includes the vLLM engine-core process and "
     "the math-verifier worker; TRL's tree includes the same math-verifier worker.",

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,9 @@ LAYOUTS = {"TP=1": (1, []), "TP=2": (2, ["parallel.tensor_parallel_size=2"]),
            "PP=2": (2, ["parallel.pipeline_parallel_size=2"])}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_layout(nproc: int, layout: list[str], model: Path, data: Path, run_dir: Path,
                args: argparse.Namespace) -> list[dict]:
+    from megatron_prime.distributed import free_port
     from megatron_prime.monitor import read_metrics
 
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",

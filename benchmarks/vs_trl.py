@@ -36,7 +36,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -182,14 +181,6 @@ def run_monitored(name: str, command: list[str], env: dict[str, str], log_path: 
 
 
 # ---- megatron_prime ----
-
-def free_port() -> int:
-    """A free local port for the trainer's (one-process) gloo rendezvous: the default
-    29500 may be held by another job on the machine."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def megatron_prime_command(settings: Settings, model: Path, data: Path, run_dir: Path) -> list[str]:
     """The trainer's outcome-only mode with TRL's batch: no over-sampling, no filtering."""
@@ -665,9 +656,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"megatron_prime: {settings.steps} steps ...", flush=True)
         mp_dir = root / "megatron_prime"
-        mp_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        # One process: the trainer picks a free rendezvous port itself.
         mp_run = run_monitored("megatron_prime", megatron_prime_command(settings, model, data, mp_dir),
-                               mp_env, root / "megatron_prime.log", args.timeout)
+                               env, root / "megatron_prime.log", args.timeout)
         ours = summarize_megatron_prime(mp_dir, settings)
         binding = vllm_thread_binding(root / "megatron_prime.log")
         load_between = _load()

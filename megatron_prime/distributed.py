@@ -95,11 +95,12 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         )
     # One process talks only to itself: any free port does, and two runs on one machine
     # (a benchmark beside a test) must not both take 29500.
-    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
     return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nothing listens on now (a rendezvous for a launcher started next)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

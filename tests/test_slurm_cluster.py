@@ -108,6 +108,8 @@ def submit_dir(tmp_path_factory) -> Path:
         "logging": {"run_dir": "runs/tiny", "wandb_mode": "disabled"},
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    # startup_seconds comes from a cluster YAML; the default (600 s) does not fit 30 minutes.
+    (root / "local.yaml").write_text("startup_seconds: 120\n")
     return root
 
 
@@ -121,10 +123,7 @@ def submit_tiny_run(submit_dir: Path, name: str) -> tuple[str, Path]:
     command = [sys.executable, str(REPO / "tools" / "submit.py"), "tiny.yaml", *CPU_JOB,
                "--job-name", name, "--venv", sys.prefix, f"logging.run_dir=runs/{name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # startup_seconds comes from a cluster YAML; the default (600 s) does not fit 30 minutes.
-    options = submit_dir / "local.yaml"
-    options.write_text("startup_seconds: 120\n")
-    done = subprocess.run([*command, "--slurm", str(options)], cwd=submit_dir, env=env,
+    done = subprocess.run([*command, "--slurm", str(submit_dir / "local.yaml")], cwd=submit_dir, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     match = re.search(r"submitted job (\d+)\nscript: (\S+)\nlog: (\S+)", done.stdout)

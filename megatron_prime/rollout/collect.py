@@ -71,7 +71,7 @@ def sampling_seed(seed: int, step: int, round_index: int, dp_rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + round_index * 101 + dp_rank) % (2**31 - 1)
 
 
-def _sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[PromptRecord],
+def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[PromptRecord],
                       sampling: SamplingConfig, rewards: RewardRegistry,
                       use_chat_template: bool) -> tuple[list[ScoredGroup], dict[str, float]]:
     prompt_ids = [render_prompt(tokenizer, p.messages, use_chat_template).token_ids for p in prompts]
@@ -114,7 +114,7 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
         if engine is not None:
             assert rewards is not None
             round_sampling = replace(sampling, seed=sampling_seed(seed, step, round_index, distributed.dp_rank()))
-            result = _sample_and_score(engine, tokenizer, prompts, round_sampling, rewards, use_chat_template)
+            result = sample_and_score(engine, tokenizer, prompts, round_sampling, rewards, use_chat_template)
         groups, stats = distributed.broadcast_in_replica(result)
         scores = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)
         verdict = accuracy_band_filter(scores, n, config.filter)

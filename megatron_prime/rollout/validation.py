@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from megatron_prime import distributed
 from megatron_prime.config import require, require_positive_int
-from megatron_prime.data import PromptRecord, render_prompt
+from megatron_prime.data import PromptRecord
 from megatron_prime.rewards import RewardRegistry
+from megatron_prime.rollout.collect import sample_and_score
 from megatron_prime.rollout.engine import RolloutEngine, SamplingConfig
 
 
@@ -70,14 +71,9 @@ def run_validation(records: list[PromptRecord], engine: RolloutEngine | None, to
     result = None
     if engine is not None and shard:
         assert rewards is not None
-        prompt_ids = [render_prompt(tokenizer, r.messages, use_chat_template).token_ids for r in shard]
-        rollouts = engine.generate(prompt_ids, sampling)
-        scores = rewards.score_batch([r.text for r in rollouts],
-                                     [shard[r.prompt_index].ground_truth for r in rollouts],
-                                     [shard[r.prompt_index].ability for r in rollouts],
-                                     [shard[r.prompt_index].data_source for r in rollouts])
-        result = (float(sum(scores)), float(len(rollouts)),
-                  float(sum(len(r.response_token_ids) for r in rollouts)))
+        # The training rollout's sample-and-score, with greedy sampling.
+        _, stats = sample_and_score(engine, tokenizer, shard, sampling, rewards, use_chat_template)
+        result = (stats["correct"], stats["responses"], stats["response_tokens"])
     correct, count, tokens = distributed.broadcast_in_replica(result) or (0.0, 0.0, 0.0)
     totals = torch.tensor([correct, count, tokens], dtype=torch.float64, device=distributed.device())
     # One copy per replica: the replica's ranks hold the same numbers after the broadcast.

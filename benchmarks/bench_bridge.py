@@ -1,7 +1,9 @@
 """Weight-sync throughput (GB/s) against a plain in-memory copy of the same bytes, and
-rollout tokens/s, for a ~200M-parameter Qwen2 on this machine, in one run.
+rollout tokens/s, for a ~200M-parameter Qwen2 on this machine, in one run, for each
+``rollout.weight_sync`` mode (reload: buckets into vLLM's reload_weights; shared: in-place
+writes into the engine's shared-memory parameters).
 
-    python benchmarks/bench_bridge.py [--bucket-mb 256] [--syncs 3]
+    python benchmarks/bench_bridge.py [--bucket-mb 256] [--syncs 3] [--modes reload,shared]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bucket-mb", type=int, default=256)
     parser.add_argument("--syncs", type=int, default=3)
+    parser.add_argument("--modes", default="reload,shared")
     args = parser.parse_args()
 
     from hf_fixtures import save_tokenizer
@@ -50,13 +53,8 @@ def main() -> None:
         hf = HFCheckpoint.open(folder)
         policy = build_model(hf.config, "policy", parallel)
         load_hf_weights(policy, hf.tensor)
-        engine = RolloutEngine(folder, RolloutConfig(max_model_len=512), on_gpu=False)
-        bridge = WeightBridge(policy, engine, BridgeConfig(bucket_bytes=args.bucket_mb * 1024**2))
-
-        syncs = [bridge.sync() for _ in range(args.syncs)]
-        best = max(syncs[1:] or syncs, key=lambda s: s.gb_per_s)  # first sync warms up
-
-        # The same bytes, copied tensor by tensor into preallocated memory.
+        # The same bytes, copied tensor by tensor into preallocated (already touched) memory.
+        bridge = WeightBridge(policy, None)
         tensors = [t for _, _, t in bridge.iter_full_tensors()]
         targets = [torch.empty_like(t) for t in tensors]
         copy_seconds = []
@@ -66,25 +64,36 @@ def main() -> None:
                 target.copy_(source)
             copy_seconds.append(time.perf_counter() - start)
         copy_gbps = sum(t.nbytes for t in tensors) / 1e9 / min(copy_seconds)
+        del tensors, targets
 
-        prompts = [[(7 * i + j) % 280 + 5 for j in range(32)] for i in range(16)]
-        sampling = SamplingConfig(n=4, temperature=1.0, max_new_tokens=64, seed=0)
-        engine.generate(prompts[:2], SamplingConfig(n=1, max_new_tokens=8))  # warm-up
-        start = time.perf_counter()
-        rollouts = engine.generate(prompts, sampling)
-        seconds = time.perf_counter() - start
-        tokens = sum(len(r.response_token_ids) for r in rollouts)
-        engine.shutdown()
+        results = {}
+        for mode in args.modes.split(","):
+            engine = RolloutEngine(folder, RolloutConfig(max_model_len=512, weight_sync=mode), on_gpu=False)
+            bridge = WeightBridge(policy, engine, BridgeConfig(bucket_bytes=args.bucket_mb * 1024**2))
+            syncs = [bridge.sync() for _ in range(args.syncs)]
+            best = max(syncs[1:] or syncs, key=lambda s: s.gb_per_s)  # the first sync warms up
+
+            prompts = [[(7 * i + j) % 280 + 5 for j in range(32)] for i in range(16)]
+            sampling = SamplingConfig(n=4, temperature=1.0, max_new_tokens=64, seed=0)
+            engine.generate(prompts[:2], SamplingConfig(n=1, max_new_tokens=8))  # warm-up
+            start = time.perf_counter()
+            rollouts = engine.generate(prompts, sampling)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(r.response_token_ids) for r in rollouts)
+            engine.shutdown()
+            results[mode] = (best, syncs, len(rollouts), tokens, seconds)
         distributed.destroy_distributed()
 
-    print(f"model: {best.bytes / 1e6:.0f} MB float32 ({best.num_tensors} tensors), "
-          f"bucket {args.bucket_mb} MiB, {best.num_buckets} buckets, CPU")
-    print(f"weight sync:     {best.gb_per_s:.2f} GB/s ({best.seconds:.2f} s; all syncs: "
-          f"{', '.join(f'{s.seconds:.2f}' for s in syncs)} s)")
-    print(f"in-memory copy:  {copy_gbps:.2f} GB/s")
-    print(f"ratio sync / copy: {best.gb_per_s / copy_gbps:.2f}")
-    print(f"rollout: {len(rollouts)} samples x up to 64 tokens, {tokens} tokens in {seconds:.2f} s, "
-          f"{tokens / seconds:.0f} tokens/s")
+    for mode, (best, syncs, samples, tokens, seconds) in results.items():
+        how = f"{best.num_buckets} buckets of {args.bucket_mb} MiB" if best.num_buckets else "in place"
+        print(f"[weight_sync={mode}] model: {best.bytes / 1e6:.0f} MB float32 "
+              f"({best.num_tensors} tensors), {how}, CPU")
+        print(f"[weight_sync={mode}] weight sync:     {best.gb_per_s:.2f} GB/s ({best.seconds:.3f} s; "
+              f"all syncs: {', '.join(f'{s.seconds:.3f}' for s in syncs)} s)")
+        print(f"[weight_sync={mode}] in-memory copy:  {copy_gbps:.2f} GB/s")
+        print(f"[weight_sync={mode}] ratio sync / copy: {best.gb_per_s / copy_gbps:.2f}")
+        print(f"[weight_sync={mode}] rollout: {samples} samples x up to 64 tokens, {tokens} tokens "
+              f"in {seconds:.2f} s, {tokens / seconds:.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -50,20 +50,25 @@ def max_gap(phase: dict) -> float:
                for a, b in zip(ours, theirs))
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_vllm_logprobs_match_megatron_after_sync_and_after_a_step(layout, tiny_model, tmp_path):
+CASES = [(layout, "reload") for layout in LAYOUTS] + [("tp1pp1", "shared"), ("tp2pp2", "shared")]
+
+
+@pytest.mark.parametrize("layout,weight_sync", CASES)
+def test_vllm_logprobs_match_megatron_after_sync_and_after_a_step(layout, weight_sync, tiny_model,
+                                                                  tmp_path):
     tp, pp = LAYOUTS[layout]
     # 64 KiB buckets: the 5 MB model crosses many bucket boundaries.
     result = run_json_worker("tests/workers/bridge_worker.py", tp * pp, [
         "--hf-dir", str(tiny_model), "--tp", str(tp), "--pp", str(pp),
-        "--bucket-bytes", str(64 * 1024)], tmp_path / "result.json")
+        "--bucket-bytes", str(64 * 1024), "--weight-sync", weight_sync], tmp_path / "result.json")
     before, after = result["phases"]
     assert max_gap(before) < 1e-3
     # The step moved the policy: the greedy outputs changed, and vLLM follows Megatron's
     # updated log-probs, not the old ones.
     assert before["responses"] != after["responses"]
     assert max_gap(after) < 1e-3
-    assert result["sync"]["buckets"] > 10
+    # Reload hands over buckets; shared writes every tensor in place, with no buckets.
+    assert (result["sync"]["buckets"] > 10) if weight_sync == "reload" else (result["sync"]["buckets"] == 0)
     assert result["unknown_weight_error"] == "no HF mapping for Megatron tensor 'adapter_scale'"
 
     seeded = result["seeded"]
@@ -91,6 +96,27 @@ def test_sync_memory_stays_below_one_model_copy(tmp_path):
     # the model still rules out a second copy.
     unit = max(bucket, result["largest_tensor_bytes"])
     assert growth < 2 * unit + 0.1 * model_bytes, (growth, unit, model_bytes)
+
+
+def test_shared_weight_sync_moves_no_second_copy(tmp_path):
+    """weight_sync=shared, ~200M parameters: the physical memory (PSS) of trainer + engine.
+
+    The first sync moves the engine's parameters into a shared file one at a time (at most
+    one tensor in flight); later syncs write in place and add nothing. The trainer's RSS
+    does grow by one model, because it maps the engine's pages: those pages are counted in
+    both processes' RSS but exist once, which PSS (and a SLURM job's cgroup) counts right."""
+    model = save_model(tmp_path / "model", hidden=1024, layers=12, intermediate=2816,
+                       vocab=32000, heads=16, kv_heads=4)
+    result = run_json_worker("tests/workers/bridge_worker.py", 1, [
+        "--hf-dir", str(model), "--memory-only", "--weight-sync", "shared"],
+        tmp_path / "memory.json")
+    model_bytes, largest = result["sync_bytes"], result["largest_tensor_bytes"]
+    assert model_bytes > 700e6 and result["num_buckets"] == 0
+    assert result["pss_first_peak"] - result["pss_before"] < largest + 0.1 * model_bytes, result
+    assert result["pss_between"] - result["pss_before"] < 0.1 * model_bytes, result
+    assert result["pss_next_peak"] - result["pss_between"] < 0.05 * model_bytes, result
+    # The mapped engine pages: one model in RSS, not two.
+    assert 0.9 * model_bytes < result["rss_peak"] - result["rss_before"] < 1.2 * model_bytes, result
 
 
 def test_bad_engine_configs_fail_before_sampling(tiny_model, tmp_path):

@@ -5,11 +5,13 @@ Per Megatron tensor, in a fixed order every rank agrees on (the "plan"):
 2. the shared mapping (checkpoint/hf_mapping.py) undoes the fused layouts (QKV, gate/up),
    drops the vocabulary padding and renames to HF;
 3. the owning stage broadcasts the HF tensors over the PP group, so every rank has them;
-4. tensors are packed into buckets of about ``bucket_bytes``; each full bucket is handed to
-   the engine's in-place ``reload_weights`` (ranks without an engine drop it). A bucket
-   never splits a module (q/k/v weights and biases of one attention, gate/up of one MLP):
-   vLLM reloads layer by layer and processes a module once per call, so a module split
-   over two calls would be finalised half-loaded.
+4. with ``rollout.weight_sync=reload``, tensors are packed into buckets of about
+   ``bucket_bytes``; each full bucket is handed to the engine's in-place ``reload_weights``
+   (ranks without an engine drop it). A bucket never splits a module (q/k/v weights and
+   biases of one attention, gate/up of one MLP): vLLM reloads layer by layer and processes a
+   module once per call, so a module split over two calls would be finalised half-loaded.
+   With ``weight_sync=shared`` (CPU engine) each tensor is instead written straight into the
+   engine's parameter in shared memory: no buckets, one copy per byte.
 
 Who talks to which engine: every rank receives every full tensor (collectives need all of
 them); the first rank of each data-parallel replica (``engine.hosts_engine``) feeds its
@@ -55,7 +57,8 @@ class SyncStats:
     seconds: float
     num_tensors: int
     num_buckets: int
-    # Time inside the engine's reload (shared-memory copy + vLLM reload_weights).
+    # Time handing tensors to the engine: shared-memory copy + vLLM reload_weights, or the
+    # in-place writes (weight_sync=shared).
     engine_seconds: float = 0.0
 
     @property
@@ -135,18 +138,30 @@ class WeightBridge:
         engine_seconds = 0.0
         if self.engine is not None:
             self.engine.wake_up()
-        for bucket in self.iter_buckets():
-            if self.engine is not None:
+        if self.engine is not None and self.engine.config.weight_sync == "shared":
+            # Ranks without an engine take the bucket path below: the same collectives.
+            for _, name, tensor in self.iter_full_tensors():
                 engine_start = time.perf_counter()
-                self.engine.load_weights(bucket)
+                self.engine.write_weight(name, tensor)
                 engine_seconds += time.perf_counter() - engine_start
-            moved += sum(t.nbytes for _, t in bucket)
-            tensors += len(bucket)
-            buckets += 1
-            del bucket
+                moved += tensor.nbytes
+                tensors += 1
+            self.engine.weights_written()
+        else:
+            for bucket in self.iter_buckets():
+                if self.engine is not None:
+                    engine_start = time.perf_counter()
+                    self.engine.load_weights(bucket)
+                    engine_seconds += time.perf_counter() - engine_start
+                moved += sum(t.nbytes for _, t in bucket)
+                tensors += len(bucket)
+                buckets += 1
+                del bucket
         stats = SyncStats(moved, time.perf_counter() - start, tensors, buckets, engine_seconds)
         if dist.get_rank() == 0:
-            print(f"weight sync: {stats.bytes / 1e6:.1f} MB in {stats.num_buckets} buckets, "
-                  f"{stats.seconds:.2f} s ({stats.engine_seconds:.2f} s in the engine's reload), "
+            how = (f"{stats.num_buckets} buckets" if stats.num_buckets
+                   else "written in place")
+            print(f"weight sync: {stats.bytes / 1e6:.1f} MB {how}, {stats.seconds:.2f} s "
+                  f"({stats.engine_seconds:.2f} s handing it to the engine), "
                   f"{stats.gb_per_s:.2f} GB/s", flush=True)
         return stats

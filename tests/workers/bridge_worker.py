@@ -39,16 +39,47 @@ def rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakRss:
-    """Samples this process's RSS every few ms while active."""
+def tree_pss_bytes() -> int:
+    """Physical memory of this process and its descendants (the vLLM engine core): PSS
+    splits each shared page between the processes that map it, so pages shared by the
+    trainer and the engine count once."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
-    def __init__(self):
-        self.peak, self._stop = rss_bytes(), threading.Event()
+
+class PeakRss:
+    """Samples this process's RSS (or ``measure``) every few ms while active."""
+
+    def __init__(self, measure=rss_bytes):
+        self.measure = measure
+        self.peak, self._stop = measure(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self.measure())
             time.sleep(0.002)
 
     def __enter__(self):
@@ -58,7 +89,7 @@ class PeakRss:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self.measure())
 
 
 def megatron_logprobs(policy, rollouts) -> list[list[float]]:
@@ -82,6 +113,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--bucket-bytes", type=int, default=1 << 20)
     parser.add_argument("--memory-only", action="store_true")
+    parser.add_argument("--weight-sync", default="reload")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
@@ -99,19 +131,29 @@ def main() -> None:
         unknown_weight_error = str(error.args[0])
     del chunk.adapter_scale
     is_host = hosts_engine(distributed.tp_rank(), distributed.pp_rank())
-    engine = RolloutEngine(args.hf_dir, RolloutConfig(max_model_len=128, enforce_eager=True),
+    engine = RolloutEngine(args.hf_dir, RolloutConfig(max_model_len=128, enforce_eager=True,
+                                                         weight_sync=args.weight_sync),
                            on_gpu=False) if is_host else None
     bridge = WeightBridge(policy, engine, BridgeConfig(bucket_bytes=args.bucket_bytes))
     result: dict = {"unknown_weight_error": unknown_weight_error}
 
     if args.memory_only:
-        before = rss_bytes()
-        with PeakRss() as peak:
+        # This process's RSS, and the physical memory (PSS) of trainer + engine, over the
+        # first sync (which also moves a shared-memory engine's parameters into its file)
+        # and over two more.
+        before, pss_before = rss_bytes(), tree_pss_bytes()
+        with PeakRss() as peak, PeakRss(tree_pss_bytes) as pss_first:
             stats = bridge.sync()
         largest = max(t.nbytes for _, _, t in bridge.iter_full_tensors())
+        pss_between = tree_pss_bytes()
+        with PeakRss(tree_pss_bytes) as pss_next:
+            bridge.sync()
+            bridge.sync()
         result |= {"rss_before": before, "rss_peak": peak.peak, "sync_bytes": stats.bytes,
                    "largest_tensor_bytes": largest,
-                  "bucket_bytes": args.bucket_bytes, "num_buckets": stats.num_buckets}
+                   "bucket_bytes": args.bucket_bytes, "num_buckets": stats.num_buckets,
+                   "pss_before": pss_before, "pss_first_peak": pss_first.peak,
+                   "pss_between": pss_between, "pss_next_peak": pss_next.peak}
     else:
         bridge.sync()
         greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=12)

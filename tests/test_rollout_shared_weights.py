@@ -140,3 +140,23 @@ def test_shared_weight_sync_config_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**HF_CONFIG, "hidden_size": 128}))
     with pytest.raises(ValueError, match="weight_sync=shared is for the CPU engine"):
         RolloutEngine(tmp_path, RolloutConfig(weight_sync="shared"), on_gpu=True)
+
+
+def test_sampler_logprobs_sit_at_their_response_tokens():
+    """The trainer's rollout/logprob_diff_* compares these with its own log-probs, which sit
+    at the response token positions (log p(token t | tokens before t))."""
+    from megatron_prime.rollout.collect import ScoredGroup, _to_token_batch
+
+    groups = [ScoredGroup([5, 6], [[7, 8, 9], [10]], [1.0, 0.0], [[-0.5, -1.5, -2.5], [-3.0]]),
+              ScoredGroup([11], [[12, 13], []], [0.0, 1.0], [[-0.25, -0.75], []])]
+    batch, scores = _to_token_batch(groups, pad_token_id=0)
+    assert batch.input_ids.shape == (4, 8) and scores.tolist() == [1.0, 0.0, 0.0, 1.0]
+    sampler = batch.extras["rollout_logprobs"]
+    assert sampler[0, :6].tolist() == [0, 0, -0.5, -1.5, -2.5, 0]
+    assert sampler[1, :4].tolist() == [0, 0, -3.0, 0]
+    assert sampler[2, :4].tolist() == [0, -0.25, -0.75, 0]
+    assert sampler[3].abs().sum() == 0
+    assert torch.equal(sampler != 0, batch.response_mask.bool())
+    # Groups without the sampler's log-probs (e.g. built by hand) carry no such extra.
+    plain, _ = _to_token_batch([ScoredGroup([5], [[6]], [1.0])], pad_token_id=0)
+    assert "rollout_logprobs" not in plain.extras

@@ -108,6 +108,9 @@ def test_resume_after_kill_is_bit_exact(toy_inputs, tmp_path):
     assert sorted(got) == [1, 2, 3, 4]
     assert got == expected  # exact float equality, step by step
     assert expected[1]["policy/loss"] != expected[4]["policy/loss"]  # the runs did learn something
+    # vLLM sampled every step with the weights the trainer had (the bridge synced each update).
+    for step, metrics in sampler_gaps(straight).items():
+        assert metrics["rollout/logprob_diff_max"] < 1e-3, (step, metrics)
     final_a = saved_tensors(straight / "checkpoints" / "step_00000004")
     final_b = saved_tensors(resumed / "checkpoints" / "step_00000004")
     assert sorted(final_a) == sorted(final_b)
@@ -117,6 +120,27 @@ def test_resume_after_kill_is_bit_exact(toy_inputs, tmp_path):
     # ... and the weights did move from the SFT start between step 2 and step 4.
     step2 = saved_tensors(straight / "checkpoints" / "step_00000002")
     assert any(not torch.equal(step2[name], final_a[name]) for name in final_a if "policy" in name)
+
+
+def sampler_gaps(run_dir: Path) -> dict[int, dict[str, float]]:
+    from megatron_prime.monitor import read_metrics
+
+    keys = ("rollout/logprob_diff_mean", "rollout/logprob_diff_max")
+    return {m["step"]: {k: m[k] for k in keys} for m in read_metrics(run_dir / "metrics.jsonl")}
+
+
+@pytest.mark.slow
+def test_shared_weight_sync_trains_with_the_engine_in_step(toy_inputs, tmp_path):
+    """rollout.engine.weight_sync=shared end to end: after every update the engine's log-probs
+    of its own samples are the trainer's (the trainer logs the gap), and the policy moves."""
+    run_to_end(train_command(toy_inputs, tmp_path / "shared", "trainer.steps=3",
+                             "rollout.engine.weight_sync=shared"))
+    gaps = sampler_gaps(tmp_path / "shared")
+    assert sorted(gaps) == [1, 2, 3]
+    for step, metrics in gaps.items():
+        assert metrics["rollout/logprob_diff_max"] < 1e-3, (step, metrics)
+    run = losses(tmp_path / "shared")
+    assert run[1]["policy/loss"] != run[3]["policy/loss"]
 
 
 def run_failing(command: list[str]) -> subprocess.CompletedProcess:

@@ -56,6 +56,9 @@ class ScoredGroup:
     prompt_token_ids: list[int]
     response_token_ids: list[list[int]]
     scores: list[float]
+    # The sampler's log-prob of each response token: the trainer compares them with its own
+    # (rollout/logprob_diff_*), which shows a stale or broken weight sync at once.
+    response_logprobs: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,7 +89,8 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
         [prompts[r.prompt_index].data_source for r in rollouts],
     )
     groups = [ScoredGroup(prompt_ids[i], [r.response_token_ids for r in rollouts[i * n:(i + 1) * n]],
-                          scores[i * n:(i + 1) * n]) for i in range(len(prompts))]
+                          scores[i * n:(i + 1) * n], [r.logprobs for r in rollouts[i * n:(i + 1) * n]])
+              for i in range(len(prompts))]
     lengths = [len(r.response_token_ids) for r in rollouts]
     stats = {"responses": float(len(rollouts)), "correct": float(sum(scores)),
              "response_tokens": float(sum(lengths)),
@@ -158,7 +162,8 @@ def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int
 
 
 def _to_token_batch(groups: list[ScoredGroup], pad_token_id: int) -> tuple[TokenBatch, torch.Tensor]:
-    """Right-padded prompt+response rows; the response mask marks the sampled tokens."""
+    """Right-padded prompt+response rows; the response mask marks the sampled tokens, and
+    ``extras["rollout_logprobs"]`` holds the sampler's log-probs at the same positions."""
     rows = [(g.prompt_token_ids, response) for g in groups for response in g.response_token_ids]
     scores = [s for g in groups for s in g.scores]
     if not rows:
@@ -173,7 +178,15 @@ def _to_token_batch(groups: list[ScoredGroup], pad_token_id: int) -> tuple[Token
         if response:
             input_ids[row, len(prompt):len(prompt) + len(response)] = torch.tensor(response, dtype=torch.long)
             response_mask[row, len(prompt):len(prompt) + len(response)] = 1.0
-    return TokenBatch(input_ids, response_mask), torch.tensor(scores, dtype=torch.float32)
+    extras = {}
+    if all(len(g.response_logprobs) == len(g.response_token_ids) for g in groups):
+        sampler = torch.zeros(len(rows), length, dtype=torch.float32)
+        logprobs = [values for g in groups for values in g.response_logprobs]
+        for row, ((prompt, response), values) in enumerate(zip(rows, logprobs)):
+            if values:
+                sampler[row, len(prompt):len(prompt) + len(values)] = torch.tensor(values, dtype=torch.float32)
+        extras["rollout_logprobs"] = sampler
+    return TokenBatch(input_ids, response_mask, extras=extras), torch.tensor(scores, dtype=torch.float32)
 
 
 def check_batch_config(config: BatchConfig, dp_size: int, num_records: int) -> None:

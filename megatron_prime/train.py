@@ -40,6 +40,7 @@ from megatron_prime.algo import (
     prm_pairwise_accuracy,
     sequence_log_ratio,
 )
+from megatron_prime.checkpoint.hf_io import non_weight_files
 from megatron_prime.checkpoint.train_state import (
     CheckpointConfig,
     load_train_state,
@@ -482,7 +483,7 @@ def train(config: PrimeConfig) -> RunResult:
         extra = {"sampler": sampler.state_dict(), "consecutive_skips": guard.consecutive,
                  "wandb_run_id": logger.wandb_run_id, "config": config_to_dict(config)}
         return save_train_state(checkpoint_root, step, trained, optimizers, schedulers, extra,
-                                config.checkpoint.keep_last)
+                                config.checkpoint.keep_last, hf_files=non_weight_files(hf_folder))
 
     def validation() -> dict[str, float]:
         """Greedy pass@1 on the held-out prompts; the engine must hold the current policy."""

@@ -200,3 +200,28 @@ def test_cli_converts_and_keeps_an_existing_output(tmp_path):
                    str(tmp_path / "out"))
     assert done.returncode == 2 and "is not a megatron_prime model checkpoint" in done.stderr
     assert not (tmp_path / "out").exists()
+    # --role picks a trained model of a training checkpoint; a model checkpoint has one role.
+    done = run_cli("convert_megatron_to_hf.py", "--checkpoint", str(output), "--role", "prm",
+                   "--output", str(tmp_path / "out"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "--role=prm is for training checkpoints (step_* folders)" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_checkpoint_export_errors_name_what_is_missing(tmp_path):
+    """A step folder's marker lists its trained models; its hf/ folder holds the config."""
+    from megatron_prime.checkpoint.convert import check_trained_model
+
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    (step / "train_state.json").write_text(json.dumps(
+        {"format_version": 1, "step": 4, "models": ["policy"], "model_dtypes": {"policy": "float32"}}))
+    with pytest.raises(ValueError, match=r"--role=prm: .*step_00000004 holds the trained models \['policy'\]"):
+        check_trained_model(step, "prm")
+    with pytest.raises(FileNotFoundError, match="hf/config.json: not found; this training checkpoint "
+                                                "does not carry its model's config"):
+        check_trained_model(step, "policy")
+    (step / "hf").mkdir()
+    (step / "hf" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    config, dtype = check_trained_model(step, "policy")
+    assert config == {"model_type": "qwen2"} and dtype == torch.float32

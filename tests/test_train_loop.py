@@ -142,6 +142,31 @@ def test_shared_weight_sync_trains_with_the_engine_in_step(toy_inputs, tmp_path)
     run = losses(tmp_path / "shared")
     assert run[1]["policy/loss"] != run[3]["policy/loss"]
 
+    # The trained policy and PRM of a step folder, published as HF folders.
+    step = tmp_path / "shared" / "checkpoints" / "step_00000003"
+    saved = saved_tensors(step)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import load_file
+
+    exported = {}
+    for role in ("policy", "prm"):
+        out = tmp_path / f"{role}_hf"
+        run_to_end([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"),
+                    "--checkpoint", str(step), "--role", role, "--output", str(out)])
+        exported[role] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+        model = AutoModelForCausalLM.from_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        ids = tokenizer("1 + 2 =", return_tensors="pt").input_ids
+        assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+        # Tensors the mapping copies unchanged equal the saved training state bit for bit.
+        vocab = exported[role]["model.embed_tokens.weight"].shape[0]
+        assert torch.equal(exported[role]["model.embed_tokens.weight"],
+                           saved[f"{role}/embedding.word_embeddings.weight"][:vocab])
+        # Megatron's dist-checkpoint stacks the layers: [num_layers, ...].
+        assert torch.equal(exported[role]["model.layers.1.mlp.down_proj.weight"],
+                           saved[f"{role}/decoder.layers.mlp.linear_fc2.weight"][1])
+    assert not torch.equal(exported["policy"]["lm_head.weight"], exported["prm"]["lm_head.weight"])
+
 
 def run_failing(command: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)

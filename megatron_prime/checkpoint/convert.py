@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
 from megatron_prime import distributed
 from megatron_prime.checkpoint.hf_io import (
@@ -34,13 +35,18 @@ from megatron_prime.checkpoint.hf_mapping import (
     resolve,
 )
 from megatron_prime.checkpoint.model_checkpoint import (
+    _sharded_state_dict,
     atomic_output_dir,
     hf_config_of,
     load_model_checkpoint,
+    load_model_chunks,
     read_manifest,
     refuse_existing_output,
     save_model_checkpoint,
 )
+from megatron_prime.checkpoint.train_state import HF_FOLDER as TRAIN_STATE_HF_FOLDER
+from megatron_prime.checkpoint.train_state import MARKER as TRAIN_STATE_MARKER
+from megatron_prime.checkpoint.train_state import read_marker
 from megatron_prime.config import ParallelConfig, PrecisionConfig
 from megatron_prime.models.architectures import ModelShape
 from megatron_prime.models.builder import ROLES, BuiltModel, build_model
@@ -127,22 +133,59 @@ def convert_megatron_to_hf(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    role: str | None = None,
 ) -> None:
-    """Megatron model checkpoint (saved at any layout) -> HF folder. Collective.
+    """Megatron checkpoint (saved at any layout) -> HF folder. Collective.
 
-    Each pipeline stage's TP-rank-0 (of DP replica 0) writes the layers it holds into its
-    own safetensors parts; global rank 0 then names them ``model-0000i-of-0000N`` and writes
-    the index, config.json, generation_config.json and the tokenizer files.
+    ``checkpoint`` is a model checkpoint (``megatron_prime.json``) or a training run's
+    ``step_*`` folder, whose ``role`` ("policy" by default, or "prm") is exported: how the
+    trained policy and implicit PRM are published. Each pipeline stage's TP-rank-0 (of DP
+    replica 0) writes the layers it holds into its own safetensors parts; global rank 0 then
+    names them ``model-0000i-of-0000N`` and writes the index, config.json,
+    generation_config.json and the tokenizer files.
     """
     checkpoint = Path(checkpoint)
-    manifest = read_manifest(checkpoint)
-    hf_config = hf_config_of(checkpoint)
-    dtype = dtype or getattr(torch, manifest["dtype"])
-    model = build_model(hf_config, "reference", parallel, _precision_for(dtype),
+    if (checkpoint / TRAIN_STATE_MARKER).is_file():
+        model, hf_config, side_files, dtype = _load_trained_model(checkpoint, role or "policy",
+                                                                   parallel, dtype)
+    else:
+        manifest = read_manifest(checkpoint)
+        if role is not None and role != manifest["role"]:
+            raise ValueError(f"--role={role} is for training checkpoints (step_* folders); "
+                             f"{checkpoint} is a model checkpoint of role {manifest['role']!r}")
+        hf_config = hf_config_of(checkpoint)
+        dtype = dtype or getattr(torch, manifest["dtype"])
+        model = build_model(hf_config, "reference", parallel, _precision_for(dtype),
+                            initialize_weights=False)
+        load_model_checkpoint(model, checkpoint)
+        side_files = sorted((checkpoint / "hf").iterdir())
+    export_hf_folder(model, output, hf_config, side_files, dtype, max_shard_bytes, overwrite)
+
+
+def check_trained_model(checkpoint: Path, role: str) -> tuple[dict, torch.dtype]:
+    """(HF config, saved dtype) of ``role`` in a training checkpoint; errors name what is missing."""
+    marker = read_marker(checkpoint)
+    if role not in marker["models"]:
+        raise ValueError(f"--role={role}: {checkpoint} holds the trained models {marker['models']}")
+    config_file = checkpoint / TRAIN_STATE_HF_FOLDER / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found; this training checkpoint does not carry "
+                                "its model's config and tokenizer (saved by an older version)")
+    saved_dtype = getattr(torch, marker.get("model_dtypes", {}).get(role, "float32"))
+    return json.loads(config_file.read_text()), saved_dtype
+
+
+def _load_trained_model(checkpoint: Path, role: str, parallel: ParallelConfig,
+                        dtype: torch.dtype | None) -> tuple[BuiltModel, dict, list[Path], torch.dtype]:
+    """The weights of one trained model of a train-state checkpoint; its optimizer state
+    (in the same dist-checkpoint) is not read."""
+    hf_config, saved_dtype = check_trained_model(checkpoint, role)
+    model = build_model(hf_config, "reference", parallel, _precision_for(saved_dtype),
                         initialize_weights=False)
-    load_model_checkpoint(model, checkpoint)
-    export_hf_folder(model, output, hf_config, sorted((checkpoint / "hf").iterdir()), dtype,
-                     max_shard_bytes, overwrite)
+    state = dist_checkpointing.load(_sharded_state_dict(model), str(checkpoint / role))
+    load_model_chunks(model, state, checkpoint / role)
+    side_files = sorted((checkpoint / TRAIN_STATE_HF_FOLDER).iterdir())
+    return model, hf_config, side_files, dtype or saved_dtype
 
 
 def export_hf_folder(
@@ -258,13 +301,22 @@ def megatron_to_hf_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_BYTES,
                         help="bytes per safetensors file")
+    parser.add_argument("--role", default=None, choices=("policy", "prm"),
+                        help="which trained model of a training checkpoint (step_* folder) to "
+                             "export (default: policy)")
     _parallel_args(parser)
     args = parser.parse_args(argv)
 
     def check_before_start(parallel: ParallelConfig) -> None:
-        read_manifest(args.checkpoint)
-        ModelShape.from_hf(hf_config_of(args.checkpoint)).check_layout(parallel)
+        checkpoint = Path(args.checkpoint)
+        if (checkpoint / TRAIN_STATE_MARKER).is_file():
+            hf_config, _ = check_trained_model(checkpoint, args.role or "policy")
+        else:
+            read_manifest(checkpoint)
+            hf_config = hf_config_of(checkpoint)
+        ModelShape.from_hf(hf_config).check_layout(parallel)
         refuse_existing_output(args.output, args.overwrite)
 
     _run(lambda a, p: convert_megatron_to_hf(a.checkpoint, a.output, p, a.dtype,
-                                             a.max_shard_size, a.overwrite), args, check_before_start)
+                                             a.max_shard_size, a.overwrite, a.role),
+         args, check_before_start)

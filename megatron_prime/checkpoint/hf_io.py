@@ -125,8 +125,13 @@ class HFCheckpoint:
 
     def side_files(self) -> list[Path]:
         """Tokenizer, generation config and other non-weight files to carry along."""
-        return sorted(p for p in self.path.iterdir() if p.is_file()
-                      and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_INDEXES)
+        return non_weight_files(self.path)
+
+
+def non_weight_files(folder: str | Path) -> list[Path]:
+    """config.json, tokenizer, generation config...: every file of an HF folder but weights."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file()
+                  and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_INDEXES)
 
 
 class SafetensorsShardWriter:

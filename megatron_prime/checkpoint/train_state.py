@@ -6,6 +6,8 @@ One checkpoint is one folder ``<checkpoint.dir>/step_<step:08d>``:
   schedulers.pt        state_dict() of each learning-rate scheduler (written by rank 0)
   rng/rank_NNNNN.pt    every rank's own RNG states (python, numpy, torch, CUDA, Megatron's
                        tensor-parallel tracker)
+  hf/                  the model's config.json, tokenizer and generation files, so a step
+                       folder converts to HF on its own (megatron-prime-megatron-to-hf --role)
   train_state.json     the marker: step, the caller's ``extra``, the layout it was saved at
 
 The frozen reference model is not saved: it is the SFT model the run started from.
@@ -33,7 +35,7 @@ import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +58,7 @@ MARKER = "train_state.json"
 FORMAT_VERSION = 1
 SCHEDULERS_FILE = "schedulers.pt"
 RNG_FOLDER = "rng"
+HF_FOLDER = "hf"
 # Test hook: tests/test_train_state.py sets this to a step number to SIGKILL the process while
 # that step's checkpoint is written (all state on disk, marker and rename not yet done).
 CRASH_ENV = "MEGATRON_PRIME_TEST_CRASH_DURING_CHECKPOINT"
@@ -303,8 +306,12 @@ def save_train_state(
     schedulers: dict[str, Any],
     extra: dict[str, Any],
     keep_last: int,
+    hf_files: Sequence[Path] = (),
 ) -> Path:
     """Writes ``<root>/step_<step:08d>`` atomically, then prunes old checkpoints (collective).
+
+    ``hf_files`` (config.json, tokenizer and generation files of the models) are copied into
+    its ``hf/`` folder: what an HF export of the trained policy or PRM needs besides weights.
 
     ``extra`` (data loader position, metrics...) must be JSON data; it comes back from
     ``load_train_state`` as JSON gives it (tuples as lists, keys as strings). The RNG states
@@ -326,6 +333,8 @@ def save_train_state(
         "step": step,
         "extra": extra_json,
         "models": sorted(models),
+        "model_dtypes": {role: str(model.config.params_dtype).removeprefix("torch.")
+                         for role, model in sorted(models.items())},
         "optimizers": {role: _optimizer_metadata(models[role]) for role in sorted(optimizers)},
         "schedulers": sorted(schedulers),
         "layout": _current_layout(),
@@ -340,6 +349,10 @@ def save_train_state(
                                              marker["optimizers"].get(role), is_loading=False)
             dist_checkpointing.save(state, str(staging / role))
         (staging / RNG_FOLDER).mkdir(exist_ok=True)
+        if _is_rank0() and hf_files:
+            (staging / HF_FOLDER).mkdir()
+            for file in hf_files:
+                shutil.copy2(file, staging / HF_FOLDER / Path(file).name)
         torch.save(rng_states, staging / RNG_FOLDER / f"rank_{rank:05d}.pt")
         if _is_rank0():
             torch.save({name: scheduler.state_dict() for name, scheduler in schedulers.items()},

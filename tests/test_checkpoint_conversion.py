@@ -225,3 +225,38 @@ def test_training_checkpoint_export_errors_name_what_is_missing(tmp_path):
     (step / "hf" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     config, dtype = check_trained_model(step, "policy")
     assert config == {"model_type": "qwen2"} and dtype == torch.float32
+
+
+def test_streaming_shard_writer_files_load_with_safetensors(tmp_path):
+    """Headers written before the data: safetensors' own reader gets every tensor back, split
+    into files at max_shard_bytes as planned; a tensor out of plan is refused by name."""
+    from safetensors.torch import load_file
+
+    from megatron_prime.checkpoint.hf_io import SafetensorsShardWriter
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(4, 8), "b.bias": torch.randn(8), "c.weight": torch.randn(16, 8),
+               "d.empty": torch.zeros(0, 8)}
+    plan = [(name, tuple(t.shape)) for name, t in tensors.items()]
+    # bfloat16: 64 + 16 bytes fit one 100-byte file; c (256 bytes) fills its own, so d starts
+    # a third.
+    writer = SafetensorsShardWriter(tmp_path, 3, 100, torch.bfloat16, plan)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.flush()
+    assert writer.files == [("part-00003-00000.safetensors", ["a.weight", "b.bias"]),
+                            ("part-00003-00001.safetensors", ["c.weight"]),
+                            ("part-00003-00002.safetensors", ["d.empty"])]
+    loaded = {k: v for f, _ in writer.files for k, v in load_file(tmp_path / f).items()}
+    assert sorted(loaded) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == torch.bfloat16
+        assert torch.equal(loaded[name], tensor.to(torch.bfloat16)), name
+
+    other = SafetensorsShardWriter(tmp_path / "x", 0, 100, torch.float32, plan)
+    with pytest.raises(ValueError, match=r"got 'b.bias' \(8,\), planned 'a.weight' \(4, 8\)"):
+        other.add("b.bias", tensors["b.bias"])
+    half = SafetensorsShardWriter(tmp_path, 1, 1000, torch.float32, plan)
+    half.add("a.weight", tensors["a.weight"])
+    with pytest.raises(ValueError, match="1 of 4 planned tensors written"):
+        half.flush()

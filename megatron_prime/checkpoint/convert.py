@@ -29,6 +29,7 @@ from megatron_prime.checkpoint.hf_io import (
     finalize_hf_folder,
 )
 from megatron_prime.checkpoint.hf_mapping import (
+    hf_plan,
     iter_hf_tensors,
     load_hf_weights,
     named_megatron_parameters,
@@ -207,7 +208,8 @@ def export_hf_folder(
     is_writer = distributed.tp_rank() == 0 and distributed.dp_rank() == 0
     progress = Progress("megatron->hf write", total=0)
     with atomic_output_dir(output, overwrite=overwrite) as staging:
-        writer = SafetensorsShardWriter(staging, distributed.pp_rank(), max_shard_bytes, dtype)
+        writer = SafetensorsShardWriter(staging, distributed.pp_rank(), max_shard_bytes, dtype,
+                                        hf_plan(model.gpt_chunks(), model.shape))
         for name, tensor in iter_hf_tensors(model.gpt_chunks(), model.shape,
                                                  distributed.gather_tp_shards):
             if is_writer:

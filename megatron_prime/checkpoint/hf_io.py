@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megatron_prime.checkpoint.hf_mapping import expected_hf_shapes
 from megatron_prime.models.architectures import ModelShape
@@ -134,35 +133,92 @@ def non_weight_files(folder: str | Path) -> list[Path]:
                   and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_INDEXES)
 
 
-class SafetensorsShardWriter:
-    """Buffers tensors and writes a safetensors file whenever ``max_shard_bytes`` is reached.
+_DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
-    Files get provisional names ``part-{writer_id}-{k}.safetensors``; ``finalize_hf_folder``
-    renames them to HF's ``model-0000i-of-0000N.safetensors`` once all writers are done.
+
+class SafetensorsShardWriter:
+    """Streams tensors to safetensors files as they come, never holding a shard in memory.
+
+    The tensors' names and shapes are known in advance (``plan``, in the order they will
+    arrive), so each file's header is written first and every tensor's bytes go straight to
+    its offset: memory is one tensor, not one shard. A new file starts whenever the next
+    tensor would take the current one past ``max_shard_bytes`` (a larger tensor gets a file
+    of its own). Files get provisional names ``part-{writer_id}-{k}.safetensors``;
+    ``finalize_hf_folder`` renames them to HF's ``model-0000i-of-0000N.safetensors`` once all
+    writers are done.
     """
 
-    def __init__(self, folder: Path, writer_id: int, max_shard_bytes: int, dtype: torch.dtype):
-        self.folder, self.writer_id, self.max_shard_bytes, self.dtype = \
-            folder, writer_id, max_shard_bytes, dtype
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []  # (file name, tensor names)
+    def __init__(self, folder: Path, writer_id: int, max_shard_bytes: int, dtype: torch.dtype,
+                 plan: list[tuple[str, tuple[int, ...]]]):
+        if dtype not in _DTYPE_CODES:
+            raise ValueError(f"dtype {dtype} cannot be written: expected one of {list(_DTYPE_CODES)}")
+        self.folder, self.writer_id, self.dtype = folder, writer_id, dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        # Group the plan into files exactly as the buffering writer did.
+        self._groups: list[list[tuple[str, tuple[int, ...], int]]] = []
+        size = 0
+        for name, shape in plan:
+            nbytes = itemsize
+            for dim in shape:
+                nbytes *= dim
+            if not self._groups or (self._groups[-1] and size + nbytes > max_shard_bytes):
+                self._groups.append([])
+                size = 0
+            self._groups[-1].append((name, tuple(shape), nbytes))
+            size += nbytes
+        self._next = 0  # position in the plan
+        self._file: Any = None
+        self.files: list[tuple[str, list[str]]] = []  # (file name, tensor names), once complete
+
+    def _position(self) -> tuple[int, int]:
+        """(file index, index within the file) of the next tensor."""
+        index = self._next
+        for group_index, group in enumerate(self._groups):
+            if index < len(group):
+                return group_index, index
+            index -= len(group)
+        raise ValueError(f"more tensors than planned ({self._next})")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
-        if self.buffer and self.buffered_bytes + tensor.nbytes > self.max_shard_bytes:
-            self.flush()
-        self.buffer[name] = tensor
-        self.buffered_bytes += tensor.nbytes
+        group_index, index = self._position()
+        expected, shape, nbytes = self._groups[group_index][index]
+        if name != expected or tuple(tensor.shape) != shape:
+            raise ValueError(f"writer {self.writer_id}: got {name!r} {tuple(tensor.shape)}, planned "
+                             f"{expected!r} {shape}")
+        if index == 0:
+            self._open(group_index)
+        data = tensor.detach().to("cpu", self.dtype).contiguous()
+        # A byte view (no copy); bfloat16 has no numpy type, so the bytes go as uint8.
+        self._file.write(data.view(-1).view(torch.uint8).numpy())
+        del data
+        self._next += 1
+        if index == len(self._groups[group_index]) - 1:
+            self._file.close()
+            self._file = None
+            self.files.append((self._file_name(group_index), [n for n, _, _ in self._groups[group_index]]))
+
+    def _file_name(self, group_index: int) -> str:
+        return f"part-{self.writer_id:05d}-{group_index:05d}.safetensors"
+
+    def _open(self, group_index: int) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, nbytes in self._groups[group_index]:
+            header[name] = {"dtype": _DTYPE_CODES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+        path = self.folder / self._file_name(group_index)
+        self._file = path.open("wb")
+        os.chmod(path, 0o644)
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        file_name = f"part-{self.writer_id:05d}-{len(self.files):05d}.safetensors"
-        save_file(self.buffer, str(self.folder / file_name), metadata={"format": "pt"})
-        os.chmod(self.folder / file_name, 0o644)  # save_file creates it owner-only
-        self.files.append((file_name, list(self.buffer)))
-        self.buffer, self.buffered_bytes = {}, 0
+        """Checks that every planned tensor arrived (a writer that got none has no files)."""
+        planned = sum(len(group) for group in self._groups)
+        if self._next not in (0, planned):
+            raise ValueError(f"writer {self.writer_id}: {self._next} of {planned} planned tensors written")
 
 
 def finalize_hf_folder(folder: Path, files: list[tuple[str, list[str]]], total_bytes: int) -> None:

@@ -290,6 +290,14 @@ def hf_tensors_of(
     return megatron_shards_to_hf(weight, shards, shape)
 
 
+def hf_plan(gpt_chunks: list[torch.nn.Module], shape: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of each tensor ``iter_hf_tensors`` yields for this stage, in its order,
+    without computing any of them."""
+    shapes = expected_hf_shapes(shape)
+    return [(hf_name, shapes[hf_name]) for name, _ in exported_parameters(gpt_chunks, shape)
+            for hf_name in resolve(name, shape).hf_names]
+
+
 def iter_hf_tensors(
     gpt_chunks: list[torch.nn.Module],
     shape: ModelShape,

@@ -1,0 +1,146 @@
+"""Best-of-N with the implicit PRM a PRIME run trained, against random choice among the N.
+
+On the default job's arithmetic task: the SFT model (the default job's SFT), then one PRIME
+run (the default job's settings, the real trainer); its last step folder's PRM and policy
+are exported to HF folders (``megatron-prime-megatron-to-hf --role``), and the evaluator
+(``megatron_prime.evaluate``, real vLLM) samples N answers per held-out problem from a
+generator, scores each with the PRM (sum or min of beta*log(pi_prm/pi_ref) over the
+response; the reference is the SFT model) and keeps the best.
+
+Random choice among the N has expected accuracy c/n per problem, which is pass@1 from n
+samples: the figure best-of-N must beat. Majority vote is printed beside it. Each generator
+(the SFT model and the trained policy) is sampled with several seeds; the PRM is trained once.
+
+    python benchmarks/prm_best_of_n.py [--steps 40] [--n 16] [--problems 100] [--seeds 0,1,2]
+
+Results (text and JSON) go to --out-dir with the command, the commit and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS))
+
+from prime_vs_rloo import REPO, prepare, run, train_run  # noqa: E402
+
+AGGREGATES = ("sum", "min")
+
+
+def benchmark_file(held_out: Path, path: Path, problems: int) -> Path:
+    """The held-out prompts (RL-data layout) as an evaluation file: question, answer, source."""
+    from megatron_prime.data.templates import MATH_SUFFIX
+
+    rows = []
+    for line in held_out.read_text().splitlines()[:problems]:
+        row = json.loads(line)
+        question = row["prompt"][-1]["content"].removesuffix(MATH_SUFFIX)
+        rows.append({"question": question, "answer": row["reward_model"]["ground_truth"],
+                     "source": "toy_arithmetic"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def export(step: Path, role: str, output: Path, log: Path) -> Path:
+    run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--checkpoint", str(step),
+         "--role", role, "--output", str(output)], log)
+    return output
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):5.1f} [{min(values):.1f}, {max(values):.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40, help="PRIME steps that train the PRM")
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--problems", type=int, default=100)
+    parser.add_argument("--seeds", default="0,1,2", help="sampling seeds of the evaluation")
+    parser.add_argument("--out-dir", default=str(BENCHMARKS / "results"))
+    parser.add_argument("--work-dir", default=None, help="keep the models here (default: a temp dir)")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    ks = sorted({1, 4, args.n})
+
+    from megatron_prime.demo import DemoConfig
+    from megatron_prime.evaluate import EvalConfig, evaluate
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        sft, rl_data, held_out = prepare(work, seed=0)
+        history = train_run(work, "PRIME", 0, args.steps, sft, rl_data, held_out)
+        step = work / "prime_seed0" / "checkpoints" / f"step_{args.steps:08d}"
+        prm = export(step, "prm", work / "prm_hf", work / "export_prm.log")
+        policy = export(step, "policy", work / "policy_hf", work / "export_policy.log")
+        bench = benchmark_file(held_out, work / "toy_arithmetic.jsonl", args.problems)
+        beta = DemoConfig().prime.algo.beta
+        max_new_tokens = DemoConfig().prime.rollout.sampling.max_new_tokens
+
+        # results[generator][aggregate][seed] = the evaluator's average row
+        results: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+        for generator, folder in (("SFT model", sft), ("PRIME policy", policy)):
+            for aggregate in AGGREGATES:
+                for seed in seeds:
+                    out = work / "eval" / f"{generator.split()[0].lower()}_{aggregate}_seed{seed}"
+                    result = evaluate(EvalConfig(
+                        model=str(folder), benchmarks=[str(bench)], out_dir=str(out), n=args.n,
+                        temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, ks=ks,
+                        system_prompt=False, prm=str(prm), reference=str(sft), beta=beta,
+                        prm_aggregate=aggregate, verifier_workers=1))
+                    results.setdefault(generator, {}).setdefault(aggregate, {})[seed] = result["average"]
+    minutes = (time.perf_counter() - start) / 60
+
+    prm_ranking = [m["prm/ranking_accuracy"] for m in history if "prm/ranking_accuracy" in m]
+    lines = [f"PRM: trained by {args.steps} PRIME steps (the default job's settings) from the default "
+             f"job's SFT model; its training-time ranking accuracy over the last 10 steps "
+             f"{statistics.mean(prm_ranking[-10:]):.3f}",
+             f"evaluation: {args.problems} held-out problems, N={args.n} samples each at temperature 1, "
+             f"sampling seeds {seeds}; percent, mean [min, max] over seeds; random choice = pass@1",
+             ""]
+    header = f"{'generator':<14} {'PRM score':<9} {'random choice':>20} " + " ".join(
+        f"{f'maj@{k}':>20} {f'best-of-{k}':>20}" for k in ks if k > 1)
+    lines.append(header)
+    wins = {}
+    for generator, by_aggregate in results.items():
+        for aggregate, by_seed in by_aggregate.items():
+            rows = list(by_seed.values())
+            cells = [spread([r["pass@1"] for r in rows])]
+            for k in ks:
+                if k > 1:
+                    cells += [spread([r[f"maj@{k}"] for r in rows]), spread([r[f"bon@{k}"] for r in rows])]
+            lines.append(f"{generator:<14} {aggregate:<9} " + " ".join(f"{c:>20}" for c in cells))
+            wins[f"{generator} / {aggregate}"] = sum(r[f"bon@{args.n}"] > r["pass@1"] for r in rows)
+    lines.append("")
+    for name, count in wins.items():
+        lines.append(f"best-of-{args.n} above random choice: {count} of {len(seeds)} seeds ({name})")
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    head = (f"# benchmarks/prm_best_of_n.py {' '.join(sys.argv[1:])} at commit {commit} on "
+            f"{datetime.date.today()}, {platform.machine()} CPU x{__import__('os').cpu_count()}, "
+            f"{minutes:.1f} min")
+    text = "\n".join([head, *lines]) + "\n"
+    print(text)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "prm_best_of_n.txt").write_text(text)
+    (out_dir / "prm_best_of_n.json").write_text(json.dumps(
+        {"steps": args.steps, "n": args.n, "problems": args.problems, "seeds": seeds,
+         "results": results, "prm_ranking_accuracy": prm_ranking}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

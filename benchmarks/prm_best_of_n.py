@@ -61,6 +61,31 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):5.1f} [{min(values):.1f}, {max(values):.1f}]"
 
 
+def report(results: dict, prm_ranking: list[float], steps: int, n: int, problems: int,
+           seeds: list[int], ks: list[int]) -> list[str]:
+    lines = [f"PRM: trained by {steps} PRIME steps (the default job's settings) from the default "
+             f"job's SFT model; its training-time ranking accuracy over the last 10 steps "
+             f"{statistics.mean(prm_ranking[-10:]):.3f}",
+             f"evaluation: {problems} held-out problems, N={n} samples each at temperature 1, "
+             f"sampling seeds {seeds}; percent, mean [min, max] over seeds; random choice = pass@1",
+             ""]
+    lines.append(f"{'generator':<14} {'PRM score':<9} {'random choice':>20} " + " ".join(
+        f"{f'maj@{k}':>20} {f'best-of-{k}':>20}" for k in ks if k > 1))
+    wins = []
+    for generator, by_aggregate in results.items():
+        for aggregate, by_seed in by_aggregate.items():
+            rows = list(by_seed.values())
+            cells = [spread([r["pass@1"] for r in rows])]
+            for k in ks:
+                if k > 1:
+                    cells += [spread([r[f"maj@{k}"] for r in rows]), spread([r[f"bon@{k}"] for r in rows])]
+                    wins.append(f"best-of-{k} above random choice: "
+                                f"{sum(r[f'bon@{k}'] > r['pass@1'] for r in rows)} of {len(rows)} seeds "
+                                f"({generator} / {aggregate})")
+            lines.append(f"{generator:<14} {aggregate:<9} " + " ".join(f"{c:>20}" for c in cells))
+    return lines + [""] + wins
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40, help="PRIME steps that train the PRM")
@@ -69,9 +94,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="sampling seeds of the evaluation")
     parser.add_argument("--out-dir", default=str(BENCHMARKS / "results"))
     parser.add_argument("--work-dir", default=None, help="keep the models here (default: a temp dir)")
+    parser.add_argument("--report", default=None, help="only print the table of a saved JSON result")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     ks = sorted({1, 4, args.n})
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        results = {g: {a: {int(s): r for s, r in by_seed.items()} for a, by_seed in by_agg.items()}
+                   for g, by_agg in saved["results"].items()}
+        print("\n".join(report(results, saved["prm_ranking_accuracy"], saved["steps"], saved["n"],
+                                saved["problems"], saved["seeds"], sorted({1, 4, saved["n"]}))))
+        return
 
     from megatron_prime.demo import DemoConfig
     from megatron_prime.evaluate import EvalConfig, evaluate
@@ -104,28 +137,7 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
 
     prm_ranking = [m["prm/ranking_accuracy"] for m in history if "prm/ranking_accuracy" in m]
-    lines = [f"PRM: trained by {args.steps} PRIME steps (the default job's settings) from the default "
-             f"job's SFT model; its training-time ranking accuracy over the last 10 steps "
-             f"{statistics.mean(prm_ranking[-10:]):.3f}",
-             f"evaluation: {args.problems} held-out problems, N={args.n} samples each at temperature 1, "
-             f"sampling seeds {seeds}; percent, mean [min, max] over seeds; random choice = pass@1",
-             ""]
-    header = f"{'generator':<14} {'PRM score':<9} {'random choice':>20} " + " ".join(
-        f"{f'maj@{k}':>20} {f'best-of-{k}':>20}" for k in ks if k > 1)
-    lines.append(header)
-    wins = {}
-    for generator, by_aggregate in results.items():
-        for aggregate, by_seed in by_aggregate.items():
-            rows = list(by_seed.values())
-            cells = [spread([r["pass@1"] for r in rows])]
-            for k in ks:
-                if k > 1:
-                    cells += [spread([r[f"maj@{k}"] for r in rows]), spread([r[f"bon@{k}"] for r in rows])]
-            lines.append(f"{generator:<14} {aggregate:<9} " + " ".join(f"{c:>20}" for c in cells))
-            wins[f"{generator} / {aggregate}"] = sum(r[f"bon@{args.n}"] > r["pass@1"] for r in rows)
-    lines.append("")
-    for name, count in wins.items():
-        lines.append(f"best-of-{args.n} above random choice: {count} of {len(seeds)} seeds ({name})")
+    lines = report(results, prm_ranking, args.steps, args.n, args.problems, seeds, ks)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()

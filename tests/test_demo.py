@@ -38,4 +38,43 @@ def test_default_job_shortened_raises_accuracy(tmp_path):
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 0
     assert list((run / "prime" / "wandb").glob("offline-run-*"))
-    assert (run / "prime" / "checkpoints" / "step_00000060" / "train_state.json").is_file()
+    step = run / "prime" / "checkpoints" / "step_00000060"
+    assert (step / "train_state.json").is_file()
+    prm_best_of_n_beats_random_choice(run, step, tmp_path, env)
+
+
+def prm_best_of_n_beats_random_choice(run, step, tmp_path, env) -> None:
+    """The PRM the demo trained, exported to HF, ranks 4 samples of the SFT model per held-out
+    problem (sum of beta*log(pi_prm/pi_ref); the reference is the SFT model). Best-of-4 must
+    beat random choice among the 4, whose expected accuracy is the samples' mean (pass@1)."""
+    from megatron_prime.data.templates import MATH_SUFFIX
+    from megatron_prime.toy.arithmetic import make_rl_rows, write_jsonl
+
+    prm = tmp_path / "prm_hf"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"),
+                           "--checkpoint", str(step), "--role", "prm", "--output", str(prm)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Problems the run never trained on (the demo's RL prompts use seed + 2 = 2).
+    rows = [{"question": r["prompt"][-1]["content"].removesuffix(MATH_SUFFIX),
+             "answer": r["reward_model"]["ground_truth"]} for r in make_rl_rows(48, seed=1234)]
+    bench = write_jsonl(rows, tmp_path / "held_out.jsonl")
+    out = tmp_path / "bon"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "eval.py"), "--model", str(run / "sft"),
+                           "--prm", str(prm), "--reference", str(run / "sft"), "--benchmarks", str(bench),
+                           "--n", "4", "--ks", "1,4", "--temperature", "1.0", "--seed", "0",
+                           "--no-system-prompt", "--max-new-tokens", "48", "--verifier-workers", "1",
+                           "--out-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    # Reference computation from the saved samples: random choice = the samples' mean
+    # correctness; best-of-4 = the correctness of the highest-scoring sample (first on ties).
+    random_choice = sum(sum(r["correct"]) / 4 for r in records) / len(records)
+    best = [max(range(4), key=lambda i: (r["prm_scores"][i], -i)) for r in records]
+    best_of_4 = sum(r["correct"][i] for r, i in zip(records, best)) / len(records)
+    result = json.loads((out / "results.json").read_text())["average"]
+    assert result["pass@1"] == pytest.approx(100 * random_choice)
+    assert result["bon@4"] == pytest.approx(100 * best_of_4)
+    assert best_of_4 > random_choice + 0.05, (best_of_4, random_choice)
+    # The PRM moved away from the reference: a PRM equal to it would score every sample 0.
+    assert len({s for r in records for s in r["prm_scores"]}) > 1

@@ -39,6 +39,19 @@ def save_model(folder: Path, hidden: int, layers: int, intermediate: int, vocab:
     return folder
 
 
+def save_tied_llama(folder: Path) -> Path:
+    """A Llama with tied embeddings (no lm_head tensor; vLLM's head reads the embedding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=0, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    save_tokenizer(folder, vocab_size=290)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("vllm") / "model", hidden=256, layers=2,
@@ -50,12 +63,15 @@ def max_gap(phase: dict) -> float:
                for a, b in zip(ours, theirs))
 
 
-CASES = [(layout, "reload") for layout in LAYOUTS] + [("tp1pp1", "shared"), ("tp2pp2", "shared")]
+CASES = [(layout, "reload") for layout in LAYOUTS] + [
+    ("tp1pp1", "shared"), ("tp2pp2", "shared"), ("tied_llama", "shared")]
 
 
 @pytest.mark.parametrize("layout,weight_sync", CASES)
 def test_vllm_logprobs_match_megatron_after_sync_and_after_a_step(layout, weight_sync, tiny_model,
                                                                   tmp_path):
+    if layout == "tied_llama":
+        tiny_model, layout = save_tied_llama(tmp_path / "llama"), "tp1pp1"
     tp, pp = LAYOUTS[layout]
     # 64 KiB buckets: the 5 MB model crosses many bucket boundaries.
     result = run_json_worker("tests/workers/bridge_worker.py", tp * pp, [

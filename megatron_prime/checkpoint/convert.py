@@ -43,7 +43,7 @@ from megatron_prime.checkpoint.model_checkpoint import (
     load_model_chunks,
     read_manifest,
     refuse_existing_output,
-    save_model_checkpoint,
+    save_model_checkpoint_by_layer,
 )
 from megatron_prime.checkpoint.train_state import HF_FOLDER as TRAIN_STATE_HF_FOLDER
 from megatron_prime.checkpoint.train_state import MARKER as TRAIN_STATE_MARKER
@@ -99,28 +99,34 @@ def convert_hf_to_megatron(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> None:
-    """HF folder -> Megatron model checkpoint. Collective over the initialised world."""
+    """HF folder -> Megatron model checkpoint. Collective over the initialised world.
+
+    The Megatron model is built on the meta device and written one layer at a time
+    (``save_model_checkpoint_by_layer``): each rank holds one layer of its part plus the HF
+    tensors that layer is made of, never the model.
+    """
     if role not in ROLES:
         raise ValueError(f"role={role!r} is invalid: expected one of {list(ROLES)}")
     hf = HFCheckpoint.open(hf_dir)  # validates everything before anything is written
     dtype = dtype or hf.dtype
     model = build_model(hf.config, "reference", parallel, _precision_for(dtype),
-                        initialize_weights=False)
+                        initialize_weights=False, device=torch.device("meta"))
     progress = Progress("hf->megatron read", total=0)
     with atomic_output_dir(output, overwrite=overwrite) as staging:
         # Each rank reads only the HF tensors its parameters need.
         names = {n for chunk in model.gpt_chunks() for n in _hf_names_of(chunk, model.shape)}
         progress.total = len(names)
-        load_hf_weights(model, _counting_source(hf, progress))
+        source = _counting_source(hf, progress)
+        save_model_checkpoint_by_layer(
+            model, staging, hf.side_files() + [hf.path / "config.json"], {
+                "hf_architecture": model.shape.architecture.hf_architecture,
+                "role": role,
+                "dtype": dtype_name(dtype),
+                "saved_with": {"tensor_parallel_size": parallel.tensor_parallel_size,
+                               "pipeline_parallel_size": parallel.pipeline_parallel_size},
+                "source": str(Path(hf_dir).absolute()),
+            }, fill=lambda ids: load_hf_weights(model, source, only=ids))
         progress.report()
-        save_model_checkpoint(model, staging, hf.side_files() + [hf.path / "config.json"], {
-            "hf_architecture": model.shape.architecture.hf_architecture,
-            "role": role,
-            "dtype": dtype_name(dtype),
-            "saved_with": {"tensor_parallel_size": parallel.tensor_parallel_size,
-                           "pipeline_parallel_size": parallel.pipeline_parallel_size},
-            "source": str(Path(hf_dir).absolute()),
-        })
 
 
 def _hf_names_of(chunk: torch.nn.Module, shape) -> list[str]:

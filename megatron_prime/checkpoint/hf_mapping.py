@@ -202,11 +202,13 @@ def named_megatron_parameters(gpt_model: torch.nn.Module) -> Iterator[tuple[str,
 HFTensorSource = Callable[[str], Tensor]
 
 
-def load_hf_weights(model: "BuiltModel", hf_tensor: HFTensorSource | Mapping[str, Tensor]) -> int:
+def load_hf_weights(model: "BuiltModel", hf_tensor: HFTensorSource | Mapping[str, Tensor],
+                    only: set[int] | None = None) -> int:
     """Copies HF weights into this rank's part of ``model``; returns the count loaded.
 
     ``hf_tensor`` is a mapping or a callable (so a converter can stream from safetensors
-    shards without holding the whole model in memory).
+    shards without holding the whole model in memory). ``only``: the ``id``s of the
+    parameters to fill (a converter's current layer); default all.
     """
     from megatron_prime import distributed
 
@@ -217,6 +219,8 @@ def load_hf_weights(model: "BuiltModel", hf_tensor: HFTensorSource | Mapping[str
     with torch.no_grad():
         for chunk in model.gpt_chunks():
             for name, param in named_megatron_parameters(chunk):
+                if only is not None and id(param) not in only:
+                    continue
                 weight = resolve(name, shape)
                 try:
                     sources = [get(hf_name) for hf_name in weight.hf_names]

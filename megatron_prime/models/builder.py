@@ -8,7 +8,7 @@ copy of the SFT model: no grads, no DDP buffers, no optimizer state.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,9 +68,12 @@ def build_model(
     precision: PrecisionConfig | None = None,
     use_distributed_optimizer: bool = False,
     initialize_weights: bool = True,
+    device: torch.device | None = None,
 ) -> BuiltModel:
     """Creates this rank's part of the model. Weights are random until loaded (checkpoint/);
-    ``initialize_weights=False`` leaves them uninitialised for a caller that loads them next."""
+    ``initialize_weights=False`` leaves them uninitialised for a caller that loads them next.
+    ``device=torch.device("meta")`` builds it without memory (shapes only), for a converter
+    that materialises one layer at a time."""
     if role not in ROLES:
         raise ValueError(f"model role={role!r} is invalid: expected one of {list(ROLES)}")
     precision = precision or PrecisionConfig()
@@ -81,31 +84,43 @@ def build_model(
     spec = layer_spec(config, uses_transformer_engine(precision, runtime.on_gpu))
     vocab = padded_vocab_size(shape.vocab_size, parallel.tensor_parallel_size)
 
+    device = device or runtime.device
     num_chunks = parallel.virtual_pipeline_parallel_size or 1
     chunks: list[torch.nn.Module] = []
-    for vp_stage in range(num_chunks):
-        stage = vp_stage if parallel.virtual_pipeline_parallel_size else None
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=vocab,
-            max_sequence_length=shape.max_position_embeddings,
-            pre_process=distributed.is_first_pp_stage(stage),
-            post_process=distributed.is_last_pp_stage(stage),
-            # Keep logits sharded over the vocabulary: log-probs are computed vocab-parallel.
-            parallel_output=True,
-            share_embeddings_and_output_weights=shape.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(shape.rope_theta),
-            rope_scaling=shape.rope_scaling_factor is not None,
-            rope_scaling_factor=shape.rope_scaling_factor or 8.0,
-            vp_stage=stage,
-        )
-        if not initialize_weights:
-            _mark_tensor_parallel_weights(model)
-        model.to(runtime.device)
-        chunks.append(model)
+    with torch.device("meta") if device.type == "meta" else nullcontext():
+        for vp_stage in range(num_chunks):
+            chunks.append(_build_chunk(config, spec, vocab, shape, vp_stage, parallel,
+                                       initialize_weights, device))
+    return _wrap(chunks, role, config, shape, vocab, use_distributed_optimizer)
 
+
+def _build_chunk(config: Any, spec: Any, vocab: int, shape: ModelShape, vp_stage: int,
+                 parallel: ParallelConfig, initialize_weights: bool, device: torch.device
+                 ) -> torch.nn.Module:
+    stage = vp_stage if parallel.virtual_pipeline_parallel_size else None
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab,
+        max_sequence_length=shape.max_position_embeddings,
+        pre_process=distributed.is_first_pp_stage(stage),
+        post_process=distributed.is_last_pp_stage(stage),
+        # Keep logits sharded over the vocabulary: log-probs are computed vocab-parallel.
+        parallel_output=True,
+        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta),
+        rope_scaling=shape.rope_scaling_factor is not None,
+        rope_scaling_factor=shape.rope_scaling_factor or 8.0,
+        vp_stage=stage,
+    )
+    if not initialize_weights:
+        _mark_tensor_parallel_weights(model)
+    return model.to(device)
+
+
+def _wrap(chunks: list[torch.nn.Module], role: str, config: Any, shape: ModelShape, vocab: int,
+          use_distributed_optimizer: bool) -> BuiltModel:
     if role == "reference":
         for chunk in chunks:
             chunk.requires_grad_(False)

@@ -17,7 +17,6 @@ than a packed copy of it, which ``SharedWeightsConfig`` asks vLLM for.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import secrets
@@ -31,6 +30,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     UnquantizedEmbeddingMethod,
     VocabParallelEmbedding,
 )
+
+from megatron_prime.host_memory import return_freed_memory
 
 # (name, dtype name, shape, byte offset) for each tensor in a block.
 BucketEntry = tuple[str, str, list[int], int]
@@ -153,14 +154,5 @@ class BridgeWorkerExtension:
                                         offset=start).view(param.shape)
                 view.copy_(param.data)
                 param.data = view  # the old storage is freed here, one parameter at a time
-                _return_freed_heap_to_os()
+                return_freed_memory(collect_garbage=False)  # else the RSS keeps a dead model
         return path, size, entries, block
-
-
-def _return_freed_heap_to_os() -> None:
-    """glibc keeps freed parameter storage in its heap for reuse; the engine will not
-    allocate that much again, so hand it back (else the engine's RSS keeps a dead model)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim

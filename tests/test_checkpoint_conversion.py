@@ -260,3 +260,49 @@ def test_streaming_shard_writer_files_load_with_safetensors(tmp_path):
     half.add("a.weight", tensors["a.weight"])
     with pytest.raises(ValueError, match="1 of 4 planned tensors written"):
         half.flush()
+
+
+@pytest.mark.slow
+def test_hf_to_megatron_holds_one_layer_not_the_model(tmp_path):
+    """A 12-layer, ~600 MB float32 model converts with a peak RSS growth well under half the
+    model: the Megatron side is written one layer at a time (the largest unit here is a layer
+    of ~45 MB: its HF tensors, its Megatron tensors and the checkpoint writer's copy)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from hf_fixtures import save_tokenizer
+
+    source = tmp_path / "hf"
+    config = Qwen2Config(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
+                         architectures=["Qwen2ForCausalLM"])
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(source)
+    save_tokenizer(source, vocab_size=290)
+    model_bytes = sum(t.numel() * t.element_size() for t in load_hf_tensors(source).values())
+    # VmHWM, not ru_maxrss: the latter keeps the forking pytest process's peak across exec.
+    code = r'''
+import json, os, sys
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def peak():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+if __name__ == "__main__":
+    from megatron_prime import distributed
+    from megatron_prime.checkpoint.convert import convert_hf_to_megatron
+    from megatron_prime.config import ParallelConfig
+    distributed.init_distributed(ParallelConfig())
+    start = rss()
+    convert_hf_to_megatron(sys.argv[1], sys.argv[2], ParallelConfig())
+    print(json.dumps({"start": start, "peak": peak()}))
+'''
+    script = tmp_path / "convert.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script), str(source), str(tmp_path / "megatron")],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    memory = json.loads(done.stdout.strip().splitlines()[-1])
+    assert model_bytes > 550e6
+    growth = memory["peak"] - memory["start"]
+    assert growth < 0.4 * model_bytes, (memory, growth, model_bytes, done.stdout[-2000:])
+    assert (tmp_path / "megatron" / "model" / ".metadata").is_file()

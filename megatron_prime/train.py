@@ -171,17 +171,17 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     # implicit PRM reads the reference (PRIME has no KL term): outcome-only RLOO skips it.
     with timer("logprobs"):
         old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
+        if config.prm_mode != "none":
+            if models.reference is None:
+                raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
+            with resident(models.reference, models.reference_offloaded):
+                ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
     if "rollout_logprobs" in batch.extras and mask.sum() > 0:
         # The engine sampled with the weights the bridge pushed, which are these weights: any
         # gap beyond kernel round-off means a stale or mangled sync (verl logs the same check).
         gap = (old.detach().float().cpu() - batch.extras["rollout_logprobs"]).abs() * mask.cpu()
         metrics["rollout/logprob_diff_mean"] = float(gap.sum() / mask.sum())
         metrics["rollout/logprob_diff_max"] = float(gap.max())
-        if config.prm_mode != "none":
-            if models.reference is None:
-                raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
-            with resident(models.reference, models.reference_offloaded):
-                ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
 
     # Step 7: the implicit PRM, updated before or after it scores the batch.
     process_rewards = None

@@ -153,7 +153,7 @@ class SafetensorsShardWriter:
         if dtype not in _DTYPE_CODES:
             raise ValueError(f"dtype {dtype} cannot be written: expected one of {list(_DTYPE_CODES)}")
         self.folder, self.writer_id, self.dtype = folder, writer_id, dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         # Group the plan into files exactly as the buffering writer did.
         self._groups: list[list[tuple[str, tuple[int, ...], int]]] = []
         size = 0

@@ -379,7 +379,7 @@ class SharedParameters:
         row = 1
         for dim in vllm_shape[1:]:
             row *= dim
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         start = offset + first * row * itemsize
         count = tensor.numel()
         target = torch.frombuffer(self._map, dtype=dtype, count=count, offset=start)

@@ -64,7 +64,7 @@ from megatron_prime.config import OptimizerConfig, ParallelConfig
 from megatron_prime.models.architectures import ModelShape, padded_vocab_size
 from megatron_prime.rollout.collect import BatchConfig
 from megatron_prime.rollout.engine import RolloutConfig, SamplingConfig
-from megatron_prime.train import AlgoConfig
+from megatron_prime.update import AlgoConfig
 
 GB = 10**9
 GIB = 2**30

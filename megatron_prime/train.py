@@ -8,38 +8,25 @@ torchrun or srun for several processes). One step, on every rank:
   3  engine       n samples per prompt                              (rollout/collect.py)
   4  rewards/     outcome reward per response                       (rollout/collect.py)
   5  algo/filter  keep prompts with accuracy in the band, refill    (rollout/collect.py)
-  6  models       old-policy, reference and PRM log-probs           (prime_update)
-  7  PRM update   cross-entropy on the outcome label                (prime_update)
-  8  advantages   RLOO outcome + leave-one-out process returns      (prime_update)
-  9  policy       PPO clipped loss, optimizer step                  (prime_update)
+  6  models       old-policy, reference and PRM log-probs           (update.py)
+  7  PRM update   cross-entropy on the outcome label                (update.py)
+  8  advantages   RLOO outcome + leave-one-out process returns      (update.py)
+  9  policy       PPO clipped loss, optimizer step                  (update.py)
  10  log + save   metrics, progress bar, wandb; train-state checkpoint
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from megatron.core.optimizer import MegatronOptimizer
-from torch import Tensor
 
 from megatron_prime import distributed
-from megatron_prime.algo import (
-    AdvantageConfig,
-    PPOLossConfig,
-    compute_prime_advantages,
-    implicit_process_rewards,
-    masked_mean,
-    prm_pairwise_accuracy,
-    sequence_log_ratio,
-)
 from megatron_prime.checkpoint.hf_io import non_weight_files
 from megatron_prime.checkpoint.train_state import (
     CheckpointConfig,
@@ -59,10 +46,8 @@ from megatron_prime.config import (
     validate_all,
 )
 from megatron_prime.data import DataConfig, PromptSampler, load_prompts
-from megatron_prime.losses import ppo_loss, prm_loss
-from megatron_prime.models.builder import BuiltModel, move_to, resident
-from megatron_prime.models.optimizer import build_optimizer, train_step
-from megatron_prime.models.schedule import TokenBatch, forward_only
+from megatron_prime.models.builder import BuiltModel, move_to
+from megatron_prime.models.optimizer import build_optimizer
 from megatron_prime.monitor import LoggingConfig, RunLogger
 from megatron_prime.rollout.bridge import BridgeConfig, WeightBridge
 from megatron_prime.rollout.collect import (
@@ -76,172 +61,8 @@ from megatron_prime.rollout.engine import (
     SamplingConfig,
     hosts_engine,
 )
+from megatron_prime.update import AlgoConfig, PhaseTimer, PrimeModels, prime_update
 from megatron_prime.rollout.validation import ValidationConfig, greedy, run_validation
-
-
-@dataclass
-class AlgoConfig:
-    """PRIME's algorithm settings; defaults are the reference 7B run (../shared/PRIME.md)."""
-
-    beta: float = 0.05
-    num_samples_per_prompt: int = 4
-    # "before": update the PRM on the batch, then score it; "after": score, then update;
-    # "none": outcome-only RLOO (no PRM at all), the comparison baseline.
-    prm_mode: str = "before"
-    process_reward_normalization: str = "batch_norm"
-    micro_batch_size: int = 4
-    # PPO updates per step: the responses are cut into ppo_mini_batches optimizer steps,
-    # repeated ppo_epochs times (verl's ppo_mini_batch_size / ppo_epochs). The reference
-    # run makes one update per step; after the first, the clip starts to matter.
-    ppo_epochs: int = 1
-    ppo_mini_batches: int = 1
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
-
-    def validate(self) -> None:
-        require(self.beta > 0, "algo.beta", self.beta, "a float > 0")
-        require_positive_int("algo.num_samples_per_prompt", self.num_samples_per_prompt)
-        require(self.num_samples_per_prompt >= 2, "algo.num_samples_per_prompt",
-                 self.num_samples_per_prompt, ">= 2 (leave-one-out baselines)")
-        require_choice("algo.prm_mode", self.prm_mode, ("before", "after", "none"))
-        require_choice("algo.process_reward_normalization", self.process_reward_normalization,
-                       ("none", "batch_norm"))
-        require_positive_int("algo.micro_batch_size", self.micro_batch_size)
-        require_positive_int("algo.ppo_epochs", self.ppo_epochs)
-        require_positive_int("algo.ppo_mini_batches", self.ppo_mini_batches)
-
-
-@dataclass
-class PrimeModels:
-    policy: BuiltModel
-    reference: BuiltModel | None  # None for outcome-only RLOO (algo.prm_mode=none)
-    policy_optimizer: MegatronOptimizer
-    prm: BuiltModel | None = None
-    prm_optimizer: MegatronOptimizer | None = None
-    # The reference lives in host memory between its forward passes (trainer.offload_reference).
-    reference_offloaded: bool = False
-
-
-@dataclass
-class UpdateResult:
-    metrics: dict[str, float]
-    # Why an update was skipped by the NaN/inf guard, one entry per skipped model.
-    skip_reasons: list[str] = field(default_factory=list)
-
-
-class _PhaseTimer:
-    """Wall time per phase of a step (host clock; phases end with a host sync anyway)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        begin = time.perf_counter()
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-    def metrics(self) -> dict[str, float]:
-        return {**{f"time/{k}": v for k, v in self.seconds.items()}, "time/step": self.total}
-
-
-def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor,
-                 config: AlgoConfig) -> UpdateResult:
-    """One PRIME update on this data-parallel rank's responses (groups of n consecutive rows).
-
-    Advantages are whitened over this rank's responses.
-    """
-    config.validate()
-    n = config.num_samples_per_prompt
-    if batch.batch_size % n:
-        raise ValueError(f"{batch.batch_size} responses on this rank are not whole groups of "
-                         f"algo.num_samples_per_prompt={n}")
-    mask = batch.scored_token_mask()
-    metrics: dict[str, float] = {}
-    skip_reasons: list[str] = []
-    # Where the update's time goes: log-prob passes, PRM update, policy update.
-    timer = _PhaseTimer()
-
-    # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel). Only the
-    # implicit PRM reads the reference (PRIME has no KL term): outcome-only RLOO skips it.
-    with timer("logprobs"):
-        old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
-        if config.prm_mode != "none":
-            if models.reference is None:
-                raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
-            with resident(models.reference, models.reference_offloaded):
-                ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
-    if "rollout_logprobs" in batch.extras and mask.sum() > 0:
-        # The engine sampled with the weights the bridge pushed, which are these weights: any
-        # gap beyond kernel round-off means a stale or mangled sync (verl logs the same check).
-        gap = (old.detach().float().cpu() - batch.extras["rollout_logprobs"]).abs() * mask.cpu()
-        metrics["rollout/logprob_diff_mean"] = float(gap.sum() / mask.sum())
-        metrics["rollout/logprob_diff_max"] = float(gap.max())
-
-    # Step 7: the implicit PRM, updated before or after it scores the batch.
-    process_rewards = None
-    if config.prm_mode != "none":
-        if models.prm is None or models.prm_optimizer is None:
-            raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs a PRM model and optimizer")
-        prm_batch = _with_extras(batch, ref_logprobs=ref, outcome_labels=outcome_rewards.float())
-        if config.prm_mode == "after":
-            with timer("logprobs"):
-                prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
-        with timer("prm_update"):
-            prm_step = train_step(models.prm, models.prm_optimizer, prm_batch,
-                                  config.micro_batch_size, prm_loss(config.beta))
-        if prm_step.skip_reason:
-            skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
-        if config.prm_mode == "before":
-            with timer("logprobs"):
-                prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
-        process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,
-                                                   config.process_reward_normalization)
-        # How often the scoring PRM ranks a correct response above a wrong one of the same
-        # prompt (over this rank's groups).
-        ranking = prm_pairwise_accuracy(config.beta * sequence_log_ratio(prm_logprobs, ref, mask),
-                                        outcome_rewards.float(), n)
-        metrics.update({"prm/loss": prm_step.metrics["loss"],
-                        "prm/accuracy": prm_step.metrics["accuracy"],
-                        "prm/ranking_accuracy": float(ranking),
-                        "prm/grad_norm": prm_step.grad_norm,
-                        "reward/process_mean": float(masked_mean(process_rewards, mask))})
-
-    # Step 8: advantages (RLOO on outcomes + leave-one-out process returns).
-    advantages, _ = compute_prime_advantages(outcome_rewards.float(), process_rewards, mask, n,
-                                             config.advantage)
-
-    # Step 9: PPO update of the policy, in ppo_epochs x ppo_mini_batches optimizer steps.
-    policy_batch = _with_extras(batch, old_logprobs=old, advantages=advantages)
-    if config.ppo_mini_batches > batch.batch_size:
-        raise ValueError(f"algo.ppo_mini_batches={config.ppo_mini_batches} is more than the "
-                         f"{batch.batch_size} responses on this rank")
-    bounds = torch.linspace(0, batch.batch_size, config.ppo_mini_batches + 1).round().long().tolist()
-    policy_metrics: dict[str, list[float]] = {}
-    for _ in range(config.ppo_epochs):
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            mini_batch = policy_batch.map_tensors(lambda t, a=start, b=end: t[a:b])
-            with timer("policy_update"):
-                policy_step = train_step(models.policy, models.policy_optimizer, mini_batch,
-                                         config.micro_batch_size, ppo_loss(config.ppo))
-            if policy_step.skip_reason:
-                skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
-            for name, value in {**policy_step.metrics, "grad_norm": policy_step.grad_norm}.items():
-                policy_metrics.setdefault(name, []).append(value)
-    # Means over the step's updates (the first update is on-policy: ratio 1, no clipping).
-    metrics.update({f"policy/{k}": sum(v) / len(v) for k, v in policy_metrics.items()})
-    metrics["reward/outcome_mean"] = float(outcome_rewards.float().mean())
-    metrics.update({f"time/{name}": seconds for name, seconds in timer.seconds.items()})
-    return UpdateResult(metrics, skip_reasons)
-
-
-def _with_extras(batch: TokenBatch, **extras: Tensor) -> TokenBatch:
-    return replace(batch, extras={**batch.extras, **{k: v.detach().cpu() for k, v in extras.items()}})
 
 
 # ---- the run: configuration, setup and the loop ----
@@ -504,7 +325,7 @@ def train(config: PrimeConfig) -> RunResult:
             history.append({"step": 0, **initial})
         while step < config.trainer.steps:
             step += 1
-            timer = _PhaseTimer()
+            timer = PhaseTimer()
             with timer("sync"):  # step 2: the policy changed in the last step (or is new)
                 if not engine_has_policy:
                     bridge.sync()

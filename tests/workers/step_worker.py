@@ -18,7 +18,7 @@ from megatron_prime.checkpoint.hf_mapping import iter_hf_tensors, load_hf_weight
 from megatron_prime.config import OptimizerConfig, ParallelConfig
 from megatron_prime.models.builder import BuiltModel, build_model
 from megatron_prime.models.optimizer import build_optimizer
-from megatron_prime.train import AlgoConfig, PrimeModels, prime_update
+from megatron_prime.update import AlgoConfig, PrimeModels, prime_update
 from workers.parity_worker import make_batch, make_hf_model
 
 

@@ -15,13 +15,22 @@ import os
 import socket
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_prime.config import ParallelConfig
+from megatron_prime.device_memory import CudaMemory, DeviceMemory, HostMemory
+
+# Host-side waits (rollout rounds, engine start-up, sleep/wake hand-offs) go over gloo groups
+# with this timeout instead of NCCL: a rank parked in an NCCL collective busy-waits on the GPU
+# vLLM decodes on, and NCCL's watchdog (the 30-minute process-group timeout) would kill a
+# long rollout round (a 72B policy, 4096 samples). Gloo has no watchdog thread; a gloo
+# collective only fails after this timeout. slime does the same: its rollout results and
+# barriers travel over gloo groups while SGLang generates.
+HOST_GROUP_TIMEOUT = datetime.timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,9 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm" or "single"
+    # Which node of the job this process runs on (torchrun's GROUP_RANK, SLURM_NODEID): the
+    # rollout engine of a replica may only use GPUs of its own node.
+    node_rank: int = 0
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
@@ -73,6 +85,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", "29500")),
             launcher="torchrun",
+            node_rank=int(env.get("GROUP_RANK", "0")),
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -92,6 +105,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             master_addr=master_addr,
             master_port=int(env.get("MASTER_PORT", default_port)),
             launcher="slurm",
+            node_rank=int(env.get("SLURM_NODEID", "0")),
         )
     # One process talks only to itself: any free port does, and two runs on one machine
     # (a benchmark beside a test) must not both take 29500.
@@ -127,6 +141,9 @@ class Runtime:
     backend: str
     launch: LaunchEnv
     parallel: ParallelConfig
+    # The trainer's view of its device's memory: the caching allocator it releases before a
+    # colocated engine wakes (CudaMemory on GPU; HostMemory on CPU, where nothing is cached).
+    memory: DeviceMemory = field(default_factory=HostMemory)
 
     @property
     def on_gpu(self) -> bool:
@@ -142,11 +159,14 @@ def init_distributed(
     use_gpu: bool | None = None,
     timeout_minutes: int = 30,
     environ: Mapping[str, str] | None = None,
+    memory: DeviceMemory | None = None,
 ) -> Runtime:
     """Starts torch.distributed and Megatron's groups. Call once per process.
 
     ``use_gpu=None`` means: GPU when CUDA is available. On CPU the Megatron patches in
     ``megatron_cpu_patches`` are applied here, before any Megatron module is built.
+    ``memory`` replaces the device-memory view chosen from the device (the CPU simulation of
+    the GPU path passes a ledger; tests/gpu_simulation.py).
     """
     global _RUNTIME
     if _RUNTIME is not None:
@@ -181,15 +201,20 @@ def init_distributed(
         context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
+    _create_host_groups()
     # Same seed on every rank; Megatron offsets it per TP rank for its model-parallel RNG.
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    _RUNTIME = Runtime(device=device, backend=backend, launch=launch, parallel=parallel)
+    if memory is None:
+        memory = CudaMemory() if on_gpu else HostMemory()
+    _RUNTIME = Runtime(device=device, backend=backend, launch=launch, parallel=parallel,
+                       memory=memory)
     return _RUNTIME
 
 
 def destroy_distributed() -> None:
     global _RUNTIME
+    _HOST_GROUPS.clear()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -281,9 +306,93 @@ def model_parallel_src_rank() -> int:
 
 
 def broadcast_in_replica(obj: object) -> object:
-    """The replica's first rank's ``obj`` on every rank of the replica (pickled; host data)."""
+    """The replica's first rank's ``obj`` on every rank of the replica (pickled; host data,
+    over the replica's gloo group: the other ranks wait here while the engine generates)."""
     if runtime().parallel.model_parallel_size == 1:
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=model_parallel_src_rank(), group=model_parallel_group())
+    dist.broadcast_object_list(holder, src=model_parallel_src_rank(), group=replica_host_group())
     return holder[0]
+
+
+# ---- host (gloo) groups: waits and small host data around the rollout engines ----
+
+_HOST_GROUPS: dict[str, dist.ProcessGroup] = {}
+
+
+def _create_host_groups() -> None:
+    """A gloo group over the world, one per model replica and one per data-parallel group.
+
+    Every rank must create every group, in the same order (torch.distributed's rule), so the
+    rank lists are gathered first and created in sorted order.
+    """
+    world = dist.new_group(backend="gloo", timeout=HOST_GROUP_TIMEOUT)
+    mine = (tuple(dist.get_process_group_ranks(model_parallel_group())),
+            tuple(dist.get_process_group_ranks(dp_group())))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine, group=world)
+    _HOST_GROUPS["world"] = world
+    for kind, index in (("replica", 0), ("dp", 1)):
+        for ranks in sorted({entry[index] for entry in everyone}):
+            group = dist.new_group(list(ranks), backend="gloo", timeout=HOST_GROUP_TIMEOUT)
+            if ranks == mine[index]:
+                _HOST_GROUPS[kind] = group
+
+
+def host_group() -> dist.ProcessGroup:
+    """All ranks, over gloo (host tensors only)."""
+    return _HOST_GROUPS["world"]
+
+
+def replica_host_group() -> dist.ProcessGroup:
+    """The ranks of this model replica (its TP and PP ranks), over gloo."""
+    return _HOST_GROUPS["replica"]
+
+
+def dp_host_group() -> dist.ProcessGroup:
+    """This rank's data-parallel group, over gloo."""
+    return _HOST_GROUPS["dp"]
+
+
+def is_host_group(group: dist.ProcessGroup | None) -> bool:
+    return group is not None and any(group is g for g in _HOST_GROUPS.values())
+
+
+def host_barrier() -> None:
+    """Every rank waits on the host (no GPU busy-wait, no NCCL watchdog)."""
+    dist.barrier(group=host_group())
+
+
+# ---- placement of the colocated rollout engines ----
+
+def physical_device_id(environ: Mapping[str, str] | None = None) -> str:
+    """The id of this rank's GPU as the node's driver numbers it (what a child process's
+    CUDA_VISIBLE_DEVICES must name), through this process's own CUDA_VISIBLE_DEVICES.
+
+    On CPU the simulated GPU is the rank's local rank (tests/gpu_simulation.py)."""
+    env = os.environ if environ is None else environ
+    index = torch.cuda.current_device() if runtime().on_gpu else runtime().launch.local_rank
+    visible = [item.strip() for item in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+    if not visible:
+        return str(index)
+    if index >= len(visible):
+        raise ValueError(f"local rank {runtime().launch.local_rank} uses GPU index {index}, but "
+                         f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r} names only "
+                         f"{len(visible)} GPUs (srun must not bind one GPU per task: --gpu-bind=none)")
+    return visible[index]
+
+
+def replica_devices_on_node(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The physical GPU ids, in rank order, of this rank's model replica on this rank's node
+    (collective over the world, host data).
+
+    A replica's engine may only use these GPUs: with DP=2 on a node, an engine started with
+    the node's whole CUDA_VISIBLE_DEVICES would place its workers on GPUs 0..TP-1 like every
+    other replica's engine, and half the node would never generate. verl computes the same
+    per rollout server (its workers' CUDA_VISIBLE_DEVICES from the placement group's bundles).
+    """
+    mine = (runtime().launch.node_rank, physical_device_id(environ))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine, group=host_group())
+    replica = dist.get_process_group_ranks(model_parallel_group())
+    return [everyone[rank][1] for rank in sorted(replica) if everyone[rank][0] == mine[0]]

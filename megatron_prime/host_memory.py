@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 
 
 def return_freed_memory(collect_garbage: bool = True) -> None:
@@ -20,3 +21,17 @@ def return_freed_memory(collect_garbage: bool = True) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+SHARED_MEMORY_DIR = "/dev/shm"
+
+
+def check_shared_memory_space(nbytes: int, purpose: str) -> None:
+    """Refuses, with the numbers, to put ``nbytes`` into /dev/shm when they do not fit: writing
+    past a full tmpfs kills the writing process with SIGBUS instead of raising."""
+    stat = os.statvfs(SHARED_MEMORY_DIR)
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes:
+        raise RuntimeError(f"{purpose} needs {nbytes / 2**20:.0f} MiB in {SHARED_MEMORY_DIR}, but "
+                           f"only {free / 2**20:.0f} MiB are free (containers: raise --shm-size; "
+                           f"or lower rollout.bridge.bucket_bytes)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -242,8 +242,11 @@ class RunResult:
     models: PrimeModels | None = None  # the trained models, for a caller that goes on (eval)
 
 
-def train(config: PrimeConfig) -> RunResult:
-    """Runs PRIME for ``config.trainer.steps`` steps (collective; every rank calls it)."""
+def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = RolloutEngine) -> RunResult:
+    """Runs PRIME for ``config.trainer.steps`` steps (collective; every rank calls it).
+
+    ``engine_factory`` builds the replica's rollout engine with RolloutEngine's arguments
+    (the CPU simulation of the GPU path passes a stand-in; tests/gpu_simulation.py)."""
     from transformers import AutoTokenizer
 
     from megatron_prime.rewards import RewardRegistry
@@ -286,10 +289,20 @@ def train(config: PrimeConfig) -> RunResult:
         guard.consecutive = extra.get("consecutive_skips", 0)
         wandb_run_id = extra.get("wandb_run_id")
 
+    # Placement: the replica's engine sees only the replica's GPUs on the owner's node.
+    devices = distributed.replica_devices_on_node()  # collective
     engine = None
     if hosts_engine(distributed.tp_rank(), distributed.pp_rank()):
-        engine = RolloutEngine(hf_folder, config.rollout.engine, on_gpu=runtime.on_gpu)
+        engine = engine_factory(hf_folder, config.rollout.engine, on_gpu=runtime.on_gpu,
+                                visible_devices=devices)
+    # vLLM sizes its KV cache from the free memory it profiles at start-up: no rank may touch
+    # its GPU (not even the bridge's plan exchange) before every engine is up. The others wait
+    # on the host, not in NCCL.
+    distributed.host_barrier()
     bridge = WeightBridge(models.policy, engine, config.rollout.bridge)
+    # A new engine holds dummy weights and a KV cache: it sleeps until the first sync, as
+    # verl's hybrid engine does after building its rollout.
+    bridge.release_engine()
     rewards = RewardRegistry() if engine is not None else None
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logger = RunLogger(config.logging, config.trainer.steps, start_step, config_to_dict(config),
@@ -307,35 +320,31 @@ def train(config: PrimeConfig) -> RunResult:
                                 config.checkpoint.keep_last, hf_files=non_weight_files(hf_folder))
 
     def validation() -> dict[str, float]:
-        """Greedy pass@1 on the held-out prompts; the engine must hold the current policy."""
+        """Greedy pass@1 of the current policy on the held-out prompts; the engine wakes with
+        the policy and goes back to sleep."""
+        bridge.wake_with_policy()
         metrics = run_validation(val_records, engine, tokenizer, rewards, val_sampling,
                                  config.data.use_chat_template)
-        if engine is not None:
-            engine.sleep()
+        bridge.release_engine()
         return metrics
 
     step = start_step
-    engine_has_policy = False  # the engine's weights are the current policy's
     try:
         if config.validation.enabled and config.validation.before_train and start_step == 0:
-            bridge.sync()
-            engine_has_policy = True
             initial = validation()
             logger.log(0, initial)
             history.append({"step": 0, **initial})
         while step < config.trainer.steps:
             step += 1
             timer = PhaseTimer()
-            with timer("sync"):  # step 2: the policy changed in the last step (or is new)
-                if not engine_has_policy:
-                    bridge.sync()
+            with timer("sync"):  # step 2: the trainer releases its memory, the engine wakes
+                bridge.wake_with_policy()
             with timer("rollout"):  # steps 1, 3, 4, 5
                 collected = collect_batch(sampler, engine, tokenizer, rewards, config.rollout.sampling,
                                           config.rollout.batch, step, config.trainer.seed,
                                           config.data.use_chat_template, pad_token_id)
             metrics = dict(collected.metrics)
-            if engine is not None:
-                engine.sleep()  # GPU: hand the memory to training
+            bridge.release_engine()  # the engine sleeps: its GPU memory goes to training
             with timer("update"):  # steps 6-9
                 if collected.tokens.batch_size:
                     update = prime_update(models, collected.tokens, collected.outcome_rewards, config.algo)
@@ -345,11 +354,8 @@ def train(config: PrimeConfig) -> RunResult:
                     skip_reasons = []
                     logger.message(f"step {step}: no prompt had an accuracy inside "
                                    f"{config.rollout.batch.filter}; no update")
-            engine_has_policy = False
             if config.validation.due(step, config.trainer.steps):
                 with timer("validation"):
-                    bridge.sync()
-                    engine_has_policy = True
                     metrics.update(validation())
             for reason in skip_reasons:
                 logger.message(f"step {step}: {reason}")

@@ -160,6 +160,32 @@ try:
     engine.generate([[5]], SamplingConfig(n=0))
 except ValueError as error:
     errors["n"] = str(error)
+# The engine owns its sleep/weight state: it never samples with dummy or dropped weights.
+from megatron_prime.rollout.engine import EngineStateError
+few = SamplingConfig(n=1, max_new_tokens=2)
+def state_error(name):
+    try:
+        engine.generate([[5]], few)
+    except EngineStateError as error:
+        errors[name] = str(error)
+state_error("dummy")
+engine.weights_written()  # as after a sync (the dummy weights are the weights here)
+errors["ready_samples"] = len(engine.generate([[5]], few))
+engine.sleep()
+state_error("asleep")
+try:
+    engine.load_weights([])
+except EngineStateError as error:
+    errors["load_asleep"] = str(error)
+engine.wake_weights()
+try:
+    engine.wake_kv_cache()
+except EngineStateError as error:
+    errors["kv_first"] = str(error)
+engine.weights_written()
+state_error("weights_only")
+engine.wake_kv_cache()
+errors["woken_samples"] = len(engine.generate([[5]], few))
 engine.shutdown()
 print(json.dumps(errors))
 '''
@@ -171,3 +197,9 @@ print(json.dumps(errors))
     assert errors["length"] == ("prompt 0 has 40 tokens; with sampling.max_new_tokens=30 that "
                                 "exceeds rollout.max_model_len=64")
     assert errors["n"].startswith("sampling.n=0 is invalid")
+    assert "before the trainer's weights were loaded" in errors["dummy"]
+    assert errors["ready_samples"] == 1 and errors["woken_samples"] == 1
+    assert "on a sleeping engine" in errors["asleep"]
+    assert "load_weights on a sleeping engine" in errors["load_asleep"]
+    assert "wake_kv_cache before the weights were loaded" in errors["kv_first"]
+    assert "on a sleeping engine" in errors["weights_only"]

@@ -100,6 +100,8 @@ def test_example_scripts_ask_for_one_task_per_gpu_and_resume(layout, nodes, dp, 
     for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=8",
                  "#SBATCH --gpus-per-node=8", "#SBATCH --signal=USR1@300", "#SBATCH --requeue",
                  "#SBATCH --open-mode=append", f"  --nodes={nodes} \\",
+                 # each task sees its node's GPUs: the engines are placed per replica
+                 "  --gpu-bind=none \\",
                  "  python -m megatron_prime.train examples/eurus2_7b_prime.yaml "
                  "checkpoint.resume=auto || status=$?",
                  "RUN_STEPS=600", "CHECKPOINT_ROOT=runs/eurus2-7b-prime/checkpoints",

@@ -13,6 +13,15 @@ Per Megatron tensor, in a fixed order every rank agrees on (the "plan"):
    With ``weight_sync=shared`` (CPU engine) each tensor is instead written straight into the
    engine's parameter in shared memory: no buckets, one copy per byte.
 
+The memory hand-off around a sync (``wake_with_policy``, every rank, in this order; verl's
+``rollout_mode``/``trainer_mode`` and slime's ``onload``/``offload`` stage it the same way):
+1. every rank releases its allocator's cached blocks (activations, Adam temporaries);
+2. a host barrier: no engine wakes into memory a peer on its GPUs still holds;
+3. the engine wakes its weights; the policy is pushed (gather buffers are cached again);
+4. every rank releases again, a host barrier, then the engine wakes its KV cache.
+After the rollout, ``release_engine`` puts the engine to sleep (level 2) and holds every rank
+at a host barrier until it sleeps, so no trainer allocates into the engine's memory.
+
 Who talks to which engine: every rank receives every full tensor (collectives need all of
 them); the first rank of each data-parallel replica (``engine.hosts_engine``) feeds its
 engine, the others drop the tensors. vLLM cuts its own TP shards, so the trainer's TP/PP and
@@ -131,13 +140,34 @@ class WeightBridge:
         if bucket:
             yield bucket
 
+    def wake_with_policy(self) -> SyncStats:
+        """Wakes the engine with the current policy's weights, staging the GPU memory hand-off
+        (module docstring; collective, every rank)."""
+        memory = distributed.runtime().memory
+        memory.release_cached()
+        distributed.host_barrier()
+        if self.engine is not None:
+            self.engine.wake_weights()
+        stats = self.sync()
+        memory.release_cached()  # the gather and bucket buffers of the sync
+        distributed.host_barrier()
+        if self.engine is not None:
+            self.engine.wake_kv_cache()
+        return stats
+
+    def release_engine(self) -> None:
+        """Puts the engine to sleep and holds every rank until it has (collective): after this
+        the trainer may allocate the memory the engine used."""
+        if self.engine is not None:
+            self.engine.sleep()
+        distributed.host_barrier()
+
     def sync(self) -> SyncStats:
-        """Pushes the current policy weights into this rank's engine (collective)."""
+        """Pushes the current policy weights into this rank's engine (collective); the engine's
+        weights must be awake (``wake_with_policy`` stages it)."""
         start = time.perf_counter()
         moved = tensors = buckets = 0
         engine_seconds = 0.0
-        if self.engine is not None:
-            self.engine.wake_up()
         if self.engine is not None and self.engine.config.weight_sync == "shared":
             # Ranks without an engine take the bucket path below: the same collectives.
             for _, name, tensor in self.iter_full_tensors():
@@ -146,7 +176,6 @@ class WeightBridge:
                 engine_seconds += time.perf_counter() - engine_start
                 moved += tensor.nbytes
                 tensors += 1
-            self.engine.weights_written()
         else:
             for bucket in self.iter_buckets():
                 if self.engine is not None:
@@ -157,6 +186,8 @@ class WeightBridge:
                 tensors += len(bucket)
                 buckets += 1
                 del bucket
+        if self.engine is not None:
+            self.engine.weights_written()
         stats = SyncStats(moved, time.perf_counter() - start, tensors, buckets, engine_seconds)
         if dist.get_rank() == 0:
             how = (f"{stats.num_buckets} buckets" if stats.num_buckets

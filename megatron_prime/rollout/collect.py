@@ -128,10 +128,11 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
             totals[name] += value
         totals["prompts"] += len(groups)
         totals["kept_prompts"] += len(round_kept)
-        # Every replica must stop after the same round with at least `target` groups.
-        fewest = torch.tensor([len(kept)], dtype=torch.int64, device=distributed.device())
-        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
-        fewest_kept = int(fewest.item())  # host sync: the refill decision
+        # Every replica must stop after the same round with at least `target` groups. Over the
+        # host group: replicas whose engine finished first wait here while others generate.
+        fewest = torch.tensor([len(kept)], dtype=torch.int64)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=distributed.host_group())
+        fewest_kept = int(fewest.item())
         if fewest_kept >= target:
             break
     take = min(target, fewest_kept)
@@ -144,8 +145,8 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
 def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int, n: int) -> dict[str, float]:
     """Step metrics over all replicas (sums over the data-parallel group, then ratios)."""
     names = sorted(totals)
-    summed = torch.tensor([totals[k] for k in names], dtype=torch.float64, device=distributed.device())
-    dist.all_reduce(summed, group=distributed.dp_group())
+    summed = torch.tensor([totals[k] for k in names], dtype=torch.float64)
+    dist.all_reduce(summed, group=distributed.dp_host_group())
     total = dict(zip(names, summed.tolist()))
     responses = max(total["responses"], 1.0)
     generate_seconds = max(total["generate_seconds"] / distributed.dp_world_size(), 1e-9)

@@ -3,7 +3,16 @@
 Placement: one engine per trainer data-parallel replica, owned by the replica's first rank
 (TP rank 0 of the first pipeline stage; ``hosts_engine()``). vLLM's engine core runs in its
 own process, started fresh (spawn), so it never sees the trainer's torch.distributed world;
-its tensor-parallel size is independent of the trainer's TP/PP. The weight bridge hands
+its tensor-parallel size is independent of the trainer's TP/PP. On GPU the engine process
+sees only its replica's GPUs on the owner's node (``distributed.replica_devices_on_node``),
+so vLLM's workers, which take ``cuda:0..TP-1`` of what they see, land on the replica's own
+GPUs and every replica's GPUs generate.
+
+Memory hand-off (GPU, sleep mode): the engine sleeps at level 2 after every rollout (KV cache
+and weights dropped: the next sync overwrites the weights anyway, and level 1 would keep a
+host copy of every engine's weights), then wakes in two stages around the weight sync:
+weights, sync, KV cache (rollout/bridge.py). The engine owns that state: ``generate`` on an
+engine that sleeps or whose weights were dropped raises instead of sampling garbage. The weight bridge hands
 full HF tensors to the owning rank, which passes them through a shared-memory block
 (rollout/vllm_worker.py) to vLLM's in-place ``reload_weights``.
 
@@ -27,6 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from megatron_prime.config import require, require_choice, require_positive_int
+from megatron_prime.host_memory import check_shared_memory_space
 from megatron_prime.models.architectures import ModelShape
 
 
@@ -113,6 +123,20 @@ def _without_env(names: Sequence[str]):
 
 
 @contextlib.contextmanager
+def _with_env(values: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def _ignoring(signum: int):
     """Processes started inside inherit an ignored ``signum`` (ignored dispositions survive
     fork and exec); this process gets its previous handler back."""
@@ -135,10 +159,20 @@ def hosts_engine(tp_rank: int, pp_rank: int) -> bool:
     return tp_rank == 0 and pp_rank == 0
 
 
-class RolloutEngine:
-    """A vLLM engine owned by this rank (see ``hosts_engine``)."""
+class EngineStateError(RuntimeError):
+    """The engine was asked to do something its sleep/weight state does not allow."""
 
-    def __init__(self, hf_folder: str | Path, config: RolloutConfig, on_gpu: bool):
+
+class RolloutEngine:
+    """A vLLM engine owned by this rank (see ``hosts_engine``).
+
+    States: awake with the trainer's weights (``ready``; only then ``generate``), asleep
+    (KV cache and weights dropped), weights awake but not yet loaded (during a sync). A new
+    engine is awake with dummy weights: it needs a sync before it can generate.
+    """
+
+    def __init__(self, hf_folder: str | Path, config: RolloutConfig, on_gpu: bool,
+                 visible_devices: Sequence[str] | None = None):
         config.validate()
         self.config, self.on_gpu = config, on_gpu
         self.hf_folder = Path(hf_folder)
@@ -156,7 +190,6 @@ class RolloutEngine:
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         if not on_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
-        from vllm import LLM
 
         dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kwargs: dict[str, Any] = dict(
@@ -178,15 +211,36 @@ class RolloutEngine:
             kwargs.update(quantization=SHARED_WEIGHTS_METHOD,
                           hf_overrides={"quantization_config": {"quant_method": SHARED_WEIGHTS_METHOD}})
         kwargs.update(config.extra_engine_args)
+        self.visible_devices = list(visible_devices) if visible_devices is not None else None
+        devices: dict[str, str] = {}
+        if on_gpu and self.visible_devices is not None:
+            if len(self.visible_devices) < config.tensor_parallel_size:
+                raise ValueError(
+                    f"rollout.engine.tensor_parallel_size={config.tensor_parallel_size}: this "
+                    f"replica has only {len(self.visible_devices)} GPUs on this node "
+                    f"({','.join(self.visible_devices)}); expected at most that many")
+            # The engine process and its workers inherit this at spawn.
+            devices["CUDA_VISIBLE_DEVICES"] = ",".join(self.visible_devices[:config.tensor_parallel_size])
         # The spawned engine must not take this process's launcher variables as its own, and
         # must outlive SIGUSR1: SLURM's pre-emption warning (sbatch --signal=USR1@N) reaches
         # every process of the job, and the trainer needs the engine until it has saved.
-        with _without_env(_LAUNCHER_VARIABLES), _ignoring(signal.SIGUSR1):
-            self.llm = LLM(**kwargs)
+        with _without_env(_LAUNCHER_VARIABLES), _with_env(devices), _ignoring(signal.SIGUSR1):
+            self.llm = self._start_llm(kwargs)
         self._block: shared_memory.SharedMemory | None = None
         self._shared: SharedParameters | None = None
         self.tokenizer = self.llm.get_tokenizer()
         self._asleep = False
+        self._weights_awake = True
+        # Dummy weights until the first sync (an evaluation engine loads its own).
+        self._weights_loaded = kwargs["load_format"] != "dummy"
+
+    @staticmethod
+    def _start_llm(kwargs: dict[str, Any]) -> Any:
+        """vLLM's offline engine (its engine core and workers start in fresh processes, which
+        inherit this process's environment as it is now)."""
+        from vllm import LLM
+
+        return LLM(**kwargs)
 
     def _check_head_size(self) -> None:
         if self.on_gpu:
@@ -237,6 +291,7 @@ class RolloutEngine:
                 stop=list(sampling.stop) or None, logprobs=0,
                 seed=None if sampling.seed is None else prompt_seed(sampling.seed, index))
 
+        self._check_ready("generate")
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_ids],
                                     [params(i) for i in range(len(token_ids))], use_tqdm=False)
         rollouts = []
@@ -255,6 +310,7 @@ class RolloutEngine:
 
         One copy into shared memory here, one copy into the parameters in the engine.
         """
+        self._check_weights_awake("load_weights")
         entries, offset = [], 0
         for name, tensor in bucket:
             offset = -(-offset // _ALIGN) * _ALIGN
@@ -273,19 +329,25 @@ class RolloutEngine:
     def write_weight(self, name: str, tensor: torch.Tensor) -> None:
         """``weight_sync=shared``: copies one full HF tensor straight into the engine's
         parameter (its rows of a fused vLLM tensor). Call ``weights_written`` after the last."""
+        self._check_weights_awake("write_weight")
         if self._shared is None:
             path, size, entries, packed = self.llm.collective_rpc("share_weights")[0]
             self._shared = SharedParameters(path, size, entries, packed, self.shape)
         self._shared.write(name, tensor)
 
     def weights_written(self) -> None:
+        """The whole model was loaded (either sync mode)."""
+        self._check_weights_awake("weights_written")
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
+        self._weights_loaded = True
 
     def _shared_block(self, nbytes: int) -> shared_memory.SharedMemory:
         """One block, reused across buckets and syncs; grown when a bucket does not fit."""
         if self._block is None or self._block.size < nbytes:
             self._release_block()
+            check_shared_memory_space(max(nbytes, 1), "rollout.weight_sync=reload (one bucket "
+                                      "of rollout.bridge.bucket_bytes)")
             self._block = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
         return self._block
 
@@ -302,16 +364,62 @@ class RolloutEngine:
             self._shared = None
         self.llm.llm_engine.engine_core.shutdown()
 
-    def sleep(self) -> None:
-        """GPU: release KV cache and weights to the trainer (level 1 keeps weights in host RAM)."""
-        if self.on_gpu and self.config.enable_sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
+    # ---- sleep and wake (GPU memory hand-off; the same states on CPU) ----
 
-    def wake_up(self) -> None:
+    @property
+    def ready(self) -> bool:
+        """Awake, with the weights of the last sync."""
+        return not self._asleep and self._weights_loaded
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
+
+    def _sleep_mode(self) -> bool:
+        return self.on_gpu and self.config.enable_sleep_mode
+
+    def sleep(self) -> None:
+        """Hands the GPU memory to the trainer: level 2 drops the KV cache and the weights
+        (verl and slime do the same for colocated rollouts; the next sync overwrites the
+        weights, so level 1's host copy of them would only cost host RAM). On CPU, or without
+        sleep mode, nothing is freed, but the state is the same: the next generate needs a sync.
+        """
         if self._asleep:
-            self.llm.wake_up()
+            return
+        if self._sleep_mode():
+            self.llm.sleep(level=2)
+        self._asleep = True
+        self._weights_loaded = False
+        self._weights_awake = False
+
+    def wake_weights(self) -> None:
+        """First wake stage: the weights' memory, before the trainer pushes them."""
+        if self._asleep and not self._weights_awake:
+            if self._sleep_mode():
+                self.llm.wake_up(tags=["weights"])
+            self._weights_awake = True
+
+    def wake_kv_cache(self) -> None:
+        """Second wake stage, after the sync and after the trainer released its gather
+        buffers: the KV cache is the largest allocation, so it goes last."""
+        if not self._weights_loaded:
+            raise EngineStateError("wake_kv_cache before the weights were loaded: sync first")
+        if self._asleep:
+            if self._sleep_mode():
+                self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
+
+    def _check_weights_awake(self, what: str) -> None:
+        if self._asleep and not self._weights_awake:
+            raise EngineStateError(f"{what} on a sleeping engine: wake_weights() first")
+
+    def _check_ready(self, what: str) -> None:
+        if self._asleep:
+            raise EngineStateError(f"{what} on a sleeping engine (its KV cache and weights were "
+                                   f"released); the weight bridge must sync and wake it first")
+        if not self._weights_loaded:
+            raise EngineStateError(f"{what} before the trainer's weights were loaded (dummy or "
+                                   f"dropped weights); the weight bridge must sync first")
 
 
 class SharedParameters:

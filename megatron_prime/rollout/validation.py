@@ -75,9 +75,10 @@ def run_validation(records: list[PromptRecord], engine: RolloutEngine | None, to
         _, stats = sample_and_score(engine, tokenizer, shard, sampling, rewards, use_chat_template)
         result = (stats["correct"], stats["responses"], stats["response_tokens"])
     correct, count, tokens = distributed.broadcast_in_replica(result) or (0.0, 0.0, 0.0)
-    totals = torch.tensor([correct, count, tokens], dtype=torch.float64, device=distributed.device())
+    totals = torch.tensor([correct, count, tokens], dtype=torch.float64)
     # One copy per replica: the replica's ranks hold the same numbers after the broadcast.
-    dist.all_reduce(totals, group=distributed.dp_group())
+    # Over gloo: replicas that finished first wait here while the others generate.
+    dist.all_reduce(totals, group=distributed.dp_host_group())
     correct, count, tokens = totals.tolist()
     return {"val/accuracy": correct / max(count, 1.0), "val/response_length": tokens / max(count, 1.0),
             "val/prompts": count}

@@ -31,7 +31,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 
-from megatron_prime.host_memory import return_freed_memory
+from megatron_prime.host_memory import check_shared_memory_space, return_freed_memory
 
 # (name, dtype name, shape, byte offset) for each tensor in a block.
 BucketEntry = tuple[str, str, list[int], int]
@@ -133,14 +133,8 @@ class BridgeWorkerExtension:
             entries.append((name, str(param.dtype).removeprefix("torch."), list(param.shape), offset))
             offset += param.numel() * param.element_size()
         size = max(offset, 1)
-        stat = os.statvfs(SHARED_WEIGHTS_DIR)
-        free = stat.f_bavail * stat.f_frsize
-        if free < size:
-            # Writing past a full tmpfs kills the process with SIGBUS; refuse with the numbers.
-            raise RuntimeError(f"rollout.weight_sync=shared needs {size / 2**20:.0f} MiB in "
-                               f"{SHARED_WEIGHTS_DIR} for the engine's parameters, but only "
-                               f"{free / 2**20:.0f} MiB are free (containers: raise --shm-size); "
-                               f"or use weight_sync=reload")
+        check_shared_memory_space(size, "rollout.weight_sync=shared (the engine's parameters; "
+                                        "or use weight_sync=reload)")
         path = os.path.join(SHARED_WEIGHTS_DIR, f"megatron_prime_weights_{os.getpid()}_{secrets.token_hex(4)}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:

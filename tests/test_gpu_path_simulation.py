@@ -149,7 +149,8 @@ def test_colocated_gpu_path(layout, toy, tmp_path):
         for index, item in enumerate(wakes):
             if item == ("wake", "kv_cache"):
                 assert wakes[index - 1] == ("rpc", None) and ("wake", "weights") in wakes[:index]
-        assert kinds.count("sleep") == 1 + 2 * STEPS  # after every generate round
+        # After start-up (until the first sync) and after every generate round.
+        assert kinds.count("sleep") == 2 + 2 * STEPS
     assert generating == {f"n{n}g{g}" for n, g in _node_gpus(layout)}, "every GPU generates"
 
     ranks = [json.loads((ledger / f"rank-{r}.json").read_text()) for r in range(nodes * per_node)]

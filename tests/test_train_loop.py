@@ -338,3 +338,26 @@ def test_offloaded_reference_gives_the_same_step(toy_inputs, tmp_path):
     with pytest.raises(AssertionError):  # the check can fail: another seed changes the losses
         run_to_end(train_command(toy_inputs, tmp_path / "seed", "trainer.steps=1", "trainer.seed=7"))
         assert losses(tmp_path / "seed") == runs["resident"]
+
+
+@pytest.mark.slow
+def test_whole_loop_at_dp2_runs_two_engines(toy_inputs, tmp_path):
+    """DP=2 on CPU: two replicas, each with its own vLLM engine (one per replica, on its first
+    rank), sample their shards of every step; validation wakes and sleeps both engines; every
+    step trains on the whole batch of prompts_per_step prompts."""
+    from megatron_prime.monitor import read_metrics
+    from megatron_prime.toy.arithmetic import make_rl_rows, write_jsonl
+
+    held_out = write_jsonl(make_rl_rows(6, seed=99), tmp_path / "held_out.jsonl")
+    run_dir = tmp_path / "dp2"
+    torchrun_train(toy_inputs, run_dir, 2, "trainer.steps=2", "checkpoint.save_every=0",
+                   f"validation.paths=[{held_out}]", "validation.every=1",
+                   "validation.max_new_tokens=8")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in records] == [1, 2]
+    for metrics in records:
+        assert metrics["rollout/prompts_trained"] == 4  # 2 per replica
+        assert metrics["rollout/kept_prompt_fraction"] == 1.0  # the filter keeps all here
+        assert metrics["val/prompts"] == 6  # 3 held-out prompts per replica
+        assert metrics["policy/num_units"] > 0
+    assert (run_dir / "checkpoints" / "step_00000002").is_dir()

@@ -20,9 +20,12 @@ for both specs (the local spec declares the renaming above in its
 checkpoints of Megatron-LM, NeMo and Megatron-Bridge GPU runs read as they are, and the GPU
 production path needs no translation. ``canonical_sharded_state_dict`` applies the table to
 every save and load of this package anyway, so the format does not rest on a Megatron
-default that a version could drop. ``_extra_state`` differences are handled on load
-(``load_sharded``): TE's entries are ignored by a local model; a TE model that finds none
-(a CPU-converted checkpoint) re-creates its FP8 metadata at the first forward.
+default that a version could drop. With Megatron-core 0.16 both specs write the same keys
+for our dense models (TEDotProductAttention leaves its ``_extra_state`` out of the
+dist-checkpoint); what differs is the ``_extra_state`` payload, handled on load
+(``load_sharded``): TE's FP8 metadata is ignored by a local model; a TE model that gets the
+local spec's empty entries, or none at all (a weights-only writer), builds its FP8 metadata
+afresh at the first forward.
 Same anchor as Megatron-Bridge: its parameter mappings are TE-named and its
 ``MegatronMappingRegistry`` adds the local-spec names as aliases of them
 (megatron/bridge/models/conversion/mapping_registry.py).
@@ -33,10 +36,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-LayerSpec = Literal["local", "transformer_engine"]
-LAYER_SPECS: tuple[str, ...] = ("local", "transformer_engine")
 # Recorded in manifests and train-state markers: the naming of the keys on disk.
 KEY_NAMING = "transformer_engine"
 EXTRA_STATE = "_extra_state"

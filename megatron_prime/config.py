@@ -50,6 +50,11 @@ class ParallelConfig:
         require_positive_int("parallel.tensor_parallel_size", self.tensor_parallel_size)
         require_positive_int("parallel.pipeline_parallel_size", self.pipeline_parallel_size)
         require_positive_int("parallel.context_parallel_size", self.context_parallel_size)
+        # Not built: the data, the log-prob schedule and the rollout engines would give every
+        # CP rank whole sequences (and an engine of its own) instead of a slice of each.
+        require(self.context_parallel_size == 1, "parallel.context_parallel_size",
+                self.context_parallel_size, "1: context parallelism is not built yet (every CP "
+                "rank would get whole sequences); use tensor or pipeline parallelism")
         if self.virtual_pipeline_parallel_size is not None:
             require_positive_int(
                 "parallel.virtual_pipeline_parallel_size", self.virtual_pipeline_parallel_size

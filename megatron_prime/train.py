@@ -76,10 +76,19 @@ class ModelConfig:
     path: str = ""
     # The PRM may start from another checkpoint of the same architecture (default: path).
     prm_path: str | None = None
+    # The frozen reference of the implicit PRM (the denominator of its reward). None: the
+    # PRM's starting checkpoint (prm_path if set, else path), so that log pi_psi - log pi_ref,
+    # and with it every implicit reward, is exactly 0 before the first PRM update, as PRIME
+    # defines it. Same architecture as path.
+    reference_path: str | None = None
 
     def validate(self) -> None:
         require(isinstance(self.path, str) and bool(self.path), "model.path", self.path,
                 "the path of an HF folder or a megatron_prime checkpoint")
+        for key in ("prm_path", "reference_path"):
+            value = getattr(self, key)
+            require(value is None or (isinstance(value, str) and bool(value)), f"model.{key}",
+                    value, "null or the path of an HF folder or a megatron_prime checkpoint")
 
 
 @dataclass
@@ -140,6 +149,14 @@ class PrimeConfig:
                 == self.policy_optimizer.use_distributed_optimizer,
                 "prm_optimizer.use_distributed_optimizer", self.prm_optimizer.use_distributed_optimizer,
                 "the same value as policy_optimizer.use_distributed_optimizer")
+        # The trainer's log-probs are those of the full softmax: a truncated sampler (top-p,
+        # top-k) draws from another distribution, so the PPO ratio and the PRM's labels would be
+        # off. Validation sampling is separate (greedy).
+        sampling = self.rollout.sampling
+        require(sampling.top_p == 1.0, "rollout.sampling.top_p", sampling.top_p,
+                "1.0 during training (the trainer's log-probs model the untruncated distribution)")
+        require(sampling.top_k == -1, "rollout.sampling.top_k", sampling.top_k,
+                "-1 during training (the trainer's log-probs model the untruncated distribution)")
 
 
 def _open_sft_checkpoint(path: str, key: str) -> tuple[dict[str, Any], Path, Any]:
@@ -175,21 +192,26 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
         loader(model)
         return model
 
+    def loader_of(key: str) -> Any:
+        """The weight loader of ``model.<key>``, which must hold the policy's architecture."""
+        path = getattr(config.model, key)
+        other_hf_config, _, loader = _open_sft_checkpoint(path, f"model.{key}")
+        if other_hf_config.get("architectures") != hf_config.get("architectures"):
+            raise ValueError(f"model.{key}={path!r} holds {other_hf_config.get('architectures')}, "
+                             f"the policy is {hf_config.get('architectures')}; expected the same "
+                             "architecture")
+        return loader
+
     policy = build("policy", load_weights)
-    reference = None
+    reference = prm = prm_optimizer = None
     if config.algo.prm_mode != "none":  # outcome-only RLOO never reads the reference
-        reference = build("reference", load_weights)
+        prm_loader = loader_of("prm_path") if config.model.prm_path else load_weights
+        # The PRM's own starting point unless set: implicit rewards start at exactly 0.
+        reference_loader = (loader_of("reference_path") if config.model.reference_path
+                            else prm_loader)
+        reference = build("reference", reference_loader)
         if config.trainer.offload_reference:
             move_to(reference, torch.device("cpu"))
-    prm = prm_optimizer = None
-    if config.algo.prm_mode != "none":
-        prm_loader = load_weights
-        if config.model.prm_path:
-            prm_hf_config, _, prm_loader = _open_sft_checkpoint(config.model.prm_path, "model.prm_path")
-            if prm_hf_config.get("architectures") != hf_config.get("architectures"):
-                raise ValueError(f"model.prm_path={config.model.prm_path!r} holds "
-                                 f"{prm_hf_config.get('architectures')}, the policy is "
-                                 f"{hf_config.get('architectures')}; expected the same architecture")
         prm = build("prm", prm_loader)
         prm_optimizer = build_optimizer(prm, config.prm_optimizer)
     models = PrimeModels(policy=policy, reference=reference,

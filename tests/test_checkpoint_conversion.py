@@ -117,7 +117,6 @@ def corrupt(folder: Path, how: str) -> None:
         (folder / "config.json").write_text(json.dumps(config))
     elif how == "missing_shard":
         (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-        names = HFCheckpoint.open  # noqa: F841 (index written below)
         tensors = load_file(folder / "model-00001-of-00002.safetensors")
         weight_map = {name: ("model-00001-of-00002.safetensors" if i % 2 else
                              "model-00002-of-00002.safetensors") for i, name in enumerate(tensors)}

@@ -65,10 +65,42 @@ def test_saved_config_loads_back_identically(tmp_path):
      r"parallel.recompute_num_layers=2 is invalid: expected None unless parallel.recompute_granularity='full'"),
     (["precision.layer_spec=local", "precision.fp8_recipe=delayed"],
      r"precision.fp8_recipe='delayed' is invalid: expected 'off' with precision.layer_spec='local'"),
+    (["parallel.context_parallel_size=2"],
+     r"parallel.context_parallel_size=2 is invalid: expected 1: context parallelism is not "
+     r"built yet"),
 ])
 def test_bad_values_name_key_value_and_allowed(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(RunConfig, None, overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.sampling.top_p=0.9"],
+     r"rollout.sampling.top_p=0.9 is invalid: expected 1.0 during training \(the trainer's "
+     r"log-probs model the untruncated distribution\)"),
+    (["rollout.sampling.top_k=50"], r"rollout.sampling.top_k=50 is invalid: expected -1 during training"),
+    (["model.reference_path=''"],
+     r"model.reference_path='' is invalid: expected null or the path of an HF folder"),
+])
+def test_prime_config_refuses_what_training_does_not_honour(overrides, message):
+    from megatron_prime.train import PrimeConfig
+
+    with pytest.raises(ValueError, match=message):
+        load_config(PrimeConfig, None, ["model.path=sft", *overrides])
+
+
+def test_prime_config_defaults_sample_untruncated_and_reference_the_prm_start():
+    from megatron_prime.rollout.validation import greedy
+    from megatron_prime.train import PrimeConfig
+
+    config = load_config(PrimeConfig, None, ["model.path=sft", "model.prm_path=prm",
+                                           "data.paths=[rl.jsonl]"])
+    sampling = config.rollout.sampling
+    assert (sampling.top_p, sampling.top_k, sampling.temperature) == (1.0, -1, 1.0)
+    assert config.model.reference_path is None
+    # Validation keeps its own (greedy) sampling, derived from the training one.
+    validation = greedy(sampling, None)
+    assert (validation.n, validation.temperature, validation.top_p, validation.top_k) == (1, 0.0, 1.0, -1)
 
 
 def test_missing_and_malformed_files(tmp_path):

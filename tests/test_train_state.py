@@ -100,6 +100,8 @@ def test_resume_continues_bit_exactly(layout, tmp_path):
     marker = json.loads((folder / MARKER).read_text())
     assert marker["models"] == ["policy", "prm"]
     assert marker["schedulers"] == ["policy", "prm"]
+    assert marker["key_naming"] == "transformer_engine"  # loads into either layer spec
+    assert marker["layer_specs"] == {"policy": "local", "prm": "local"}
     assert marker["layout"]["world_size"] == 2
     if layout == "tp2":
         assert marker["layout"]["tensor_parallel_size"] == 2
@@ -229,3 +231,24 @@ def test_save_refuses_bad_arguments_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"optimizers \['prm'\] have no model"):
         save_train_state(tmp_path, 1, {}, {"prm": object()}, {}, {}, keep_last=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_distributed_optimizer_state_resumes_only_under_its_layer_spec(tmp_path):
+    """Weights load into either spec; the dp_reshardable optimizer state is flat buffers in
+    the model's parameter order, which the spec decides: another spec is refused by name."""
+    from megatron_prime.checkpoint.train_state import _check_optimizer_format
+
+    layout = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "context_parallel_size": 1,
+              "virtual_pipeline_parallel_size": None, "data_parallel_size": 2}
+    sharded = {"chained_optim_avoid_prefix": True, "distrib_optim_sharding_type": "dp_reshardable"}
+    plain = {"chained_optim_avoid_prefix": True}
+    # Same spec, an older checkpoint without the record, or the plain optimizer: accepted.
+    _check_optimizer_format(tmp_path, "policy", sharded, sharded, layout, layout, "local", "local")
+    _check_optimizer_format(tmp_path, "policy", sharded, sharded, layout, layout, None, "local")
+    _check_optimizer_format(tmp_path, "policy", plain, plain, layout, layout,
+                            "transformer_engine", "local")
+    with pytest.raises(ValueError, match=r"the distributed optimizer state of 'policy' was saved "
+                                         r"by a model of layer spec 'transformer_engine' and this "
+                                         r"job builds 'local'"):
+        _check_optimizer_format(tmp_path, "policy", sharded, sharded, layout, layout,
+                                "transformer_engine", "local")

@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 from megatron_prime import distributed
 from megatron_prime.checkpoint.hf_io import (
@@ -45,6 +44,7 @@ from megatron_prime.checkpoint.model_checkpoint import (
     refuse_existing_output,
     save_model_checkpoint_by_layer,
 )
+from megatron_prime.checkpoint.spec_names import check_key_naming, load_sharded
 from megatron_prime.checkpoint.train_state import HF_FOLDER as TRAIN_STATE_HF_FOLDER
 from megatron_prime.checkpoint.train_state import MARKER as TRAIN_STATE_MARKER
 from megatron_prime.checkpoint.train_state import read_marker
@@ -189,7 +189,8 @@ def _load_trained_model(checkpoint: Path, role: str, parallel: ParallelConfig,
     hf_config, saved_dtype = check_trained_model(checkpoint, role)
     model = build_model(hf_config, "reference", parallel, _precision_for(saved_dtype),
                         initialize_weights=False)
-    state = dist_checkpointing.load(_sharded_state_dict(model), str(checkpoint / role))
+    check_key_naming(checkpoint, read_marker(checkpoint).get("key_naming"))
+    state = load_sharded(_sharded_state_dict(model), checkpoint / role)
     load_model_chunks(model, state, checkpoint / role)
     side_files = sorted((checkpoint / TRAIN_STATE_HF_FOLDER).iterdir())
     return model, hf_config, side_files, dtype or saved_dtype

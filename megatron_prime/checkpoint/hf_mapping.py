@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from megatron_prime.checkpoint.spec_names import te_name
 from megatron_prime.models.architectures import ModelShape
 
 if TYPE_CHECKING:
@@ -50,14 +51,12 @@ class WeightRule:
 _LAYER = "decoder.layers.{layer}."
 _HF_LAYER = "model.layers.{layer}."
 
-# Local (CPU) and Transformer Engine (GPU) specs name the pre-attention / pre-MLP norms
-# differently (TE fuses them into the next linear); both names map to the same HF tensor.
+# Megatron names in the Transformer Engine spec's naming; a local-spec name (the CPU path:
+# ``input_layernorm``, ``pre_mlp_layernorm``) is translated by ``spec_names.te_name`` first.
 RULES: tuple[WeightRule, ...] = (
     WeightRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Split.VOCAB),
     WeightRule("decoder.final_layernorm.weight", ("model.norm.weight",), Split.REPLICATED),
     WeightRule("output_layer.weight", ("lm_head.weight",), Split.VOCAB),
-    WeightRule(_LAYER + "input_layernorm.weight",
-               (_HF_LAYER + "input_layernorm.weight",), Split.REPLICATED),
     WeightRule(_LAYER + "self_attention.linear_qkv.layer_norm_weight",
                (_HF_LAYER + "input_layernorm.weight",), Split.REPLICATED),
     WeightRule(_LAYER + "self_attention.linear_qkv.weight",
@@ -66,8 +65,6 @@ RULES: tuple[WeightRule, ...] = (
                tuple(_HF_LAYER + f"self_attn.{p}_proj.bias" for p in "qkv"), Split.QKV),
     WeightRule(_LAYER + "self_attention.linear_proj.weight",
                (_HF_LAYER + "self_attn.o_proj.weight",), Split.ROW),
-    WeightRule(_LAYER + "pre_mlp_layernorm.weight",
-               (_HF_LAYER + "post_attention_layernorm.weight",), Split.REPLICATED),
     WeightRule(_LAYER + "mlp.linear_fc1.layer_norm_weight",
                (_HF_LAYER + "post_attention_layernorm.weight",), Split.REPLICATED),
     WeightRule(_LAYER + "mlp.linear_fc1.weight",
@@ -93,9 +90,11 @@ class ResolvedWeight:
 
 
 def resolve(megatron_name: str, shape: ModelShape) -> ResolvedWeight:
-    """Megatron name (global layer index) -> HF names. Unknown names are an error."""
+    """Megatron name (global layer index, either layer spec) -> HF names. Unknown names are
+    an error."""
+    canonical = te_name(megatron_name)
     for pattern, rule in _RULE_PATTERNS:
-        match = pattern.match(megatron_name)
+        match = pattern.match(canonical)
         if match is None:
             continue
         layer = match.groupdict().get("layer")

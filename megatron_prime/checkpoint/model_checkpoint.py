@@ -23,6 +23,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_prime import distributed
+from megatron_prime.checkpoint.spec_names import (
+    KEY_NAMING,
+    canonical_sharded_state_dict,
+    check_key_naming,
+    load_sharded,
+)
 from megatron_prime.host_memory import return_freed_memory
 from megatron_prime.models.builder import BuiltModel
 
@@ -77,17 +83,26 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
 
 
 def _sharded_state_dict(model: BuiltModel) -> dict[str, Any]:
+    """The model's sharded state dict with checkpoint keys in the canonical (TE) naming: every
+    save and load goes through here, so checkpoints move between layer specs."""
     chunks = model.gpt_chunks()
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        state = {"model": chunks[0].sharded_state_dict()}
+    else:
+        state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    return canonical_sharded_state_dict(state)
+
+
+def spec_record(model: BuiltModel) -> dict[str, str]:
+    """Manifest fields: the naming of the keys on disk and the spec the model was built with."""
+    return {"key_naming": KEY_NAMING, "layer_spec": model.layer_spec}
 
 
 def save_model_checkpoint(
     model: BuiltModel, folder: Path, hf_files: list[Path], manifest: dict[str, Any]
 ) -> None:
     """Writes weights, HF side files and the manifest into ``folder`` (collective)."""
-    _write_manifest_and_hf_files(folder, hf_files, manifest)
+    _write_manifest_and_hf_files(folder, hf_files, {**manifest, **spec_record(model)})
     dist_checkpointing.save(_sharded_state_dict(model), str(folder / "model"))
 
 
@@ -105,7 +120,7 @@ def save_model_checkpoint_by_layer(
     and moves their data files into ``model/``: the same checkpoint ``save_model_checkpoint``
     writes, loadable (and resharded) by Megatron as usual. Memory: one layer, not the model.
     """
-    _write_manifest_and_hf_files(folder, hf_files, manifest)
+    _write_manifest_and_hf_files(folder, hf_files, {**manifest, **spec_record(model)})
     units_root = folder / ".units"
     device = distributed.device()
     unit_dirs = []
@@ -320,7 +335,8 @@ def load_model_checkpoint(model: BuiltModel, folder: str | Path) -> dict[str, An
     if manifest["hf_architecture"] != model.shape.architecture.hf_architecture:
         raise ValueError(f"{folder}: checkpoint holds {manifest['hf_architecture']}, the model "
                          f"is {model.shape.architecture.hf_architecture}")
-    state = dist_checkpointing.load(_sharded_state_dict(model), str(folder / "model"))
+    check_key_naming(folder, manifest.get("key_naming"))
+    state = load_sharded(_sharded_state_dict(model), folder / "model")
     load_model_chunks(model, state, folder)
     return manifest
 

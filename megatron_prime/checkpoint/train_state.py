@@ -51,6 +51,7 @@ from megatron_prime.checkpoint.model_checkpoint import (
     atomic_output_dir,
     load_model_chunks,
 )
+from megatron_prime.checkpoint.spec_names import KEY_NAMING, check_key_naming, load_sharded
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.models.builder import BuiltModel
 
@@ -335,6 +336,9 @@ def save_train_state(
         "models": sorted(models),
         "model_dtypes": {role: str(model.config.params_dtype).removeprefix("torch.")
                          for role, model in sorted(models.items())},
+        # Weights load into either layer spec (checkpoint/spec_names.py).
+        "key_naming": KEY_NAMING,
+        "layer_specs": {role: model.layer_spec for role, model in sorted(models.items())},
         "optimizers": {role: _optimizer_metadata(models[role]) for role in sorted(optimizers)},
         "schedulers": sorted(schedulers),
         "layout": _current_layout(),
@@ -380,7 +384,8 @@ def _require_saved(folder: Path, what: str, wanted: dict[str, Any], saved: list[
 
 def _check_optimizer_format(folder: Path, role: str, saved: dict[str, Any],
                             current: dict[str, Any], saved_layout: dict[str, Any],
-                            layout: dict[str, Any]) -> None:
+                            layout: dict[str, Any], saved_spec: str | None,
+                            spec: str) -> None:
     """The optimizer state must be loadable as this job's optimizer would save it."""
     saved_sharding = saved.get("distrib_optim_sharding_type")
     current_sharding = current.get("distrib_optim_sharding_type")
@@ -399,6 +404,14 @@ def _check_optimizer_format(folder: Path, role: str, saved: dict[str, Any],
             f"{folder}: the distributed optimizer state of {role!r} was saved at {was} and this "
             f"job runs at {now}: expected the same {', '.join(_DP_RESHARDABLE_FIXED)} (only "
             "the data-parallel size may change)")
+    if saved_spec is not None and saved_spec != spec:
+        # The weights translate between specs (spec_names.py), but this format stores flat
+        # buffers in the order of the model's parameters, which the layer spec decides.
+        raise ValueError(
+            f"{folder}: the distributed optimizer state of {role!r} was saved by a model of "
+            f"layer spec {saved_spec!r} and this job builds {spec!r}: resume with the same "
+            "precision.layer_spec on the same kind of device (the weights alone load "
+            "anywhere, e.g. megatron-prime-megatron-to-hf)")
 
 
 def load_train_state(
@@ -418,11 +431,13 @@ def load_train_state(
     _require_saved(folder, "model", models, marker["models"])
     _require_saved(folder, "optimizer", optimizers, list(marker["optimizers"]))
     _require_saved(folder, "scheduler", schedulers, marker["schedulers"])
+    check_key_naming(folder, marker.get("key_naming"))
     layout = _current_layout()
     saved_layout = marker["layout"]
     for role in optimizers:
         _check_optimizer_format(folder, role, marker["optimizers"][role],
-                                _optimizer_metadata(models[role]), saved_layout, layout)
+                                _optimizer_metadata(models[role]), saved_layout, layout,
+                                marker.get("layer_specs", {}).get(role), models[role].layer_spec)
 
     for role, model in models.items():
         optimizer = optimizers.get(role)
@@ -430,7 +445,7 @@ def load_train_state(
             _allocate_distributed_adam_state(optimizer)
         sharded = _role_sharded_state_dict(model, optimizer, marker["optimizers"].get(role),
                                            is_loading=True)
-        state = dist_checkpointing.load(sharded, str(folder / role))
+        state = load_sharded(sharded, folder / role)
         load_model_chunks(model, state, folder / role)
         if optimizer is not None:
             # no_grad: the distributed optimizer copies into its main params in place, and

@@ -43,6 +43,9 @@ class BuiltModel:
     config: TransformerConfig
     shape: ModelShape
     padded_vocab_size: int
+    # "transformer_engine" or "local": which Megatron layer spec built the chunks; it decides
+    # the module names (checkpoint/spec_names.py translates between them).
+    layer_spec: str = "local"
 
     @property
     def trainable(self) -> bool:
@@ -81,7 +84,8 @@ def build_model(
     shape = ModelShape.from_hf(hf_config)
     config = transformer_config(shape, parallel, precision, on_gpu=runtime.on_gpu,
                                 initialize_weights=initialize_weights, role=role)
-    spec = layer_spec(config, uses_transformer_engine(precision, runtime.on_gpu))
+    use_transformer_engine = uses_transformer_engine(precision, runtime.on_gpu)
+    spec = layer_spec(config, use_transformer_engine)
     vocab = padded_vocab_size(shape.vocab_size, parallel.tensor_parallel_size)
 
     device = device or runtime.device
@@ -91,7 +95,9 @@ def build_model(
         for vp_stage in range(num_chunks):
             chunks.append(_build_chunk(config, spec, vocab, shape, vp_stage, parallel,
                                        initialize_weights, device))
-    return _wrap(chunks, role, config, shape, vocab, use_distributed_optimizer)
+    built = _wrap(chunks, role, config, shape, vocab, use_distributed_optimizer)
+    built.layer_spec = "transformer_engine" if use_transformer_engine else "local"
+    return built
 
 
 def _build_chunk(config: Any, spec: Any, vocab: int, shape: ModelShape, vp_stage: int,

@@ -117,7 +117,7 @@ def sample_with_vllm(model_dir: Path, device: str) -> tuple[list[list[int]], lis
               dtype="bfloat16" if device == "cuda" else "float32",
               gpu_memory_utilization=0.3, max_model_len=64)
     params = SamplingParams(n=NUM_SAMPLES, max_tokens=RESPONSE_TOKENS, min_tokens=RESPONSE_TOKENS,
-                            ignore_eos=True, temperature=1.0, logprobs=0, seed=SEED,
+                            ignore_eos=True, temperature=1.0, logprobs=0,
                             detokenize=False)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     responses, logprobs = [], []

@@ -25,11 +25,15 @@ def test_trainer_resident_after_release_is_what_the_plan_counts(distributed_opti
     keep_result("memory", result)
     measured, planned = result["measured"], result["planned"]
     # The step's activations really were there, and are gone after the release.
-    assert measured["peak_allocated_during_step"] > 1.2 * measured["allocated"]
+    # (The logits' log-softmax alone: 2 x 1024 tokens x 32000 x 22 bytes = 1.4 GB.)
+    assert measured["peak_allocated_during_step"] > measured["allocated"] + GIB
     # Live tensors after the release = weights + fp32 grad buffers + optimizer state +
-    # reference: the planner's count, up to Megatron's padding and small buffers (rotary
-    # tables, RNG states, the distributed optimizer's 64-element alignment).
-    assert measured["allocated"] == pytest.approx(planned["trainer_resident_bytes"], rel=0.03)
+    # reference: the planner's count (~5.9 GB here), up to what it leaves out: norm weights
+    # Megatron keeps in fp32, the distributed optimizer's 64-element alignment, rotary
+    # tables, and cuBLAS workspaces the caching allocator hands to each handle (32 MiB each).
+    resident = planned["trainer_resident_bytes"]
+    assert 0.99 * resident <= measured["allocated"] <= 1.02 * resident + 256 * 2**20, (
+        measured["allocated"], resident)
     # Everything else the process holds fits in the reserve the plan set aside for it.
     overhead = measured["cached_after_release"] + measured["outside_allocator"]
     assert overhead <= Cluster().reserved_gib * GIB, overhead / GIB

@@ -23,10 +23,12 @@ rest is the budget. That reserve, by its parts:
 * segments of PyTorch's caching allocator that still hold a live tensor beside freed blocks,
   which ``torch.cuda.empty_cache()`` cannot return.
 
-tests/test_gpu_plan_memory.py measures the context, allocator and NCCL part on a GPU
-(benchmarks/gpu_check.sh); verl and slime leave the same slack implicitly, by giving the
-engine a fraction (verl's rollout.gpu_memory_utilization, slime's sglang mem-fraction-static)
-well below what the trainer's offloaded state leaves free.
+tests/test_gpu_plan_memory.py measures the context and allocator part on a GPU
+(benchmarks/gpu_check.sh). verl (rollout ``gpu_memory_utilization``, 0.5 in its PPO example
+config, with ``free_cache_engine``) and slime (``--sglang-mem-fraction-static``) give the
+engine a fixed fraction and offload the trainer's weights and optimizer state while it runs,
+so what they must leave is little more than this reserve; this trainer keeps its state
+resident, so the fraction follows from that state (below).
 
 Sources of the accounting (written from them, not copied):
 

@@ -42,6 +42,7 @@ def keep_result(request: pytest.FixtureRequest):
     so a run on a lent machine brings back numbers, not only pass/fail; a no-op without it."""
     import json
     import os
+    import re
     from pathlib import Path
 
     folder = os.environ.get("MEGATRON_PRIME_RESULTS_DIR")
@@ -49,7 +50,9 @@ def keep_result(request: pytest.FixtureRequest):
     def keep(name: str, data: object) -> None:
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
-            (Path(folder) / f"{request.node.name}.{name}.json").write_text(
-                json.dumps(data, indent=1, sort_keys=True))
+            # Plain file names ("test_x[cuda]" -> "test_x_cuda_"): they travel back from the
+            # GPU machine and through archives unchanged.
+            stem = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{request.node.name}.{name}")
+            (Path(folder) / f"{stem}.json").write_text(json.dumps(data, indent=1, sort_keys=True))
 
     return keep

@@ -10,7 +10,25 @@ Units: sizes are printed in GB = 10^9 bytes. An "80GB" H100 is taken as 80e9 byt
 (``--gpu-memory-gb 80``); CUDA reports 79.6 GiB = 85.5e9 bytes on it, so this is conservative
 by 5.5 GB, of which vLLM takes back its fraction (it sizes its share on the reported total:
 0.3 x 5.5 = 1.6 GB more than shown). ``--reserved-gib`` (GiB = 2^30 bytes, default 3) is set
-aside for the CUDA context, NCCL buffers and allocator fragmentation; the rest is the budget.
+aside for what the trainer process holds outside PyTorch's allocator or cannot hand back; the
+rest is the budget. That reserve, by its parts:
+
+* the CUDA context of the trainer process: ~0.5 GiB with torch 2.x and CUDA's lazy module
+  loading (the default since CUDA 11.7), plus cuBLAS workspaces;
+* NCCL communicators, which keep their buffers for the life of the process group: 544-688 MB
+  each measured through PyTorch on 4 NVLink A100s (NVIDIA/nccl issue 964), more on H100 with
+  NVLink SHARP (NVIDIA's NeMo launcher sets NCCL_NVLS_ENABLE=0 to save it). A rank opens one
+  per group it talks in: TP, DP, the pipeline neighbours, the model-parallel group of the
+  grad norm; at TP=PP=1 only the DP and model-parallel ones;
+* segments of PyTorch's caching allocator that still hold a live tensor beside freed blocks,
+  which ``torch.cuda.empty_cache()`` cannot return.
+
+tests/test_gpu_plan_memory.py measures the context and allocator part on a GPU
+(benchmarks/gpu_check.sh). verl (rollout ``gpu_memory_utilization``, 0.5 in its PPO example
+config, with ``free_cache_engine``) and slime (``--sglang-mem-fraction-static``) give the
+engine a fixed fraction and offload the trainer's weights and optimizer state while it runs,
+so what they must leave is little more than this reserve; this trainer keeps its state
+resident, so the fraction follows from that state (below).
 
 Sources of the accounting (written from them, not copied):
 
@@ -29,8 +47,16 @@ Sources of the accounting (written from them, not copied):
 Phases of a step, each with its own peak; a layout fits when the largest is within budget:
 
 * rollout: the vLLM engine holds ``gpu_memory_utilization x GPU memory`` (weights, overhead,
-  KV cache) next to the trainer's resident state (weights, fp32 grad buffers and optimizer
-  state of policy and PRM, reference weights; no activations).
+  KV cache; vLLM 0.32's ``request_memory`` takes that fraction of the reported total, per
+  engine, and refuses to start when less is free) next to what the trainer keeps once it has
+  released its memory with ``torch.cuda.empty_cache()``: activations, log-prob temporaries
+  and cached free blocks are gone; the bf16 weights, the fp32 DDP grad buffers and the
+  optimizer state (fp32 master copy and Adam moments, over DP with the distributed optimizer)
+  of policy and PRM and the reference's weights stay, unless offloaded. The plan reports the
+  largest ``gpu_memory_utilization`` that fits beside that resident state and the reserve,
+  ``(GPU memory - reserve - trainer resident) / GPU memory`` rounded down to 0.01, and a
+  configured fraction above it as the reason a layout does not fit. (On the card, vLLM's
+  fraction of the larger reported total is matched by as much more memory: still fits.)
 * reference forward: log-probs of the batch, forward-only (no saved activations; the peak is
   the vocab-parallel log-prob's temporaries on the last stage).
 * PRM update, then policy update: training activations of that model on top of the state.
@@ -523,6 +549,11 @@ class LayoutPlan:
     problem: str | None  # why it does not fit; None when it fits
     largest_component: str  # in the peak phase
     shortfall_bytes: int  # how far from fitting (0 when it fits)
+    # What the trainer keeps on the GPU beside the engine (the rollout phase; every phase
+    # without sleep mode), at the stage that keeps most, after torch.cuda.empty_cache().
+    trainer_resident_bytes: int = 0
+    # The largest vLLM gpu_memory_utilization that fits beside it and the reserve.
+    max_vllm_memory_fraction: float = 0.0
 
     @property
     def fits(self) -> bool:
@@ -649,6 +680,7 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
                                         / work.micro_batch_size))
     vllm = vllm_plan(shape, cluster, work, options, layout.dp)
     candidates = []
+    resident = 0
     for stage in sorted({0, layout.pp - 1}):
         components = _stage_components(shape, work, options, layout, stage, num_microbatches,
                                        vllm)
@@ -656,15 +688,25 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
                   if options.with_prm or phase != "PRM update"}
         peak_phase = max(totals, key=lambda phase: totals[phase])
         candidates.append((totals[peak_phase], stage, components, totals, peak_phase))
+        resident = max(resident, trainer_resident_bytes(components, options))
     peak, stage, components, totals, peak_phase = max(candidates, key=lambda c: (c[0], -c[1]))
     stage_name = "only" if layout.pp == 1 else ("first" if stage == 0 else "last")
     budget = cluster.budget_bytes
     largest, largest_bytes = _largest_component(components, peak_phase)
+    max_fraction = max_vllm_memory_fraction(cluster, resident)
     problem, shortfall = None, 0
     if peak > budget:
         problem = (f"over by {_gb(peak - budget)} GB in the {peak_phase} phase; largest: "
                    f"{largest} {_gb(largest_bytes)} GB")
         shortfall = peak - budget
+        # Name the engine's share when a smaller one alone would let the trainer's resident
+        # state and the engine fit together.
+        engine_phases = ("rollout",) if options.vllm_sleep_mode else tuple(totals)
+        if any(totals[phase] > budget for phase in engine_phases if phase in totals) \
+                and 0 < max_fraction < options.vllm_memory_fraction:
+            problem += (f"; vLLM gpu_memory_utilization {options.vllm_memory_fraction:g} > "
+                        f"{max_fraction:.2f}, the most that fits beside the trainer's "
+                        f"{_gb(resident)} GB")
     if vllm.weight_bytes + vllm.overhead_bytes >= vllm.engine_bytes:
         vllm_problem = (f"vLLM weights {_gb(vllm.weight_bytes)} GB + overhead "
                         f"{_gb(vllm.overhead_bytes)} GB per GPU leave no KV cache in its share "
@@ -690,8 +732,27 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
         pipeline_bubble=(layout.pp - 1) / (num_microbatches + layout.pp - 1),
         components=components, phase_totals=totals, peak_phase=peak_phase, peak_bytes=peak,
         budget_bytes=budget, vllm=vllm, problem=problem, largest_component=largest,
-        shortfall_bytes=shortfall,
+        shortfall_bytes=shortfall, trainer_resident_bytes=resident,
+        max_vllm_memory_fraction=max_fraction,
     )
+
+
+def trainer_resident_bytes(components: dict[str, dict[str, int]], options: Options) -> int:
+    """What the trainer holds on one GPU while the engine is awake: the non-vLLM components
+    of the rollout phase (with sleep mode; otherwise of the fullest phase, since the engine
+    never leaves). Activations and working sets belong to other phases, so this is the state
+    that survives ``torch.cuda.empty_cache()``: weights, fp32 grad buffers, optimizer state,
+    the reference's weights, FP8 weight copies, minus whatever is offloaded then."""
+    phases = ("rollout",) if options.vllm_sleep_mode else PHASES
+    return max(sum(by_phase.get(phase, 0) for name, by_phase in components.items()
+                   if not name.startswith("vLLM")) for phase in phases)
+
+
+def max_vllm_memory_fraction(cluster: Cluster, resident_bytes: int) -> float:
+    """The largest ``gpu_memory_utilization`` (to 0.01, rounded down) whose share fits in
+    the GPU beside the trainer's resident bytes and the reserve; 0.0 when nothing does."""
+    free = cluster.budget_bytes - resident_bytes
+    return max(0, math.floor(free * 100 / cluster.gpu_bytes)) / 100
 
 
 def _largest_component(components: dict[str, dict[str, int]], phase: str) -> tuple[str, int]:
@@ -914,10 +975,11 @@ def format_plan(result: Plan, argv: Sequence[str]) -> str:
         f"({work.oversample_factor}x generated), {work.ppo_mini_batches} PPO mini-batch(es)",
         *_options_line(options, cluster),
         "",
-        "Layouts (GB per GPU at the worst pipeline stage, by phase of the step):",
+        "Layouts (GB per GPU at the worst pipeline stage, by phase of the step; max util: the "
+        "largest vLLM gpu_memory_utilization that fits beside the trainer):",
         f"  {'TP':>2} {'PP':>3} {'DP':>3}  {'stage':<5} {'params':>7} {'rollout':>8} "
         f"{'ref-fwd':>8} {'PRM-upd':>8} {'pol-upd':>8} {'peak':>7} {'vLLM seqs':>9} "
-        f"{'bubble':>6}  status",
+        f"{'max util':>8} {'bubble':>6}  status",
     ]
     for p in result.layouts:
         totals = [_gb(p.phase_totals[phase]) if phase in p.phase_totals else "-"
@@ -929,13 +991,13 @@ def format_plan(result: Plan, argv: Sequence[str]) -> str:
             f"  {p.layout.tp:>2} {p.layout.pp:>3} {p.layout.dp:>3}  {p.stage:<5} "
             f"{_billions(p.params_per_gpu):>7} {totals[0]:>8} {totals[1]:>8} {totals[2]:>8} "
             f"{totals[3]:>8} {_gb(p.peak_bytes):>7} {p.vllm.concurrent_sequences:>9} "
-            f"{p.pipeline_bubble:>6.1%}  {status}")
+            f"{p.max_vllm_memory_fraction:>8.2f} {p.pipeline_bubble:>6.1%}  {status}")
     lines.append("")
     if result.best is not None:
         best = result.best
         lines += [f"Best layout: {best.layout}",
                   *[f"  - {reason}" for reason in _reasons(result, best)]]
-        lines += _breakdown(best, options)
+        lines += _breakdown(best, options, cluster)
     else:
         closest = result.closest
         assert closest is not None
@@ -951,7 +1013,7 @@ def format_plan(result: Plan, argv: Sequence[str]) -> str:
             lines.append("Nothing tried makes it fit (distributed optimizer, recompute, "
                          "sequence parallel, offload, vLLM settings, micro-batch 1, together "
                          "and with up to 16x the nodes).")
-        lines += _breakdown(closest, options)
+        lines += _breakdown(closest, options, cluster)
     return "\n".join(lines) + "\n"
 
 
@@ -973,7 +1035,7 @@ def _reasons(result: Plan, best: LayoutPlan) -> list[str]:
     return reasons
 
 
-def _breakdown(p: LayoutPlan, options: Options) -> list[str]:
+def _breakdown(p: LayoutPlan, options: Options, cluster: Cluster) -> list[str]:
     phases = list(p.phase_totals)
     names = {"reference forward": "ref-fwd", "PRM update": "PRM-upd", "policy update": "pol-upd"}
     header = "".join(f"{names.get(phase, phase):>9}" for phase in phases)
@@ -989,6 +1051,13 @@ def _breakdown(p: LayoutPlan, options: Options) -> list[str]:
     v = p.vllm
     lines += [
         "",
+        f"Trainer resident while vLLM runs (after torch.cuda.empty_cache(): weights, fp32 grads, "
+        f"optimizer state, reference) {_gb(p.trainer_resident_bytes)} GB + reserve "
+        f"{_gb(cluster.gpu_bytes - cluster.budget_bytes)} GB -> vLLM gpu_memory_utilization at "
+        f"most {p.max_vllm_memory_fraction:.2f} (configured {options.vllm_memory_fraction:g}: "
+        + ("fits)" if options.vllm_memory_fraction <= p.max_vllm_memory_fraction
+           else "does not fit)") + f"; the engine needs at least {_min_vllm_fraction(p, cluster):.2f} "
+        f"for its weights, overhead and {v.min_sequences} sequences",
         f"vLLM engine share per GPU: {_gb(v.engine_bytes)} GB = weights {_gb(v.weight_bytes)} + "
         f"overhead {_gb(v.overhead_bytes)} + KV cache {_gb(v.kv_cache_bytes)}; "
         f"{v.kv_bytes_per_token:,} KV bytes per token -> {v.concurrent_sequences} sequences of "
@@ -1006,6 +1075,15 @@ def _breakdown(p: LayoutPlan, options: Options) -> list[str]:
     return lines
 
 
+def _min_vllm_fraction(p: LayoutPlan, cluster: Cluster) -> float:
+    """The smallest share (to 0.01, rounded up) that holds the engine's weights, overhead
+    and its minimum number of full-length sequences of KV cache."""
+    v = p.vllm
+    need = v.weight_bytes + v.overhead_bytes + v.min_sequences * v.kv_bytes_per_token \
+        * v.sequence_tokens
+    return math.ceil(need * 100 / cluster.gpu_bytes) / 100
+
+
 def plan_to_dict(result: Plan) -> dict[str, Any]:
     """The plan for machines (``--json``): inputs, every layout, the best or closest."""
     def layout_dict(p: LayoutPlan) -> dict[str, Any]:
@@ -1015,6 +1093,8 @@ def plan_to_dict(result: Plan) -> dict[str, Any]:
             "pipeline_bubble": p.pipeline_bubble, "peak_phase": p.peak_phase,
             "peak_bytes": p.peak_bytes, "budget_bytes": p.budget_bytes,
             "headroom_bytes": p.headroom_bytes, "largest_component": p.largest_component,
+            "trainer_resident_bytes": p.trainer_resident_bytes,
+            "max_vllm_memory_fraction": p.max_vllm_memory_fraction,
             "components": p.components, "phase_totals": p.phase_totals, "vllm": asdict(p.vllm),
         }
     shape = result.shape

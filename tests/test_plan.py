@@ -665,3 +665,81 @@ def test_example_run_configs_use_the_planned_layout(config_file, plan_file):
     assert prime.policy_optimizer.use_distributed_optimizer == ("--distributed-optimizer" in command)
     assert prime.parallel.recompute_granularity == (flag("--recompute") or "none")
     assert prime.parallel.sequence_parallel == ("--sequence-parallel" in command)
+
+
+# ---- what the trainer leaves to vLLM ----
+
+def _tiny_plan(**changes):
+    """The tiny Qwen2 (GQA, q/k/v bias, vocab 500 -> 512) on one 0.1 GB 'GPU' with a
+    0.01 GiB reserve: small enough that every byte is counted by hand below."""
+    from megatron_prime.plan import Cluster, Layout, Options, Workload, plan_layout
+
+    layout = changes.pop("layout", Layout(1, 1, 1))
+    work = Workload(prompt_tokens=64, response_tokens=64, micro_batch_size=1,
+                    samples_per_prompt=2, prompts_per_step=2, oversample_factor=1)
+    options = Options(**{"distributed_optimizer": False, "vllm_overhead_gib": 0.001,
+                         "vllm_asleep_gib": 0.001, **changes})
+    cluster = Cluster(nodes=1, gpus_per_node=layout.tp * layout.pp * layout.dp,
+                      gpu_memory_gb=0.1, reserved_gib=0.01)
+    return plan_layout(shape_of(TINY["qwen2_gqa"]), cluster, work, options, layout)
+
+
+def test_trainer_resident_and_max_vllm_fraction_by_hand():
+    """Per layer: q/k/v 128 x 64 + proj 64 x 64 + fc1 352 x 64 + fc2 64 x 176 = 46,080 GEMM
+    weights, 128 q/k/v bias + 2 x 64 norm = 256 vectors; 2 layers, embedding and output layer
+    512 x 64 each, final norm 64: P = 158,272 parameters.
+
+    What stays while vLLM runs (after empty_cache): policy and PRM 2 (bf16) + 4 (fp32 grad
+    buffer) + 12 (fp32 master + Adam moments) bytes each, the reference 2: 38 P. Budget
+    100,000,000 - round(0.01 x 2^30) = 89,262,582; vLLM may take (budget - 38 P) / 1e8 =
+    0.832... -> 0.83."""
+    P = 2 * (128 * 64 + 64 * 64 + 352 * 64 + 64 * 176 + 128 + 2 * 64) + 2 * 512 * 64 + 64
+    assert P == 158_272
+    budget = 100_000_000 - 10_737_418
+    plan = _tiny_plan(vllm_memory_fraction=0.8)
+    assert plan.budget_bytes == budget
+    assert plan.trainer_resident_bytes == 38 * P == 6_014_336
+    assert sum(by_phase.get("rollout", 0) for name, by_phase in plan.components.items()
+               if not name.startswith("vLLM")) == 38 * P  # no activations in the rollout
+    assert plan.max_vllm_memory_fraction == 0.83 == math.floor((budget - 38 * P) / 1e6) / 100
+    assert plan.fits
+    # Distributed optimizer at DP=2: master + moments split in two (6 P each); the reference
+    # offloaded: absent during the rollout. 2 x (2 + 4 + 6) P = 24 P.
+    from megatron_prime.plan import Layout
+
+    sharded = _tiny_plan(distributed_optimizer=True, offload_reference=True,
+                         layout=Layout(1, 1, 2))
+    assert sharded.trainer_resident_bytes == 24 * P
+    assert sharded.max_vllm_memory_fraction == math.floor((budget - 24 * P) / 1e6) / 100 == 0.85
+
+
+def test_a_vllm_share_above_what_the_trainer_leaves_is_named():
+    plan = _tiny_plan(vllm_memory_fraction=0.9)
+    assert not plan.fits and plan.peak_phase == "rollout"
+    assert "vLLM gpu_memory_utilization 0.9 > 0.83, the most that fits beside the trainer's " \
+           "0.01 GB" in plan.problem
+    # Without sleep mode the engine stays through the updates: what the trainer keeps beside
+    # it is its fullest phase, activations included.
+    awake = _tiny_plan(vllm_memory_fraction=0.5, vllm_sleep_mode=False)
+    engine = sum(by_phase["policy update"] for name, by_phase in awake.components.items()
+                 if name.startswith("vLLM"))
+    fullest = max(awake.phase_totals.values())
+    assert awake.trainer_resident_bytes == fullest - engine > 38 * 158_272
+    assert awake.max_vllm_memory_fraction == math.floor(
+        (awake.budget_bytes - awake.trainer_resident_bytes) / 1e6) / 100
+
+
+def test_report_gives_the_vllm_share_that_fits():
+    code, text = run_main(["--model", "eurus-2-7b", "--micro-batch-size", "1",
+                           "--distributed-optimizer", "--vllm-memory-fraction", "0.3",
+                           "--vllm-tensor-parallel-size", "4"])
+    assert code == 0
+    line = next(ln for ln in text.splitlines() if ln.startswith("Trainer resident while vLLM"))
+    # TP=4 PP=1 DP=2: per GPU 1.90B parameters; policy and PRM 2 + 4 + 6 bytes, reference 2.
+    from megatron_prime.plan import stage_params
+
+    params = stage_params(preset_shape("eurus-2-7b"), 4, 1, 0).total
+    resident = 2 * (2 + 4 + 6) * params + 2 * params
+    assert f"reference) {resident / 1e9:.2f} GB + reserve 3.22 GB" in line
+    most = math.floor((80e9 - 3 * 2**30 - resident) / 0.8e9) / 100
+    assert f"at most {most:.2f} (configured 0.3: fits)" in line and most == 0.34

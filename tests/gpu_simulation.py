@@ -144,7 +144,8 @@ class SimulatedCudaLLM:
 
         self.ledger = ledger
         self.rank = int(os.environ.get("MEGATRON_PRIME_SIM_RANK", "0"))
-        self.node = int(os.environ.get("GROUP_RANK", "0"))
+        # (GROUP_RANK itself is hidden from the engine, as from vLLM's processes.)
+        self.node = int(os.environ.get("MEGATRON_PRIME_SIM_NODE", "0"))
         tp = kwargs["tensor_parallel_size"]
         visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v]
         # vLLM's workers take cuda:0..TP-1 of what the engine process can see.

@@ -160,9 +160,12 @@ def test_colocated_gpu_path(layout, toy, tmp_path):
         assert all(c.endswith(":host") for c in info["rollout_collectives"]), info
         # Two releases per wake (before the weights and before the KV cache).
         assert info["releases"] >= 2 * (1 + 2 * STEPS), info
-    # Every rank logs the same step metrics (whole-batch values, not rank 0's).
+    # Every rank logs the same step metrics (whole-batch values, not rank 0's); TP ranks sum
+    # their parts of a norm in their own order, hence the tolerance.
     for info in ranks[1:]:
-        assert info["history"] == ranks[0]["history"]
+        assert len(info["history"]) == len(ranks[0]["history"])
+        for ours, first in zip(info["history"], ranks[0]["history"]):
+            assert ours == pytest.approx(first, rel=1e-5, abs=1e-6), (info["gpu"], first["step"])
 
 
 def _node_gpus(layout: str) -> list[tuple[int, str]]:

@@ -8,7 +8,6 @@ LOCAL_RANK, GROUP_RANK) set per process, so several simulated nodes share this m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     ledger = sim.Ledger(args.ledger)
     os.environ["MEGATRON_PRIME_SIM_RANK"] = os.environ["RANK"]
+    os.environ["MEGATRON_PRIME_SIM_NODE"] = os.environ["GROUP_RANK"]
 
     from megatron_prime import distributed
     from megatron_prime import train as train_module
@@ -60,7 +60,8 @@ def main() -> None:
     ledger.write(f"rank-{rank}.json", {
         "gpu": memory.gpu, "releases": memory.releases, "last_step": result.last_step,
         "rollout_collectives": sorted(set(recorder.rollout_collectives)),
-        "history": [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))}
+        "history": [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))
+                     and not k.endswith("_per_s")}
                     for m in result.history],
     })
     distributed.destroy_distributed()

@@ -287,3 +287,24 @@ def broadcast_in_replica(obj: object) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=model_parallel_src_rank(), group=model_parallel_group())
     return holder[0]
+
+
+def dp_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the data-parallel ranks (a new tensor; the input is kept).
+
+    The reduce callable the PRIME step hands to algo/ (whitening statistics, metric sums),
+    so that what is computed over a rank's rows becomes the whole step batch's.
+    """
+    return _dp_all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def dp_max(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s element-wise maximum over the data-parallel ranks (a new tensor)."""
+    return _dp_all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def _dp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    reduced = tensor.clone()
+    if dp_world_size() > 1:
+        dist.all_reduce(reduced, op=op, group=dp_group())
+    return reduced

@@ -338,7 +338,8 @@ def train(config: PrimeConfig) -> RunResult:
                 engine.sleep()  # GPU: hand the memory to training
             with timer("update"):  # steps 6-9
                 if collected.tokens.batch_size:
-                    update = prime_update(models, collected.tokens, collected.outcome_rewards, config.algo)
+                    update = prime_update(models, collected.tokens, collected.outcome_rewards, config.algo,
+                                          temperature=config.rollout.sampling.temperature)
                     metrics.update(update.metrics)
                     skip_reasons = update.skip_reasons
                 else:

@@ -114,9 +114,13 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     with ``ppo_mini_batches > 1`` each rank cuts its own rows, so a mini-batch's rows depend
     on the layout (as in verl).
 
-    ``temperature`` is the rollout's sampling temperature: every log-prob pass (old,
-    reference, PRM, both losses) divides the logits by it, so PPO's ratio and the implicit
-    reward are those of the distribution vLLM sampled from.
+    ``temperature`` is the rollout's sampling temperature: the policy's log-prob passes (old
+    log-probs, the PPO loss) divide the logits by it, so PPO's ratio is that of the
+    distribution vLLM sampled from. The PRM and the reference score at temperature 1, as in
+    the PRIME recipe (verl ``recipe/prime/prime_dp_rm.py``, ``_forward_micro_batch``: the
+    reward and reference log-probs are log_softmax of the raw logits, while the actor's
+    divide by the temperature): r_t = beta * log(pi_psi / pi_ref) is a property of the two
+    models, trained by the PRM's cross-entropy on raw log-probs, not of the sampler.
 
     Device: the batch and the outcome rewards are moved to the training device once, here;
     everything the step derives from them is computed there. Host syncs: the NaN guard's
@@ -150,7 +154,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
                 raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
             with resident(models.reference, models.reference_offloaded):
                 step = step.with_fields(
-                    ref_logprobs=forward_only(models.reference, step, mbs, temperature).logprobs)
+                    ref_logprobs=forward_only(models.reference, step, mbs).logprobs)
     if step.rollout_logprobs is not None:
         # The engine sampled with the weights the bridge pushed, which are these weights: any
         # gap beyond kernel round-off means a stale or mangled sync (verl logs the same check).
@@ -165,17 +169,14 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
             raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs a PRM model and optimizer")
         if config.prm_mode == "after":
             with timer("logprobs"):
-                step = step.with_fields(
-                    prm_logprobs=forward_only(models.prm, step, mbs, temperature).logprobs)
+                step = step.with_fields(prm_logprobs=forward_only(models.prm, step, mbs).logprobs)
         with timer("prm_update"):
-            prm_step = train_step(models.prm, models.prm_optimizer, step, mbs,
-                                  prm_loss(config.beta), temperature)
+            prm_step = train_step(models.prm, models.prm_optimizer, step, mbs, prm_loss(config.beta))
         if prm_step.skip_reason:
             skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
         if config.prm_mode == "before":
             with timer("logprobs"):
-                step = step.with_fields(
-                    prm_logprobs=forward_only(models.prm, step, mbs, temperature).logprobs)
+                step = step.with_fields(prm_logprobs=forward_only(models.prm, step, mbs).logprobs)
         prm_logprobs, ref = step.require("prm_logprobs"), step.require("ref_logprobs")
         # batch_norm's scale is the largest |process return| of the whole step batch.
         process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,

@@ -10,6 +10,7 @@ import torch
 from launch import run_json_worker
 from megatron_prime.update import AlgoConfig, prime_update
 from workers.parity_worker import ENTROPY_COEF, make_batch, make_hf_model
+from workers.step_worker import hf_token_logprobs, make_global_batch
 
 TEMPERATURE = 2.0
 
@@ -46,6 +47,30 @@ def test_logprobs_at_temperature_match_transformers(tp, tmp_path):
     # And the temperature matters: at T=1 the log-probs differ by far more than the tolerance.
     untempered = hf_at_temperature(1.0)
     assert (untempered["logprobs"] - ref["logprobs"]).abs().max() > 0.1
+
+
+@pytest.mark.slow
+def test_prime_update_scores_the_policy_at_the_sampling_temperature(tmp_path):
+    """prime_update(temperature=2): the sampler's log-probs are transformers' at T=2, so the
+    old-policy pass matches them (gap ~0; at T=1 it would be 0.06 nats a token), and the
+    PPO loss's entropy is the tempered distribution's. (The PRM and reference score at T=1,
+    as in the PRIME recipe: see prime_update's docstring.)"""
+    result = run_json_worker("tests/workers/step_worker.py", 1,
+                             ["--batch", "global", "--sampler", "hf",
+                              "--temperature", str(TEMPERATURE)], tmp_path / "result.json")
+    metrics = result["metrics"]
+    assert metrics["rollout/logprob_diff_max"] < 1e-4
+    _, model = make_hf_model("qwen2")
+    batch, _ = make_global_batch(model.config.vocab_size)
+    mask = batch.scored_token_mask()
+    untempered_gap = (hf_token_logprobs(model, batch, 1.0)
+                      - hf_token_logprobs(model, batch, TEMPERATURE)).abs().sum() / mask.sum()
+    assert untempered_gap > 0.03  # nats per token, vs < 1e-4 at T=2
+    with torch.no_grad():
+        log_softmax = torch.log_softmax(model(batch.input_ids).logits.float() / TEMPERATURE, -1)
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)[:, :-1]
+    expected = float((entropy * mask[:, 1:]).sum() / mask.sum())
+    assert metrics["policy/entropy"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0])

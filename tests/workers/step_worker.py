@@ -44,6 +44,16 @@ PACKAGE_DIR = os.path.dirname(megatron_prime.__file__)
 TORCH_DIR = os.path.dirname(torch.__file__)
 
 
+def hf_token_logprobs(hf_model, batch: TokenBatch, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) of each response token from transformers, in TokenOutputs'
+    layout (position t scores input_ids[t]; 0 outside the scored tokens)."""
+    with torch.no_grad():
+        logits = hf_model(batch.input_ids).logits.float() / temperature
+    logprobs = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    mask = batch.scored_token_mask()
+    return torch.cat([torch.zeros(batch.batch_size, 1), logprobs], 1) * mask
+
+
 def make_global_batch(vocab_size: int) -> tuple[TokenBatch, torch.Tensor]:
     """16 right-padded rows (4 prompts x 4 responses), prompt and response lengths varying,
     with synthetic sampler log-probs so the rollout gap metrics are exercised."""
@@ -117,6 +127,9 @@ def main() -> None:
     parser.add_argument("--batch", choices=("single", "global"), default="single")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--adam-eps", type=float, default=1e-8)
+    # hf: the sampler's log-probs are transformers' at --temperature (a faithful engine), so
+    # the rollout gap metric measures whether the old-policy pass used the same temperature.
+    parser.add_argument("--sampler", choices=("synthetic", "hf"), default="synthetic")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
@@ -140,6 +153,8 @@ def main() -> None:
         batch, outcomes = make_batch(hf_config.vocab_size), torch.tensor([1.0, 0.0, 1.0, 0.0])
     else:
         batch, outcomes = make_global_batch(hf_config.vocab_size)
+        if args.sampler == "hf":
+            batch.extras["rollout_logprobs"] = hf_token_logprobs(hf_model, batch, args.temperature)
         rows = batch.batch_size // distributed.dp_world_size()
         first = distributed.dp_rank() * rows
         batch = batch.map_tensors(lambda t: t[first:first + rows])

@@ -396,3 +396,26 @@ def replica_devices_on_node(environ: Mapping[str, str] | None = None) -> list[st
     dist.all_gather_object(everyone, mine, group=host_group())
     replica = dist.get_process_group_ranks(model_parallel_group())
     return [everyone[rank][1] for rank in sorted(replica) if everyone[rank][0] == mine[0]]
+
+
+# ---- whole-batch reductions of the PRIME step (device tensors, over the DP group) ----
+
+def dp_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the data-parallel ranks (a new tensor; the input is kept).
+
+    The reduce callable the PRIME step hands to algo/ (whitening statistics, metric sums),
+    so that what is computed over a rank's rows becomes the whole step batch's.
+    """
+    return _dp_all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def dp_max(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s element-wise maximum over the data-parallel ranks (a new tensor)."""
+    return _dp_all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def _dp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    reduced = tensor.clone()
+    if dp_world_size() > 1:
+        dist.all_reduce(reduced, op=op, group=dp_group())
+    return reduced

@@ -1,19 +1,23 @@
-"""PRIME's two losses as Megatron schedule losses (steps 7 and 9 of the PRIME step).
+"""PRIME's two losses as Megatron schedule losses (steps 7 and 9 of the PRIME step), and the
+typed batch they read.
 
 Each adapter reads the model's per-token outputs (models/schedule.TokenOutputs) and the
-micro-batch's ``extras``, calls the pure function in algo/, and answers Megatron's 3-tuple
-contract: an un-normalised sum, the number of units it is a sum over, and metric sums.
+micro-batch's ``StepBatch`` fields, calls the pure function in algo/, and answers Megatron's
+3-tuple contract: an un-normalised sum, the number of units it is a sum over, and metric sums.
 Megatron (``calculate_per_token_loss``) then divides gradients once by the global unit
 count, so the update equals the full-batch mean whatever the micro-batching and DP layout.
 
-Extras each loss needs (batch-first tensors, split into micro-batches with the tokens):
+Fields each loss needs (batch-first tensors, split into micro-batches with the tokens):
 - PPO: ``old_logprobs`` [b, s] and ``advantages`` [b, s];
-- PRM: ``ref_logprobs`` [b, s] and ``outcome_labels`` [b].
+- PRM: ``ref_logprobs`` [b, s] and ``outcome_rewards`` [b] (the labels).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
+from torch import Tensor
 
 from megatron_prime.algo import (
     PPOLossConfig,
@@ -23,15 +27,56 @@ from megatron_prime.algo import (
 )
 from megatron_prime.models.schedule import LossFn, TokenBatch, TokenOutputs
 
+ROLLOUT_LOGPROBS = "rollout_logprobs"  # the key rollout/collect.py uses in TokenBatch.extras
+
+
+@dataclass
+class StepBatch(TokenBatch):
+    """One PRIME step's data on one data-parallel rank: tokens plus every per-response and
+    per-token tensor the step computes, as named fields instead of string keys.
+
+    Every field is batch-first, so TokenBatch's ``map_tensors`` moves (``to``), pads and
+    micro-batches all of them with the tokens. Fields a step has not computed yet, or does
+    not compute in its mode, are None. ``prime_update`` moves the batch to the training
+    device once; everything added afterwards is computed there.
+    """
+
+    outcome_rewards: Tensor | None = None  # [b] float32, the verifier's score (PRM label)
+    rollout_logprobs: Tensor | None = None  # [b, s] the sampler's log-probs, if it sent them
+    old_logprobs: Tensor | None = None  # [b, s] policy before the update (PPO's ratio)
+    ref_logprobs: Tensor | None = None  # [b, s] frozen reference (implicit reward's denominator)
+    prm_logprobs: Tensor | None = None  # [b, s] the scoring PRM
+    advantages: Tensor | None = None  # [b, s]
+
+    @classmethod
+    def from_rollout(cls, tokens: TokenBatch, outcome_rewards: Tensor) -> StepBatch:
+        """The rollout's tokens and scores; its sampler log-probs become a typed field."""
+        extras = dict(tokens.extras)
+        rollout_logprobs = extras.pop(ROLLOUT_LOGPROBS, None)
+        return cls(input_ids=tokens.input_ids, response_mask=tokens.response_mask,
+                   segment_ids=tokens.segment_ids, extras=extras,
+                   outcome_rewards=outcome_rewards.float(), rollout_logprobs=rollout_logprobs)
+
+    def with_fields(self, **values: Tensor) -> StepBatch:
+        """A copy with the given fields set (detached: the step's inputs are constants)."""
+        return replace(self, **{name: value.detach() for name, value in values.items()})
+
+    def require(self, name: str) -> Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"StepBatch.{name} is None; the loss reading it runs after the "
+                             f"step has computed it")
+        return value
+
 
 def ppo_loss(config: PPOLossConfig) -> LossFn:
     """PPO clipped surrogate with entropy bonus; units: tokens (token_mean) or responses."""
 
-    def loss_fn(outputs: TokenOutputs, batch: TokenBatch):
+    def loss_fn(outputs: TokenOutputs, batch: StepBatch):
         mask = batch.scored_token_mask(outputs.logprobs.dtype)
         # normalizer=1: a sum over this micro-batch; Megatron divides by the global count.
         loss_sum, metrics = ppo_policy_loss(
-            outputs.logprobs, batch.extras["old_logprobs"], batch.extras["advantages"], mask,
+            outputs.logprobs, batch.require("old_logprobs"), batch.require("advantages"), mask,
             config, entropy=outputs.entropy, normalizer=1.0,
         )
         if config.aggregation == "token_mean":
@@ -54,10 +99,10 @@ def prm_loss(beta: float) -> LossFn:
     """Cross-entropy of sigmoid(beta * sum_t log(pi_psi / pi_ref)) against the outcome label;
     units: responses."""
 
-    def loss_fn(outputs: TokenOutputs, batch: TokenBatch):
+    def loss_fn(outputs: TokenOutputs, batch: StepBatch):
         mask = batch.scored_token_mask(outputs.logprobs.dtype)
-        labels = batch.extras["outcome_labels"].to(outputs.logprobs.dtype)
-        ref = batch.extras["ref_logprobs"].to(outputs.logprobs.dtype)
+        labels = batch.require("outcome_rewards").to(outputs.logprobs.dtype)
+        ref = batch.require("ref_logprobs").to(outputs.logprobs.dtype)
         # Rows without scored tokens are padding (forward_backward fills the last micro-batch).
         is_response = (mask.sum(dim=-1) > 0).to(labels.dtype)
         per_response = prm_cross_entropy_loss(outputs.logprobs, ref, mask, labels, beta, reduction="none")

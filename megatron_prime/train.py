@@ -369,7 +369,8 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
             bridge.release_engine()  # the engine sleeps: its GPU memory goes to training
             with timer("update"):  # steps 6-9
                 if collected.tokens.batch_size:
-                    update = prime_update(models, collected.tokens, collected.outcome_rewards, config.algo)
+                    update = prime_update(models, collected.tokens, collected.outcome_rewards, config.algo,
+                                          temperature=config.rollout.sampling.temperature)
                     metrics.update(update.metrics)
                     skip_reasons = update.skip_reasons
                 else:

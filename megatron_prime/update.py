@@ -9,23 +9,24 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer
 from torch import Tensor
 
+from megatron_prime import distributed
 from megatron_prime.algo import (
     AdvantageConfig,
     PPOLossConfig,
     compute_prime_advantages,
     implicit_process_rewards,
-    masked_mean,
-    prm_pairwise_accuracy,
+    masked_sum,
+    prm_pairwise_agreement,
     sequence_log_ratio,
 )
 from megatron_prime.config import require, require_choice, require_positive_int
-from megatron_prime.losses import ppo_loss, prm_loss
+from megatron_prime.losses import StepBatch, ppo_loss, prm_loss
 from megatron_prime.models.builder import BuiltModel, resident
 from megatron_prime.models.optimizer import train_step
 from megatron_prime.models.schedule import TokenBatch, forward_only
@@ -103,94 +104,156 @@ class PhaseTimer:
 
 
 def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor,
-                 config: AlgoConfig) -> UpdateResult:
+                 config: AlgoConfig, *, temperature: float = 1.0) -> UpdateResult:
     """One PRIME update on this data-parallel rank's responses (groups of n consecutive rows).
 
-    Advantages are whitened over this rank's responses.
+    Results do not depend on the data-parallel layout: what PRIME computes over the batch
+    (the whitening of advantages, batch_norm's scale of process rewards) and every metric is
+    over the whole step's batch, all ranks' rows, through sums (and maxima) all-reduced over
+    the DP group; the losses are normalised by global counts (losses.py). One exception:
+    with ``ppo_mini_batches > 1`` each rank cuts its own rows, so a mini-batch's rows depend
+    on the layout (as in verl).
+
+    ``temperature`` is the rollout's sampling temperature: the policy's log-prob passes (old
+    log-probs, the PPO loss) divide the logits by it, so PPO's ratio is that of the
+    distribution vLLM sampled from. The PRM and the reference score at temperature 1, as in
+    the PRIME recipe (verl ``recipe/prime/prime_dp_rm.py``, ``_forward_micro_batch``: the
+    reward and reference log-probs are log_softmax of the raw logits, while the actor's
+    divide by the temperature): r_t = beta * log(pi_psi / pi_ref) is a property of the two
+    models, trained by the PRM's cross-entropy on raw log-probs, not of the sampler.
+
+    Device: the batch and the outcome rewards are moved to the training device once, here;
+    everything the step derives from them is computed there. Host syncs: the NaN guard's
+    and the schedules' metric reads (models/), and one read of this step's metrics at the end.
     """
     config.validate()
+    if not temperature > 0:
+        raise ValueError(f"rollout.sampling.temperature={temperature} cannot train: PPO needs the "
+                         f"log-probs of a sampling distribution; expected a temperature > 0 "
+                         f"(greedy decoding, 0, is for validation only)")
     n = config.num_samples_per_prompt
     if batch.batch_size % n:
         raise ValueError(f"{batch.batch_size} responses on this rank are not whole groups of "
                          f"algo.num_samples_per_prompt={n}")
-    mask = batch.scored_token_mask()
+    step = StepBatch.from_rollout(batch, outcome_rewards).to(distributed.device())
+    mask = step.scored_token_mask()
+    outcomes = step.require("outcome_rewards")
+    batch_metrics = BatchMetrics()
     metrics: dict[str, float] = {}
     skip_reasons: list[str] = []
     # Where the update's time goes: log-prob passes, PRM update, policy update.
     timer = PhaseTimer()
+    mbs = config.micro_batch_size
 
     # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel). Only the
     # implicit PRM reads the reference (PRIME has no KL term): outcome-only RLOO skips it.
     with timer("logprobs"):
-        old = forward_only(models.policy, batch, config.micro_batch_size).logprobs
+        step = step.with_fields(old_logprobs=forward_only(models.policy, step, mbs, temperature).logprobs)
         if config.prm_mode != "none":
             if models.reference is None:
                 raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
             with resident(models.reference, models.reference_offloaded):
-                ref = forward_only(models.reference, batch, config.micro_batch_size).logprobs
-    if "rollout_logprobs" in batch.extras and mask.sum() > 0:
+                step = step.with_fields(
+                    ref_logprobs=forward_only(models.reference, step, mbs).logprobs)
+    if step.rollout_logprobs is not None:
         # The engine sampled with the weights the bridge pushed, which are these weights: any
         # gap beyond kernel round-off means a stale or mangled sync (verl logs the same check).
-        gap = (old.detach().float().cpu() - batch.extras["rollout_logprobs"]).abs() * mask.cpu()
-        metrics["rollout/logprob_diff_mean"] = float(gap.sum() / mask.sum())
-        metrics["rollout/logprob_diff_max"] = float(gap.max())
+        gap = (step.require("old_logprobs").float() - step.rollout_logprobs.float()).abs() * mask
+        batch_metrics.mean("rollout/logprob_diff_mean", gap.sum(), mask.sum())
+        batch_metrics.maximum("rollout/logprob_diff_max", gap.max())
 
     # Step 7: the implicit PRM, updated before or after it scores the batch.
     process_rewards = None
     if config.prm_mode != "none":
         if models.prm is None or models.prm_optimizer is None:
             raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs a PRM model and optimizer")
-        prm_batch = _with_extras(batch, ref_logprobs=ref, outcome_labels=outcome_rewards.float())
         if config.prm_mode == "after":
             with timer("logprobs"):
-                prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
+                step = step.with_fields(prm_logprobs=forward_only(models.prm, step, mbs).logprobs)
         with timer("prm_update"):
-            prm_step = train_step(models.prm, models.prm_optimizer, prm_batch,
-                                  config.micro_batch_size, prm_loss(config.beta))
+            prm_step = train_step(models.prm, models.prm_optimizer, step, mbs, prm_loss(config.beta))
         if prm_step.skip_reason:
             skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
         if config.prm_mode == "before":
             with timer("logprobs"):
-                prm_logprobs = forward_only(models.prm, batch, config.micro_batch_size).logprobs
+                step = step.with_fields(prm_logprobs=forward_only(models.prm, step, mbs).logprobs)
+        prm_logprobs, ref = step.require("prm_logprobs"), step.require("ref_logprobs")
+        # batch_norm's scale is the largest |process return| of the whole step batch.
         process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,
-                                                   config.process_reward_normalization)
+                                                   config.process_reward_normalization,
+                                                   reduce_max=distributed.dp_max)
         # How often the scoring PRM ranks a correct response above a wrong one of the same
-        # prompt (over this rank's groups).
-        ranking = prm_pairwise_accuracy(config.beta * sequence_log_ratio(prm_logprobs, ref, mask),
-                                        outcome_rewards.float(), n)
+        # prompt, over all groups of the step (weighted pair counts summed over ranks).
+        agreeing, pairs = prm_pairwise_agreement(
+            config.beta * sequence_log_ratio(prm_logprobs, ref, mask), outcomes, n)
+        batch_metrics.mean("prm/ranking_accuracy", agreeing, pairs, if_empty=0.5)
+        batch_metrics.mean("reward/process_mean", masked_sum(process_rewards, mask), mask.sum())
         metrics.update({"prm/loss": prm_step.metrics["loss"],
                         "prm/accuracy": prm_step.metrics["accuracy"],
-                        "prm/ranking_accuracy": float(ranking),
-                        "prm/grad_norm": prm_step.grad_norm,
-                        "reward/process_mean": float(masked_mean(process_rewards, mask))})
+                        "prm/grad_norm": prm_step.grad_norm})
 
-    # Step 8: advantages (RLOO on outcomes + leave-one-out process returns).
-    advantages, _ = compute_prime_advantages(outcome_rewards.float(), process_rewards, mask, n,
-                                             config.advantage)
+    # Step 8: advantages (RLOO on outcomes + leave-one-out process returns), whitened with the
+    # mean and variance of the whole step batch.
+    advantages, _ = compute_prime_advantages(outcomes, process_rewards, mask, n, config.advantage,
+                                             reduce_sum=distributed.dp_sum)
 
     # Step 9: PPO update of the policy, in ppo_epochs x ppo_mini_batches optimizer steps.
-    policy_batch = _with_extras(batch, old_logprobs=old, advantages=advantages)
-    if config.ppo_mini_batches > batch.batch_size:
+    policy_batch = step.with_fields(advantages=advantages)
+    if config.ppo_mini_batches > step.batch_size:
         raise ValueError(f"algo.ppo_mini_batches={config.ppo_mini_batches} is more than the "
-                         f"{batch.batch_size} responses on this rank")
-    bounds = torch.linspace(0, batch.batch_size, config.ppo_mini_batches + 1).round().long().tolist()
+                         f"{step.batch_size} responses on this rank")
+    # Row bounds: host arithmetic on a host tensor, no device involved.
+    bounds = torch.linspace(0, step.batch_size, config.ppo_mini_batches + 1).round().long().tolist()
     policy_metrics: dict[str, list[float]] = {}
     for _ in range(config.ppo_epochs):
         for start, end in zip(bounds[:-1], bounds[1:]):
             mini_batch = policy_batch.map_tensors(lambda t, a=start, b=end: t[a:b])
             with timer("policy_update"):
                 policy_step = train_step(models.policy, models.policy_optimizer, mini_batch,
-                                         config.micro_batch_size, ppo_loss(config.ppo))
+                                         mbs, ppo_loss(config.ppo), temperature)
             if policy_step.skip_reason:
                 skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
             for name, value in {**policy_step.metrics, "grad_norm": policy_step.grad_norm}.items():
                 policy_metrics.setdefault(name, []).append(value)
-    # Means over the step's updates (the first update is on-policy: ratio 1, no clipping).
+    # Means over the step's updates (the first update is on-policy: ratio 1, no clipping);
+    # each is already global (forward_backward reduces its metric sums over DP).
     metrics.update({f"policy/{k}": sum(v) / len(v) for k, v in policy_metrics.items()})
-    metrics["reward/outcome_mean"] = float(outcome_rewards.float().mean())
+    batch_metrics.mean("reward/outcome_mean", outcomes.sum(),
+                       torch.tensor(float(step.batch_size), device=outcomes.device))
+    metrics.update(batch_metrics.read())
     metrics.update({f"time/{name}": seconds for name, seconds in timer.seconds.items()})
     return UpdateResult(metrics, skip_reasons)
 
 
-def _with_extras(batch: TokenBatch, **extras: Tensor) -> TokenBatch:
-    return replace(batch, extras={**batch.extras, **{k: v.detach().cpu() for k, v in extras.items()}})
+class BatchMetrics:
+    """Metrics over the whole step batch (all DP ranks), read to the host once.
+
+    Each metric is registered as this rank's sum and count (or maximum); ``read`` adds the
+    sums and counts over the DP group in one all-reduce (and the maxima in another), divides,
+    and reads the values with one host sync. A mean of per-rank means would weigh a rank's
+    tokens by how many it happens to hold; rank 0's value alone would see a part.
+    """
+
+    def __init__(self) -> None:
+        self._means: dict[str, tuple[Tensor, Tensor, float]] = {}
+        self._maxima: dict[str, Tensor] = {}
+
+    def mean(self, name: str, total: Tensor, count: Tensor, if_empty: float = 0.0) -> None:
+        """``name`` = sum of ``total`` / sum of ``count`` over ranks (``if_empty`` when 0)."""
+        self._means[name] = (total.detach(), count.detach(), if_empty)
+
+    def maximum(self, name: str, value: Tensor) -> None:
+        self._maxima[name] = value.detach()
+
+    def read(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        if self._means:
+            stacked = torch.stack([torch.stack([total.double(), count.double()])
+                                   for total, count, _ in self._means.values()])
+            sums = distributed.dp_sum(stacked).tolist()  # host sync: the metric read
+            for (name, (_, _, if_empty)), (total, count) in zip(self._means.items(), sums):
+                result[name] = total / count if count > 0 else if_empty
+        if self._maxima:
+            maxima = distributed.dp_max(torch.stack([v.double() for v in self._maxima.values()]))
+            result.update(zip(self._maxima, maxima.tolist()))  # host sync: the metric read
+        return result

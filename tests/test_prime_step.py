@@ -1,5 +1,6 @@
 """One PRIME update (old/ref/PRM log-probs, PRM update, advantages, PPO update) gives the
-same metrics and updated weights at TP=2 and PP=2 as at TP=1/PP=1 (gloo processes)."""
+same metrics and updated weights at TP=2, PP=2 and DP=2 as at TP=1/PP=1/DP=1 (gloo processes).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def run(layout: str, prm_mode: str, tmp_path_factory) -> dict:
             "tests/workers/step_worker.py", tp * pp,
             ["--tp", str(tp), "--pp", str(pp), "--prm-mode", prm_mode], out)
     return _cache[layout, prm_mode]
+
+
+def run_global(dp: int, tmp_path_factory) -> dict:
+    """The 4 prompts x 4 responses batch, at DP=dp (TP=PP=1); Adam eps 1e-6 (see worker)."""
+    if ("global", dp) not in _cache:
+        out = tmp_path_factory.mktemp(f"step_global_dp{dp}") / "result.json"
+        _cache["global", dp] = run_json_worker(
+            "tests/workers/step_worker.py", dp, ["--batch", "global", "--adam-eps", "1e-6"], out)
+    return _cache["global", dp]
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
@@ -58,5 +68,54 @@ def test_outcome_only_mode_leaves_the_prm_untouched(tmp_path_factory):
     _, model = make_hf_model("qwen2")
     for name, tensor in model.state_dict().items():
         assert result["prm"][name][1] == pytest.approx(float(tensor.double().abs().sum()), rel=1e-7)
+    # The process rewards change the advantages, so the policy's update differs. (Not its
+    # policy/loss: the first update is on-policy, where the whitened advantages' zero mean
+    # makes pg_loss 0 in both modes and the loss is the same entropy term up to rounding.)
     with_prm = run("tp1pp1", "before", tmp_path_factory)
-    assert result["metrics"]["policy/loss"] != pytest.approx(with_prm["metrics"]["policy/loss"])
+    differences = [abs(result["policy"][name][0] - with_prm["policy"][name][0])
+                   for name in result["policy"]]
+    assert max(differences) > 1e-3
+    assert result["metrics"]["policy/grad_norm"] != pytest.approx(
+        with_prm["metrics"]["policy/grad_norm"], rel=1e-3)
+
+
+def test_one_update_at_dp2_equals_dp1(tmp_path_factory):
+    """A fixed global batch of 4 prompts x 4 responses: DP=1 updates on all of it, DP=2 on
+    two groups per rank. Advantage whitening, batch_norm of process rewards and every metric
+    are over the whole batch, so losses, metrics and updated weights agree within 1e-5.
+    (With per-rank whitening or a per-rank batch_norm scale the policy's grad norm differs by
+    ~5e-3 to 2e-2 and weight sums by up to 0.2: checked by reverting either reduction.)"""
+    one, two = run_global(1, tmp_path_factory), run_global(2, tmp_path_factory)
+    names = [name for name in one["metrics"] if not name.startswith("time/")]
+    assert sorted(names) == sorted(n for n in two["metrics"] if not n.startswith("time/"))
+    for name in ("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "prm/ranking_accuracy",
+                 "reward/process_mean", "reward/outcome_mean", "policy/loss", "prm/loss"):
+        assert name in names
+    for name in names:
+        assert two["metrics"][name] == pytest.approx(one["metrics"][name], rel=1e-5, abs=1e-5), name
+    # 7 of the 16 responses are correct; rank 0's half alone has 4 of 8.
+    assert two["metrics"]["reward/outcome_mean"] == pytest.approx(7 / 16)
+    assert two["metrics"]["policy/num_units"] == one["metrics"]["policy/num_units"] == 108
+    for role in ("policy", "prm"):
+        assert sorted(two[role]) == sorted(one[role])
+        for name, (total, absolute) in one[role].items():
+            assert two[role][name][0] == pytest.approx(total, abs=1e-5), (role, name)
+            assert two[role][name][1] == pytest.approx(absolute, abs=1e-5), (role, name)
+
+
+def test_step_keeps_its_tensors_on_the_training_device(tmp_path_factory):
+    """Both losses saw every tensor on distributed.device() and got the fields they read as
+    typed StepBatch fields; megatron_prime made no Tensor.cpu()/.numpy() call during the step.
+
+    What this CPU run can and cannot see: the training device is the host here, so a tensor
+    left on the host would not be caught by the device comparison (it is on a GPU run of the
+    same worker). The host-copy recorder does catch a .cpu() round trip on any machine (the
+    former step moved log-probs to the host and back, and read the log-prob gap on the host).
+    """
+    result = run_global(2, tmp_path_factory)
+    for loss, fields in (("ppo", {"old_logprobs", "advantages"}),
+                         ("prm", {"ref_logprobs", "outcome_rewards"})):
+        seen = result["losses_saw"][loss]
+        assert seen["devices"] == [result["expected_device"]], loss
+        assert fields <= set(seen["fields"]), loss
+    assert result["host_copies"] == []

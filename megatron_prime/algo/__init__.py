@@ -17,9 +17,10 @@ from megatron_prime.algo.implicit_reward import (
     implicit_process_rewards,
     prm_cross_entropy_loss,
     prm_pairwise_accuracy,
+    prm_pairwise_agreement,
     sequence_log_ratio,
 )
-from megatron_prime.algo.masked import masked_mean, masked_sum, masked_whiten
+from megatron_prime.algo.masked import ReduceFn, masked_mean, masked_sum, masked_whiten
 from megatron_prime.algo.ppo_loss import PPOLossConfig, aggregate_token_values, ppo_policy_loss
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "AdvantageConfig",
     "FilterResult",
     "PPOLossConfig",
+    "ReduceFn",
     "accuracy_band_filter",
     "aggregate_token_values",
     "compute_prime_advantages",
@@ -39,6 +41,7 @@ __all__ = [
     "ppo_policy_loss",
     "prm_cross_entropy_loss",
     "prm_pairwise_accuracy",
+    "prm_pairwise_agreement",
     "process_rloo_rewards",
     "sequence_log_ratio",
 ]

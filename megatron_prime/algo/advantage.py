@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_prime.algo.masked import (
+    ReduceFn,
     check_groups,
     check_same_shape,
     last_token_index,
@@ -108,8 +109,14 @@ def compute_prime_advantages(
     response_mask: torch.Tensor,
     num_samples_per_prompt: int,
     config: AdvantageConfig = AdvantageConfig(),
+    reduce_sum: ReduceFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PRIME advantages and returns, both ``[batch, seq]`` and 0 outside the response.
+
+    The rows may be one shard (a data-parallel rank's whole groups) of the step's batch:
+    everything but the whitening is per group, and ``reduce_sum`` (see ``masked_whiten``)
+    makes the whitening statistics the whole batch's, as in the reference, where the
+    driver whitens the full batch at once.
 
     ``outcome_rewards`` is the verifier's ``[batch]`` score; ``process_rewards`` the per-token
     implicit rewards (from ``implicit_process_rewards``), or None for outcome-only RLOO. Each
@@ -125,5 +132,5 @@ def compute_prime_advantages(
         process = process_rloo_rewards(process_rewards.to(torch.float32), mask, num_samples_per_prompt)
         combined = combined + config.process_coef * process
     returns = discounted_returns(combined, mask, config.gamma)
-    advantages = masked_whiten(returns, mask) if config.whiten else returns
+    advantages = masked_whiten(returns, mask, reduce_sum=reduce_sum) if config.whiten else returns
     return advantages, returns

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from megatron_prime.algo.masked import check_groups, check_same_shape, masked_sum
+from megatron_prime.algo.masked import ReduceFn, check_groups, check_same_shape, masked_sum
 
 ProcessRewardNormalization = Literal["none", "batch_norm"]
 PROCESS_REWARD_NORMALIZATIONS: tuple[str, ...] = ("none", "batch_norm")
@@ -28,12 +28,21 @@ def implicit_process_rewards(
     response_mask: torch.Tensor,
     beta: float,
     normalization: ProcessRewardNormalization = "none",
+    reduce_max: ReduceFn | None = None,
 ) -> torch.Tensor:
     """Per-token implicit reward ``beta * (logp_prm - logp_ref)``, 0 outside the response.
 
     ``normalization="batch_norm"`` (the PRIME reference) divides every token reward by the
     largest absolute reverse-cumulative sum of rewards in the batch, so that the process
     return of any token lies in [-1, 1] whatever beta and the response lengths are.
+
+    Which batch: the reference (verl ``recipe/prime/prime_dp_rm.py``,
+    ``DataParallelPRIMERewardModel.prime_norm``, called in ``compute_rm_score`` and
+    ``update_rm``) takes the max over the rows one data-parallel worker holds, so its scale
+    depends on the number of GPUs. We take it over the whole step's batch: when the rows are
+    one shard of it, ``reduce_max`` returns the maximum over all shards (the trainer passes an
+    all-reduce MAX over the data-parallel group). That equals the reference run on one
+    worker and gives the same rewards at every layout.
     """
     check_same_shape(prm_log_probs=prm_log_probs, ref_log_probs=ref_log_probs, response_mask=response_mask)
     if normalization not in PROCESS_REWARD_NORMALIZATIONS:
@@ -44,7 +53,10 @@ def implicit_process_rewards(
     rewards = beta * (prm_log_probs - ref_log_probs) * mask
     if normalization == "batch_norm":
         reverse_cumsum = rewards.flip(-1).cumsum(-1).flip(-1)
-        rewards = rewards / (reverse_cumsum.abs().max() + _BATCH_NORM_EPS)
+        largest = reverse_cumsum.abs().max() if rewards.numel() else rewards.new_zeros(())
+        if reduce_max is not None:
+            largest = reduce_max(largest)
+        rewards = rewards / (largest + _BATCH_NORM_EPS)
     return rewards
 
 
@@ -95,6 +107,27 @@ def prm_pairwise_accuracy(
             f"sequence_scores and outcome_labels must both be [batch], got "
             f"{tuple(sequence_scores.shape)} and {tuple(outcome_labels.shape)}"
         )
+    agreeing, total_weight = prm_pairwise_agreement(sequence_scores, outcome_labels,
+                                                    num_samples_per_prompt)
+    # torch.where instead of an `if` keeps this free of a host-device sync.
+    accuracy = torch.where(total_weight > 0, agreeing / total_weight.clamp(min=1e-12), 0.5)
+    return accuracy.to(sequence_scores.dtype)
+
+
+def prm_pairwise_agreement(
+    sequence_scores: torch.Tensor, outcome_labels: torch.Tensor, num_samples_per_prompt: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two float64 sums behind ``prm_pairwise_accuracy``: the weight of the pairs the PRM
+    orders right (ties count half) and the weight of all informative pairs.
+
+    Sums, not their ratio, so that shards of a batch (data-parallel ranks) can be added up
+    first and the accuracy is over every group of the step, whatever the layout.
+    """
+    if sequence_scores.shape != outcome_labels.shape or sequence_scores.dim() != 1:
+        raise ValueError(
+            f"sequence_scores and outcome_labels must both be [batch], got "
+            f"{tuple(sequence_scores.shape)} and {tuple(outcome_labels.shape)}"
+        )
     n = num_samples_per_prompt
     check_groups(sequence_scores.shape[0], n, min_samples=2)
     scores = sequence_scores.detach().double().view(-1, n)
@@ -105,9 +138,4 @@ def prm_pairwise_accuracy(
     better = label_diff > 0
     agreement = torch.where(score_diff > 0, 1.0, torch.where(score_diff == 0, 0.5, 0.0))
     weight = label_diff * better
-    total_weight = weight.sum()
-    # torch.where instead of an `if` keeps this free of a host-device sync.
-    accuracy = torch.where(
-        total_weight > 0, (agreement * weight).sum() / total_weight.clamp(min=1e-12), 0.5
-    )
-    return accuracy.to(sequence_scores.dtype)
+    return (agreement * weight).sum(), weight.sum()

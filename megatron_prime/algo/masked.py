@@ -11,7 +11,14 @@ Batch layout used throughout ``megatron_prime.algo``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# Sums a tensor of per-shard statistics over every shard of the batch and returns the total
+# (the trainer passes an all-reduce over the data-parallel group; None = this batch is all).
+# Kept a callable so algo/ stays free of torch.distributed.
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_groups(batch_size: int, num_samples_per_prompt: int, *, min_samples: int = 1) -> int:
@@ -53,17 +60,30 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                  reduce_sum: ReduceFn | None = None) -> torch.Tensor:
     """Shift to zero mean and scale to unit variance over the masked entries of the batch.
 
     Variance uses Bessel's correction (n - 1), as the PRIME reference does. Entries outside the
     mask are set to 0 so they can never leak into a loss.
+
+    ``values`` may be one shard of a larger batch (a data-parallel rank's rows): then
+    ``reduce_sum`` sums the shard's statistics over all shards, so the mean and variance are
+    the whole batch's and the result does not depend on how the batch was split. Two
+    reductions (sum and count, then squared deviations) keep the two-pass variance's accuracy;
+    the statistics are summed in float64 so the shard order barely changes the rounding.
     """
     mask_f = mask.to(values.dtype)
-    count = mask_f.sum()
-    mean = masked_sum(values, mask) / count.clamp(min=1)
+    totals = torch.stack([masked_sum(values, mask).double(), mask_f.sum().double()])
+    if reduce_sum is not None:
+        totals = reduce_sum(totals)
+    total, count = totals[0], totals[1]
+    mean = (total / count.clamp(min=1)).to(values.dtype)
     centered = (values - mean) * mask_f
-    variance = (centered**2).sum() / (count - 1).clamp(min=1)
+    squares = (centered.double() ** 2).sum()
+    if reduce_sum is not None:
+        squares = reduce_sum(squares)
+    variance = (squares / (count - 1).clamp(min=1)).to(values.dtype)
     return centered * torch.rsqrt(variance + eps)
 
 

@@ -26,9 +26,17 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, vocab_start: int, vocab_size: int,
-                group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+                group: dist.ProcessGroup | None, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         ctx.logits_dtype = logits.dtype
-        logits = logits.float()
+        ctx.temperature = temperature
+        if logits.dtype == torch.float32:
+            # The model's own output: divide out of place (it may be saved for its backward).
+            logits = logits / temperature if temperature != 1.0 else logits
+        else:
+            # .float() already made a private copy: divide it in place (verl's logits.div_).
+            logits = logits.float()
+            if temperature != 1.0:
+                logits.div_(temperature)
         local_vocab = logits.shape[-1]
         vocab_ids = torch.arange(vocab_start, vocab_start + local_vocab, device=logits.device)
         padded = vocab_ids >= vocab_size
@@ -69,26 +77,35 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         if grad_entropy is not None:
             log_probs = torch.where(probs > 0, probs.log(), torch.zeros_like(probs))
             grad = grad - grad_entropy.unsqueeze(-1) * probs * (log_probs + entropy.unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)  # chain rule through logits / temperature
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 def vocab_parallel_logprobs_and_entropy(
-    logits: Tensor, target: Tensor, vocab_size: int
+    logits: Tensor, target: Tensor, vocab_size: int, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """log p(target) and the entropy of each position's distribution, both float32.
 
     ``logits`` is this TP rank's vocabulary slice ``[..., padded_vocab / TP]``; ``target``
     holds global token ids ``[...]``; ``vocab_size`` is the real (unpadded) vocabulary.
+    The distribution is ``softmax(logits / temperature)``: the one vLLM samples from at
+    that temperature, so the trainer's ratios compare like with like (verl divides the
+    logits the same way).
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} is not allowed here; need a value > 0 "
+                         "(greedy decoding has no log-probs to train on)")
     local_vocab = logits.shape[-1]
     vocab_start = distributed.tp_rank() * local_vocab
     return _VocabParallelLogProbEntropy.apply(
-        logits, target, vocab_start, vocab_size, distributed.tp_group()
+        logits, target, vocab_start, vocab_size, distributed.tp_group(), temperature
     )
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, input_ids: Tensor, response_mask: Tensor, vocab_size: int
+    logits: Tensor, input_ids: Tensor, response_mask: Tensor, vocab_size: int,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Aligned per-token outputs ``[batch, seq]``: position t scores ``input_ids[:, t]``.
 
@@ -97,7 +114,7 @@ def token_logprobs_and_entropy(
     boundaries) are 0. Works for right-padded and packed rows alike.
     """
     logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-        logits[:, :-1], input_ids[:, 1:], vocab_size
+        logits[:, :-1], input_ids[:, 1:], vocab_size, temperature
     )
     mask = response_mask[:, 1:].to(logprobs.dtype)
     zero_column = logprobs.new_zeros(logprobs.shape[0], 1)

@@ -62,8 +62,11 @@ def train_step(
     batch: TokenBatch,
     micro_batch_size: int,
     loss_fn: LossFn,
+    temperature: float = 1.0,
 ) -> StepResult:
     """Zero grads, accumulate over micro-batches, clip and step. The grad norm is pre-clip.
+
+    ``temperature`` divides the logits before the loss reads log-probs (see forward_backward).
 
     Megatron's ``optimizer.step()`` is unrolled into its parts so that a non-finite loss or
     gradient norm skips the update instead of writing NaN into the weights: the loss and
@@ -72,7 +75,7 @@ def train_step(
     for chunk in model.chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = forward_backward(model, batch, micro_batch_size, loss_fn)
+    metrics = forward_backward(model, batch, micro_batch_size, loss_fn, temperature)
     if not math.isfinite(metrics["loss"]):
         return StepResult(metrics, float("nan"), False, f"non-finite loss {metrics['loss']}")
     with torch.no_grad():

@@ -15,7 +15,7 @@ sequences for the PRM's cross-entropy).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 
 import torch
@@ -34,9 +34,13 @@ class TokenBatch:
     """Token rows plus the tensors a loss needs.
 
     Layouts: right-padded (one prompt+response per row, ``segment_ids=None``) or packed
-    (several sequences per row; ``segment_ids`` numbers them from 1, 0 = padding). Tensors in
-    ``extras`` have the batch as their first dimension and are split into micro-batches
-    alongside the tokens (old log-probs, advantages, outcome labels...).
+    (several sequences per row; ``segment_ids`` numbers them from 1, 0 = padding).
+
+    Every tensor field (and every tensor in ``extras``) has the batch as its first dimension;
+    ``map_tensors`` walks the dataclass fields, so a subclass that adds typed tensor fields
+    (losses.StepBatch: old/ref/PRM log-probs, advantages...) is moved, micro-batched and
+    padded with its tokens without further code. ``extras`` only carries what the rollout
+    attaches (the sampler's log-probs) until the step turns it into a typed field.
     """
 
     input_ids: Tensor  # [batch, seq] int64
@@ -78,15 +82,30 @@ class TokenBatch:
         return mask
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> TokenBatch:
-        """The same batch with ``fn`` applied to every tensor (tokens, masks and extras)."""
-        return TokenBatch(
-            input_ids=fn(self.input_ids),
-            response_mask=fn(self.response_mask),
-            segment_ids=None if self.segment_ids is None else fn(self.segment_ids),
-            extras={k: fn(v) for k, v in self.extras.items()},
-        )
+        """The same batch (same class) with ``fn`` applied to every tensor field and every
+        tensor in ``extras``; ``None`` fields stay ``None``."""
+        changes: dict[str, object] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Tensor):
+                changes[spec.name] = fn(value)
+            elif isinstance(value, dict):
+                changes[spec.name] = {k: fn(v) for k, v in value.items()}
+        return replace(self, **changes)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor the batch holds, by field name (``extras/<key>`` for extras)."""
+        found: dict[str, Tensor] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Tensor):
+                found[spec.name] = value
+            elif isinstance(value, dict):
+                found.update({f"{spec.name}/{k}": v for k, v in value.items()})
+        return found
 
     def to(self, device: torch.device) -> TokenBatch:
+        """Every tensor on ``device``; tensors already there are not copied."""
         return self.map_tensors(lambda t: t.to(device))
 
     def micro_batches(self, micro_batch_size: int) -> list[TokenBatch]:
@@ -119,12 +138,13 @@ class TokenOutputs:
 LossFn = Callable[[TokenOutputs, TokenBatch], tuple[Tensor, Tensor, dict[str, Tensor]]]
 
 
-def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: list[Tensor]):
+def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: list[Tensor],
+                       temperature: float):
     vocab_size = model.shape.vocab_size
 
     def loss_func(micro_batch: TokenBatch, logits: Tensor):
         logprobs, entropy = token_logprobs_and_entropy(
-            logits, micro_batch.input_ids, micro_batch.response_mask, vocab_size
+            logits, micro_batch.input_ids, micro_batch.response_mask, vocab_size, temperature
         )
         outputs = TokenOutputs(logprobs, entropy)
         if loss_fn is None:  # forward-only: keep the outputs, report nothing
@@ -146,7 +166,9 @@ def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: lis
 
 
 def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
-                  loss_fn: LossFn | None, forward_only: bool) -> tuple[list[dict], list[Tensor]]:
+                  loss_fn: LossFn | None, forward_only: bool,
+                  temperature: float) -> tuple[list[dict], list[Tensor]]:
+    # A no-op for a batch the caller already moved (prime_update moves its batch once).
     batch = batch.to(distributed.device())
     micro_batches = batch.micro_batches(micro_batch_size)
     collected: list[Tensor] = []
@@ -156,7 +178,7 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
         else iter(micro_batches)
     forward_backward = get_forward_backward_func()
     store = forward_backward(
-        forward_step_func=_forward_step_func(model, loss_fn, collected),
+        forward_step_func=_forward_step_func(model, loss_fn, collected, temperature),
         data_iterator=data_iterator,
         model=model.chunks,
         num_microbatches=len(micro_batches),
@@ -179,24 +201,31 @@ def _broadcast_from_last_stage(tensor: Tensor | None, shape: tuple[int, ...]) ->
 
 
 @torch.no_grad()
-def forward_only(model: BuiltModel, batch: TokenBatch, micro_batch_size: int) -> TokenOutputs:
+def forward_only(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
+                 temperature: float = 1.0) -> TokenOutputs:
     """Per-token log-probs and entropy for the whole batch, on every rank of the model.
 
     Used for the old policy, the reference and the PRM. The batch is padded with masked rows
-    to a multiple of ``micro_batch_size`` and trimmed back.
+    to a multiple of ``micro_batch_size`` and trimmed back. ``temperature`` divides the logits
+    first, so the log-probs are those of the distribution the sampler drew from.
     """
     padded, real_rows = batch.padded_to_multiple(micro_batch_size)
     model.eval()
-    _, collected = _run_schedule(model, padded, micro_batch_size, None, forward_only=True)
+    _, collected = _run_schedule(model, padded, micro_batch_size, None, forward_only=True,
+                                 temperature=temperature)
     stacked = torch.cat(collected, dim=1) if collected else None  # [2, batch, seq]
     stacked = _broadcast_from_last_stage(stacked, (2, padded.batch_size, padded.seq_length))
     return TokenOutputs(logprobs=stacked[0, :real_rows], entropy=stacked[1, :real_rows])
 
 
 def forward_backward(
-    model: BuiltModel, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn
+    model: BuiltModel, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
     """Accumulates gradients of ``loss_fn`` over the batch's micro-batches.
+
+    ``temperature`` divides the logits before the log-probs and entropy the loss reads
+    (gradients flow through the division).
 
     Returns global metrics: each metric's sum over micro-batches and DP ranks divided by the
     global number of units, identical on every rank. Gradients end up divided by that same
@@ -211,7 +240,8 @@ def forward_backward(
         else model.chunks[0].no_sync
     # Filler rows have no scored tokens, so they add nothing to any loss or unit count.
     padded, _ = batch.padded_to_multiple(micro_batch_size)
-    store, _ = _run_schedule(model, padded, micro_batch_size, loss_fn, forward_only=False)
+    store, _ = _run_schedule(model, padded, micro_batch_size, loss_fn, forward_only=False,
+                             temperature=temperature)
     return _reduce_metrics(store)
 
 

@@ -201,6 +201,9 @@ class RolloutEngine:
             seed=config.seed,
             enforce_eager=config.enforce_eager,
             worker_extension_cls="megatron_prime.rollout.vllm_worker.BridgeWorkerExtension",
+            # The sampler's log-probs after temperature, like the trainer's (update.py): the
+            # rollout/logprob_diff_* check then compares the same distribution at any T.
+            logprobs_mode="processed_logprobs",
         )
         if on_gpu:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,

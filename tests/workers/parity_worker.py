@@ -20,7 +20,7 @@ from megatron_prime.config import OptimizerConfig, ParallelConfig
 from megatron_prime.models.builder import BuiltModel, build_model
 from megatron_prime.models.optimizer import build_optimizer, train_step
 from megatron_prime.algo import PPOLossConfig
-from megatron_prime.losses import ppo_loss, prm_loss
+from megatron_prime.losses import StepBatch, ppo_loss, prm_loss
 from megatron_prime.models.schedule import TokenBatch, TokenOutputs, forward_backward, forward_only
 
 ENTROPY_COEF = 0.1
@@ -138,9 +138,12 @@ def main() -> None:
     rows_per_dp = batch.batch_size // distributed.dp_world_size()
     first = distributed.dp_rank() * rows_per_dp
     extras = prime_extras(batch)
-    local = TokenBatch(batch.input_ids[first:first + rows_per_dp],
-                       batch.response_mask[first:first + rows_per_dp],
-                       extras={k: v[first:first + rows_per_dp] for k, v in extras.items()})
+    rows = slice(first, first + rows_per_dp)
+    local = StepBatch(batch.input_ids[rows], batch.response_mask[rows],
+                      old_logprobs=extras["old_logprobs"][rows],
+                      advantages=extras["advantages"][rows],
+                      ref_logprobs=extras["ref_logprobs"][rows],
+                      outcome_rewards=extras["outcome_labels"][rows])
     micro_batch_size = min(args.micro_batch_size, rows_per_dp)
 
     outputs = forward_only(policy, local, micro_batch_size)

@@ -93,10 +93,10 @@ def launch_job(layout: str, toy: dict[str, Path], folder: Path, timeout: int = 6
             [sys.executable, str(REPO / "tests" / "workers" / "gpu_sim_worker.py"),
              "--ledger", str(ledger), *overrides], env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
-    failed = None
-    while any(p.poll() is None for p in processes):
-        failed = next((r for r, p in enumerate(processes) if p.returncode not in (None, 0)), None)
-        if failed is not None or time.monotonic() > deadline:
+    first_failure = None  # the rank that failed first: the others then lose their peers
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+        first_failure = next((r for r, p in enumerate(processes) if p.returncode not in (None, 0)), None)
+        if first_failure is not None:
             break
         time.sleep(0.5)
     for p in processes:
@@ -105,10 +105,12 @@ def launch_job(layout: str, toy: dict[str, Path], folder: Path, timeout: int = 6
             p.wait()
     for log in logs:
         log.close()
-    failed = next((r for r, p in enumerate(processes) if p.returncode != 0), None)
-    if failed is not None:
-        raise AssertionError(f"{layout}: rank {failed} failed ({processes[failed].returncode}):\n"
-                             + (folder / f"rank{failed}.log").read_text()[-6000:])
+    if first_failure is None:
+        first_failure = next((r for r, p in enumerate(processes) if p.returncode != 0), None)
+    if first_failure is not None:
+        raise AssertionError(f"{layout}: rank {first_failure} failed first "
+                             f"({processes[first_failure].returncode}):\n"
+                             + (folder / f"rank{first_failure}.log").read_text()[-6000:])
     return ledger
 
 

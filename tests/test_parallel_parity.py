@@ -45,11 +45,12 @@ def run_layout(arch: str, layout: str, tmp_path_factory) -> dict:
     return _cache[key]
 
 
-def hf_reference(arch: str) -> dict:
-    """Log-probs, entropy, loss and grad norm from transformers with plain autograd."""
+def hf_reference(arch: str, temperature: float = 1.0) -> dict:
+    """Log-probs, entropy, loss and grad norm from transformers with plain autograd, of
+    softmax(logits / temperature) (the distribution a sampler at that temperature draws from)."""
     _, model = make_hf_model(arch)
     batch = make_batch(model.config.vocab_size)
-    logits = model(batch.input_ids).logits.float()
+    logits = model(batch.input_ids).logits.float() / temperature
     log_softmax = torch.log_softmax(logits[:, :-1], dim=-1)
     logprobs = log_softmax.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
     entropy = -(log_softmax.exp() * log_softmax).sum(-1)

@@ -33,85 +33,28 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 
 from megatron_prime import distributed  # noqa: E402
-from megatron_prime.checkpoint.train_state import load_train_state, save_train_state  # noqa: E402
-from megatron_prime.config import OptimizerConfig, ParallelConfig, PrecisionConfig  # noqa: E402
-from megatron_prime.models.builder import BuiltModel, build_model  # noqa: E402
-from megatron_prime.models.optimizer import (  # noqa: E402
-    build_optimizer,
-    sequence_nll_loss,
-    train_step,
-)
-from workers.train_state_worker import (  # noqa: E402
-    EXTRA,
-    MICRO_BATCH_SIZE,
-    ROLES,
-    random_batch,
-    tiny_hf_config,
-)
+from megatron_prime.config import ParallelConfig, PrecisionConfig  # noqa: E402
+from workers.train_state_worker import Trainer  # noqa: E402
 
 SEED = 1234
 
 
-class DeviceTrainer:
-    """Policy and PRM with Adam and a moving lr, at a chosen precision (TP=PP=DP=1)."""
+class DeviceTrainer(Trainer):
+    """train_state_worker's trainer (one process, no distributed optimizer) at a precision."""
 
     def __init__(self, precision: PrecisionConfig) -> None:
-        hf_config = tiny_hf_config()
-        self.models: dict[str, BuiltModel] = {}
-        self.optimizers: dict[str, Any] = {}
-        self.schedulers: dict[str, OptimizerParamScheduler] = {}
-        for role in ROLES:
-            model = build_model(hf_config, role, ParallelConfig(), precision)
-            optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3, clip_grad=1.0,
-                                                               weight_decay=0.01))
-            self.models[role] = model
-            self.optimizers[role] = optimizer
-            self.schedulers[role] = OptimizerParamScheduler(
-                optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2,
-                lr_decay_steps=8, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
-                wd_incr_steps=8, wd_incr_style="constant")
-
-    def step(self) -> list[float]:
-        batch = random_batch()  # from the global torch RNG: resuming needs it restored
-        losses = []
-        for role in ROLES:
-            result = train_step(self.models[role], self.optimizers[role], batch,
-                                MICRO_BATCH_SIZE, sequence_nll_loss)
-            assert result.update_successful, result.skip_reason
-            self.schedulers[role].step(1)
-            losses.append(result.metrics["loss"])
-        return losses
-
-    def save(self, root: Path, step: int) -> Path:
-        return save_train_state(root, step, self.models, self.optimizers, self.schedulers,
-                                EXTRA, keep_last=2)
+        super().__init__(ParallelConfig(), False, precision)
 
     def load(self, folder: Path) -> int:
-        step, _ = load_train_state(folder, self.models, self.optimizers, self.schedulers)
-        return step
-
-    def weights(self) -> list[torch.Tensor]:
-        """The models' weights in their own dtype (bf16 on the GPU), copied to the host."""
-        return [p.detach().cpu().clone() for role in ROLES
-                for chunk in self.models[role].gpt_chunks() for p in chunk.parameters()]
+        return super().load(folder)[0]
 
     def state(self) -> dict[str, list[torch.Tensor]]:
-        """Weights and every Adam tensor (fp32 main param, both moments, step count), copied
-        to the host (after the first step: Adam's state exists from then on)."""
-        weights = self.weights()
-        adam = []
-        for role in ROLES:
-            optimizer = self.optimizers[role]
-            for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-                for group in sub.optimizer.param_groups:
-                    for param in group["params"]:
-                        state = sub.optimizer.state[param]
-                        adam += [t.detach().cpu().clone() for t in (
-                            param, state["exp_avg"], state["exp_avg_sq"], state["step"])]
-        return {"weights": weights, "adam": adam}
+        """Weights (their own dtype: bf16 on the GPU) and every Adam tensor (fp32 main param,
+        both moments, step count), copied to the host (Adam's state exists after a step)."""
+        return {"weights": [t.cpu() for t in self.weights()],
+                "adam": [t.cpu() for t in self.adam_state()]}
 
 
 def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

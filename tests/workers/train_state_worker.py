@@ -32,7 +32,7 @@ from megatron_prime.checkpoint.train_state import (
     resolve_resume,
     save_train_state,
 )
-from megatron_prime.config import OptimizerConfig, ParallelConfig
+from megatron_prime.config import OptimizerConfig, ParallelConfig, PrecisionConfig
 from megatron_prime.models.builder import BuiltModel, build_model
 from megatron_prime.models.optimizer import (
     build_optimizer,
@@ -69,13 +69,14 @@ def random_batch() -> TokenBatch:
 class Trainer:
     """Policy and PRM, each with Adam and a warmup+cosine scheduler (so the lr moves)."""
 
-    def __init__(self, parallel: ParallelConfig, distributed_optimizer: bool) -> None:
+    def __init__(self, parallel: ParallelConfig, distributed_optimizer: bool,
+                 precision: PrecisionConfig | None = None) -> None:
         hf_config = tiny_hf_config()
         self.models: dict[str, BuiltModel] = {}
         self.optimizers: dict[str, Any] = {}
         self.schedulers: dict[str, OptimizerParamScheduler] = {}
         for role in ROLES:
-            model = build_model(hf_config, role, parallel,
+            model = build_model(hf_config, role, parallel, precision,
                                 use_distributed_optimizer=distributed_optimizer)
             optimizer = build_optimizer(model, OptimizerConfig(
                 lr=1e-3, clip_grad=1.0, weight_decay=0.01,

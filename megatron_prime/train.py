@@ -311,7 +311,10 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
         guard.consecutive = extra.get("consecutive_skips", 0)
         wandb_run_id = extra.get("wandb_run_id")
 
-    # Placement: the replica's engine sees only the replica's GPUs on the owner's node.
+    # Loading left staging buffers in the allocator's cache: vLLM must find them free when it
+    # profiles. Placement: the replica's engine sees only the replica's GPUs on the owner's
+    # node; the exchange also makes every rank release before any engine starts.
+    runtime.memory.release_cached()
     devices = distributed.replica_devices_on_node()  # collective
     engine = None
     if hosts_engine(distributed.tp_rank(), distributed.pp_rank()):

@@ -265,6 +265,9 @@ class CollectiveRecorder:
         self.gpu = this_process_gpu()
         self.in_rollout = 0
         self.rollout_collectives: list[str] = []
+        # From the engine placement exchange until the next host barrier returns, the engines
+        # start and profile free memory: no rank may touch its GPU in that window.
+        self.engines_starting = False
 
     def install(self) -> None:
         import torch.distributed as dist
@@ -284,12 +287,25 @@ class CollectiveRecorder:
                 if not host:
                     raise PlacementViolation(f"{name} on a device group during a rollout round "
                                              f"(rank waits on the GPU the engine decodes on)")
-            if not host and self.ledger.profiling(self.gpu):
-                raise PlacementViolation(f"{name} on a device group while the engine on "
-                                         f"{self.gpu} profiles its memory")
-            return function(*args, **kwargs)
+            if not host and (self.engines_starting or self.ledger.profiling(self.gpu)):
+                raise PlacementViolation(f"{name} on a device group while the engines start and "
+                                         f"profile free memory (no barrier after engine start-up)")
+            result = function(*args, **kwargs)
+            if name == "barrier" and host:
+                self.engines_starting = False
+            return result
 
         return recorded
+
+    def wrap_placement(self, function):
+        """``distributed.replica_devices_on_node``: the engines start right after it."""
+        @functools.wraps(function)
+        def placed(*args, **kwargs):
+            devices = function(*args, **kwargs)
+            self.engines_starting = True
+            return devices
+
+        return placed
 
     @contextlib.contextmanager
     def rollout(self):

@@ -259,8 +259,41 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
+def require_finite_floats(config: Any, prefix: str = "") -> None:
+    """Refuses NaN and +-inf in every float of a config tree, naming the dotted key.
+
+    YAML reads ``.inf``/``.nan`` (and ``float()`` reads ``inf``) as floats, and no hyper-
+    parameter here means anything at infinity: ``algo.beta=.inf`` made every update NaN, each
+    step was skipped and an untrained model was saved with exit code 0. One walk over the
+    tree covers every float field, present and future, instead of a check per field."""
+    import dataclasses
+    import math
+
+    def walk(value: Any, key: str) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{key}[{i}]")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}={value!r} is invalid: expected a finite number "
+                             "(not NaN or infinity)")
+
+    walk(config, prefix)
+
+
 def validate_all(config: Any) -> None:
-    """Calls ``validate()`` on the config and every nested config that has one."""
+    """Refuses non-finite floats anywhere in the tree, then calls ``validate()`` on the
+    config and every nested config that has one."""
+    require_finite_floats(config)
+    _validate_tree(config)
+
+
+def _validate_tree(config: Any) -> None:
     import dataclasses
 
     if hasattr(config, "validate"):
@@ -268,7 +301,7 @@ def validate_all(config: Any) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            validate_all(value)
+            _validate_tree(value)
 
 
 def load_config(cls: type, path: str | None = None, overrides: Iterable[str] = ()) -> Any:

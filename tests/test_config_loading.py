@@ -120,3 +120,25 @@ def test_overrides_do_not_modify_the_input():
     assert apply_overrides(data, ["parallel.tensor_parallel_size=4"]) == {
         "parallel": {"tensor_parallel_size": 4}}
     assert data == {"parallel": {"tensor_parallel_size": 2}}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algo.beta=.inf", "algo.beta"),
+    ("algo.beta=-.inf", "algo.beta"),
+    ("algo.beta=inf", "algo.beta"),  # a string YAML leaves to float()
+    ("policy_optimizer.lr=.nan", "policy_optimizer.lr"),
+    ("rollout.sampling.temperature=.inf", "rollout.sampling.temperature"),
+])
+def test_non_finite_floats_are_refused_naming_the_key(override, key):
+    from megatron_prime.train import PrimeConfig
+
+    with pytest.raises(ValueError, match=rf"^{key}=(inf|-inf|nan) is invalid: expected a finite number"):
+        load_config(PrimeConfig, None, ["model.path=sft", "data.paths=[rl.jsonl]", override])
+
+
+def test_non_finite_float_of_a_config_built_in_code_is_refused():
+    from megatron_prime.config import validate_all
+
+    config = RunConfig(optimizer=OptimizerConfig(clip_grad=float("inf")))
+    with pytest.raises(ValueError, match=r"^optimizer.clip_grad=inf is invalid: expected a finite number"):
+        validate_all(config)

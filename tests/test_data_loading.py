@@ -172,3 +172,48 @@ def test_config_errors_name_key_value_and_allowed(kwargs, message):
     with pytest.raises(ValueError) as error:
         DataConfig(**kwargs).validate()
     assert str(error.value) == message
+
+
+def test_non_utf8_row_names_its_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(ROWS[1]).encode()
+    bad = json.dumps(dict(ROWS[1], data_source="caf\u00e9"), ensure_ascii=False).encode().replace(b"\xc3\xa9", b"\xe9")
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(ValueError) as error:
+        load_prompts(DataConfig(paths=[str(path)]))
+    message = str(error.value)
+    assert message.startswith(f"{path}:2: malformed row: not UTF-8: byte 0xe9 at byte ")
+    assert "\n" not in message
+    records = load_prompts(DataConfig(paths=[str(path)], on_malformed="skip"))
+    assert [record.source_line for record in records] == [1]
+
+
+def test_non_utf8_sft_and_benchmark_rows_name_their_file_and_line(tmp_path):
+    from megatron_prime.evaluate import EvalInputError, load_benchmark
+    from megatron_prime.sft import load_sft_examples
+
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"question": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(EvalInputError, match=rf"^{path}:1: not UTF-8: byte 0xe9"):
+        load_benchmark(path)
+    with pytest.raises(ValueError, match=rf"^{path}:1: malformed row: not UTF-8: byte 0xe9"):
+        load_sft_examples([str(path)], tokenizer=None, max_tokens=10, on_malformed="error")
+
+
+def test_damaged_parquet_page_names_file_row_group_and_column(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = write_parquet(tmp_path / "damaged.parquet", [ROWS[1]] * 200)
+    # Rewrite with two row groups, then overwrite the start of row group 1's first column.
+    pq.write_table(pq.read_table(path), path, row_group_size=100)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 20:start + 60] = b"\xab" * 40
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as error:
+        load_prompts(DataConfig(paths=[str(path)]))
+    message = str(error.value)
+    assert message.startswith(f"{path}: damaged parquet data in row group 1 (rows 101..200), "
+                              "column 'prompt': ")
+    assert "\n" not in message

@@ -12,9 +12,10 @@ suffix of its ability are added, see ``templates.py``). Other fields (``extra_in
 are ignored.
 
 A row that cannot be read exactly as written (bad JSON, a missing field, a wrong type, an
-unknown ability, code tests that do not parse) is never guessed at: it is skipped with a
+unknown ability, code tests that do not parse, bytes that are not UTF-8) is never guessed at: it is skipped with a
 warning naming ``file:line``, or it stops the load with a ``ValueError`` naming ``file:line``,
-as ``DataConfig.on_malformed`` says. For parquet the "line" is the 1-based row number.
+as ``DataConfig.on_malformed`` says. For parquet the "line" is the 1-based row number; a
+damaged parquet page stops the load with a ``ValueError`` naming the file, row group and column.
 """
 
 from __future__ import annotations
@@ -122,11 +123,22 @@ def parse_row(row: Any) -> tuple[list[dict[str, str]], Ability, str | dict[str, 
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded row); bad JSON comes back as a MalformedRow in place of the row."""
-    with path.open("r", encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
+    """(line number, decoded row); bad JSON or bytes that are not UTF-8 come back as a
+    MalformedRow in place of the row.
+
+    Lines are read as bytes and decoded one at a time: a text-mode file raises a bare
+    UnicodeDecodeError from inside the iteration, naming neither the file nor the line."""
+    with path.open("rb") as file:
+        for line_number, raw in enumerate(file, start=1):
+            if not raw.strip():
                 continue  # blank lines (a trailing newline, say) are not rows
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield line_number, MalformedRow(
+                    f"not UTF-8: byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the "
+                    "line (expected UTF-8 text; re-encode the file)")
+                continue
             try:
                 yield line_number, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
@@ -142,12 +154,36 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         parquet_file = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises ArrowInvalid and friends
-        raise ValueError(f"{path}: not a readable parquet file: {error}") from error
+        raise ValueError(f"{path}: not a readable parquet file: "
+                         f"{' '.join(str(error).split())}") from error
     row_number = 0
-    for batch in parquet_file.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            row_number += 1
-            yield row_number, row
+    for row_group in range(parquet_file.num_row_groups):
+        # One row group at a time, decoded before any of its rows is handed out: a damaged
+        # data page (OSError, ArrowInvalid) is then reported with the rows it holds.
+        try:
+            batches = list(parquet_file.iter_batches(batch_size=1024, row_groups=[row_group]))
+        except Exception as error:  # pyarrow's errors share no base class but Exception
+            last_row = row_number + parquet_file.metadata.row_group(row_group).num_rows
+            raise ValueError(f"{path}: damaged parquet data in row group {row_group} (rows "
+                             f"{row_number + 1}..{last_row}){_damaged_column(parquet_file, row_group)}"
+                             f": {' '.join(str(error).split())}") from error  # one line
+        for batch in batches:
+            for row in batch.to_pylist():
+                row_number += 1
+                yield row_number, row
+
+
+def _damaged_column(parquet_file: Any, row_group: int) -> str:
+    """", column 'name'" of the first column of ``row_group`` that cannot be read, or "".
+
+    pyarrow's message ("Corrupt snappy compressed data.") names no column; reading the
+    columns one at a time finds it, only on this error path."""
+    for name in parquet_file.schema_arrow.names:
+        try:
+            parquet_file.read_row_group(row_group, columns=[name])
+        except Exception:
+            return f", column {name!r}"
+    return ""
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:

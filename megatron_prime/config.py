@@ -25,6 +25,27 @@ def require_positive_int(key: str, value: Any) -> None:
              key, value, "an integer >= 1")
 
 
+def require_output_folder(key: str, value: Any, path: Any) -> None:
+    """Refuses an output folder that could not be created: ``path`` (``value`` of ``key``,
+    resolved) or one of its parents is a file, or its nearest existing parent is read-only.
+
+    Checked at start-up because the folder is created late (a checkpoint at the first save,
+    a minute in; the run folder after the engines started), where the error names no key."""
+    import os
+    from pathlib import Path
+
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+    if not folder.is_dir():
+        where = "is a file" if folder == path else f"has a file in its path ({folder})"
+        raise ValueError(f"{key}={value!r} is invalid: {path} {where}; expected a folder path")
+    if folder != path and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={value!r} is invalid: {path} cannot be created ({folder} is "
+                         "not writable); expected a writable folder path")
+
+
 @dataclass
 class ParallelConfig:
     """How each model is split: TP inside a node, PP across nodes, DP is what is left."""

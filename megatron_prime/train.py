@@ -42,6 +42,7 @@ from megatron_prime.config import (
     load_config,
     require,
     require_choice,
+    require_output_folder,
     require_positive_int,
     validate_all,
 )
@@ -274,15 +275,18 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     from megatron_prime.rewards import RewardRegistry
 
     validate_all(config)
+    run_dir = Path(config.logging.run_dir)
+    checkpoint_root = Path(config.checkpoint.dir)
+    if not checkpoint_root.is_absolute():
+        checkpoint_root = run_dir / checkpoint_root
+    # Both are created late (the run folder after vLLM started, checkpoints at the first save).
+    require_output_folder("logging.run_dir", config.logging.run_dir, run_dir)
+    require_output_folder("checkpoint.dir", config.checkpoint.dir, checkpoint_root)
     use_gpu = None if config.trainer.device == "auto" else config.trainer.device == "cuda"
     if not distributed.is_initialized():
         distributed.init_distributed(config.parallel, seed=config.trainer.seed, use_gpu=use_gpu)
     runtime = distributed.runtime()
     is_logging_rank = runtime.launch.rank == 0
-    run_dir = Path(config.logging.run_dir)
-    checkpoint_root = Path(config.checkpoint.dir)
-    if not checkpoint_root.is_absolute():
-        checkpoint_root = run_dir / checkpoint_root
 
     # Everything that can be wrong with the inputs fails here, before anything is written.
     resume_from = resolve_resume(config.checkpoint, checkpoint_root)

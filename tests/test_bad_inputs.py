@@ -55,3 +55,30 @@ def test_output_folder_that_does_not_exist_yet_is_accepted(tmp_path):
     (tmp_path / "existing").mkdir()
     require_output_folder("logging.run_dir", "existing", tmp_path / "existing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_vllm_log_level_is_validated_naming_its_key():
+    from megatron_prime.rollout.engine import RolloutConfig
+
+    assert RolloutConfig().log_level == "WARNING"
+    with pytest.raises(ValueError, match=r"^rollout.engine.log_level='LOUD' is invalid: expected one "
+                                         r"of \['DEBUG', 'INFO', 'WARNING', 'ERROR'\]$"):
+        RolloutConfig(log_level="LOUD").validate()
+
+
+def test_vllm_log_level_is_set_for_the_engine_unless_the_user_set_it(monkeypatch):
+    import logging
+    import os
+
+    from megatron_prime.rollout.engine import configure_vllm_logging
+
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "")  # recorded, so the end of the test restores it
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL")
+    vllm_logger = logging.getLogger("vllm")
+    monkeypatch.setattr(vllm_logger, "level", vllm_logger.level)  # restored after the test
+    assert configure_vllm_logging("WARNING") == "WARNING"
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert vllm_logger.level == logging.WARNING
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")  # the user's choice wins
+    assert configure_vllm_logging("WARNING") == "DEBUG"
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"

@@ -32,6 +32,7 @@ second model.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -49,6 +50,8 @@ from megatron_prime.checkpoint.hf_mapping import (
 )
 from megatron_prime.models.builder import BuiltModel
 from megatron_prime.rollout.engine import RolloutEngine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,10 +192,13 @@ class WeightBridge:
         if self.engine is not None:
             self.engine.weights_written()
         stats = SyncStats(moved, time.perf_counter() - start, tensors, buckets, engine_seconds)
-        if dist.get_rank() == 0:
+        # A debug message, not a print: on the console it pushed the progress line away every
+        # step; the sync's time is in the step's metrics (the "sync" phase), and SyncStats goes
+        # back to the caller.
+        if dist.get_rank() == 0 and logger.isEnabledFor(logging.DEBUG):
             how = (f"{stats.num_buckets} buckets" if stats.num_buckets
                    else "written in place")
-            print(f"weight sync: {stats.bytes / 1e6:.1f} MB {how}, {stats.seconds:.2f} s "
-                  f"({stats.engine_seconds:.2f} s handing it to the engine), "
-                  f"{stats.gb_per_s:.2f} GB/s", flush=True)
+            logger.debug("weight sync: %.1f MB %s, %.2f s (%.2f s handing it to the engine), "
+                         "%.2f GB/s", stats.bytes / 1e6, how, stats.seconds,
+                         stats.engine_seconds, stats.gb_per_s)
         return stats

@@ -60,6 +60,23 @@ class SamplingConfig:
         require(self.top_k == -1 or self.top_k >= 1, "sampling.top_k", self.top_k, "-1 or >= 1")
 
 
+VLLM_LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def configure_vllm_logging(level: str) -> str:
+    """Sets vLLM's log level for this process and the engine processes it spawns; returns the
+    level in force. ``VLLM_LOGGING_LEVEL`` already in the environment (the user's) wins.
+
+    vLLM reads the variable when ``vllm`` is first imported (here, and again in every spawned
+    process); the ``vllm`` logger's level is set too, for a process that imported it already."""
+    import logging
+
+    effective = os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    if effective.upper() in VLLM_LOG_LEVELS:
+        logging.getLogger("vllm").setLevel(effective.upper())
+    return effective
+
+
 @dataclass
 class RolloutConfig:
     """How the vLLM engine is built."""
@@ -79,6 +96,10 @@ class RolloutConfig:
     # into the engine's parameters in shared memory (CPU engine, vLLM TP=1): several times
     # faster syncs, but GEMMs without vLLM's CPU weight packing decode 5-15% slower.
     weight_sync: str = "reload"
+    # vLLM's own log level (its INFO lines, a dozen per engine start, bury the trainer's
+    # progress on the job's console). A VLLM_LOGGING_LEVEL the user set in the environment
+    # wins over this.
+    log_level: str = "WARNING"
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -89,6 +110,7 @@ class RolloutConfig:
                  self.gpu_memory_utilization, "in (0, 1]")
         require_positive_int("rollout.cpu_kv_cache_gib", self.cpu_kv_cache_gib)
         require_choice("rollout.weight_sync", self.weight_sync, ("reload", "shared"))
+        require_choice("rollout.engine.log_level", self.log_level, VLLM_LOG_LEVELS)
         if self.weight_sync == "shared" and self.tensor_parallel_size != 1:
             raise ValueError(f"rollout.weight_sync=shared needs rollout.tensor_parallel_size=1 "
                              f"(got {self.tensor_parallel_size}): the trainer writes one "
@@ -174,6 +196,7 @@ class RolloutEngine:
     def __init__(self, hf_folder: str | Path, config: RolloutConfig, on_gpu: bool,
                  visible_devices: Sequence[str] | None = None):
         config.validate()
+        configure_vllm_logging(config.log_level)  # before the first import of vllm
         self.config, self.on_gpu = config, on_gpu
         self.hf_folder = Path(hf_folder)
         import json

@@ -252,3 +252,26 @@ def test_distributed_optimizer_state_resumes_only_under_its_layer_spec(tmp_path)
                                          r"job builds 'local'"):
         _check_optimizer_format(tmp_path, "policy", sharded, sharded, layout, layout,
                                 "transformer_engine", "local")
+
+
+def test_truncated_checkpoint_file_names_the_folder_and_file(tmp_path):
+    root = tmp_path / "checkpoints"
+    out = tmp_path / "damaged.json"
+    status, stderr = run_one_process(["--mode", "damaged", "--root", str(root), "--out", str(out)],
+                                     tmp_path / "damaged")
+    assert status == 0, stderr
+    result = json.loads(out.read_text())
+    hint = (f"resume from an older step with checkpoint.resume=<a step_* folder under {root}>, "
+            "or start fresh with checkpoint.resume=none")
+    kind, message = result["errors"]["distcp"]
+    folder = root / "step_00000002" / "policy"
+    assert kind == "DamagedCheckpoint"
+    assert message.startswith(f"{folder}: the checkpoint is damaged: {result['distcp']} has "
+                              f"{result['size'] // 2} of its {result['size']} bytes (")
+    assert message.endswith(hint)
+    assert "\n" not in message
+    kind, message = result["errors"]["rng"]
+    assert kind == "DamagedCheckpoint"
+    assert message.startswith(f"{root / 'step_00000001'}: the checkpoint is damaged: "
+                              "rng/rank_00000.pt cannot be read (")
+    assert message.endswith(hint)

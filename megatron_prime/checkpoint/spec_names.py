@@ -33,6 +33,7 @@ Same anchor as Megatron-Bridge: its parameter mappings are TE-named and its
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -122,6 +123,77 @@ def _is_model_key(key: str) -> bool:
     return key.startswith(_MODEL_KEY_PREFIXES)
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read back (truncated copy, interrupted write, bad
+    disk); the message names the folder and, when it can be told, the file."""
+
+
+# What reading a damaged file raises: pickle/zip readers on a short or garbled file.
+_DAMAGE_ERRORS = (EOFError, pickle.UnpicklingError)
+_DAMAGE_WORDS = ("corrupt", "zip archive", "unexpected end", "truncated")
+
+
+def _short_files(folder: Path) -> list[str]:
+    """The ``.distcp`` files of a torch_dist checkpoint folder that are missing or shorter
+    than its ``.metadata`` says (each tensor is stored at an offset and length there)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(folder)).read_metadata().storage_data
+    except BaseException:  # the metadata itself is unreadable: nothing to compare against
+        return [".metadata cannot be read"] if (folder / ".metadata").exists() else []
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    short = []
+    for name, size in sorted(needed.items()):
+        file = folder / name
+        if not file.is_file():
+            short.append(f"{name} is missing")
+        elif file.stat().st_size < size:
+            short.append(f"{name} has {file.stat().st_size} of its {size} bytes")
+    return short
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """``error``, its causes and, for torch's CheckpointException, every rank's failure."""
+    chain, todo = [], [error]
+    while todo:
+        current = todo.pop()
+        if current is None or current in chain:
+            continue
+        chain.append(current)
+        todo += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)  # CheckpointException: {rank: (error, tb)}
+        if isinstance(failures, dict):
+            todo += [value[0] if isinstance(value, tuple) else value for value in failures.values()]
+    return [e for e in chain if isinstance(e, BaseException)]
+
+
+def one_line_error(error: BaseException) -> str:
+    """``Type: message`` on one line, at most 200 characters (``Type`` alone if no message)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
+
+
+def describe_damage(folder: Path, error: BaseException) -> str | None:
+    """Why the files of ``folder`` look damaged, given the error a load raised; None when the
+    error is not about damaged files (a layout or key mismatch keeps its own message)."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return None
+    short = _short_files(folder)
+    errors = _error_chain(error)
+    reader_failed = any(isinstance(e, _DAMAGE_ERRORS)
+                        or (isinstance(e, RuntimeError)
+                            and any(word in str(e).lower() for word in _DAMAGE_WORDS))
+                        for e in errors)
+    if not short and not reader_failed:
+        return None
+    cause = next((e for e in errors if isinstance(e, _DAMAGE_ERRORS + (RuntimeError,))), error)
+    reason = one_line_error(cause)
+    return f"{'; '.join(short) if short else 'one of its files cannot be read'} ({reason})"
+
+
 def load_sharded(sharded_state_dict: dict[str, Any], folder: str | Path) -> dict[str, Any]:
     """``dist_checkpointing.load`` that accepts a checkpoint of either layer spec (collective).
 
@@ -133,13 +205,21 @@ def load_sharded(sharded_state_dict: dict[str, Any], folder: str | Path) -> dict
       checkpoint lacks, or a checkpoint weight (e.g. ``layer_norm_bias`` of a LayerNorm
       model) that this model has no parameter for. Non-model entries of the checkpoint (the
       optimizer state when only weights are read) are not checked.
+    - Files that cannot be read back (a truncated ``.distcp``: torch raises a bare EOFError)
+      raise ``DamagedCheckpoint`` naming the folder and the short or missing file.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     folder = Path(folder)
-    state, unread, absent = dist_checkpointing.load(sharded_state_dict, str(folder),
-                                                    strict=StrictHandling.RETURN_ALL)
+    try:
+        state, unread, absent = dist_checkpointing.load(sharded_state_dict, str(folder),
+                                                        strict=StrictHandling.RETURN_ALL)
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        damage = describe_damage(folder, error)
+        if damage is None:
+            raise
+        raise DamagedCheckpoint(f"{folder}: the checkpoint is damaged: {damage}") from error
     # Megatron's terms: "unexpected" = requested but not in the checkpoint (``absent``),
     # "missing" = in the checkpoint but not requested (``unread``).
     absent = sorted(key for key in absent if not key.endswith(EXTRA_STATE))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -51,7 +52,13 @@ from megatron_prime.checkpoint.model_checkpoint import (
     atomic_output_dir,
     load_model_chunks,
 )
-from megatron_prime.checkpoint.spec_names import KEY_NAMING, check_key_naming, load_sharded
+from megatron_prime.checkpoint.spec_names import (
+    KEY_NAMING,
+    DamagedCheckpoint,
+    one_line_error,
+    check_key_naming,
+    load_sharded,
+)
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.models.builder import BuiltModel
 
@@ -414,6 +421,20 @@ def _check_optimizer_format(folder: Path, role: str, saved: dict[str, Any],
             "anywhere, e.g. megatron-prime-megatron-to-hf)")
 
 
+_OLDER_STEP_HINT = ("resume from an older step with checkpoint.resume=<a step_* folder under "
+                    "{root}>, or start fresh with checkpoint.resume=none")
+
+
+def _load_small_file(folder: Path, name: str) -> Any:
+    """``torch.load`` of the scheduler or RNG file ``name`` of checkpoint ``folder``: a
+    truncated one is named, where torch would raise a bare EOFError."""
+    try:
+        return torch.load(folder / name, weights_only=True)
+    except (EOFError, pickle.UnpicklingError, RuntimeError, OSError) as error:
+        raise DamagedCheckpoint(f"{folder}: the checkpoint is damaged: {name} cannot be read "
+                                f"({one_line_error(error)}); {_OLDER_STEP_HINT.format(root=folder.parent)}") from error
+
+
 def load_train_state(
     folder: str | Path,
     models: dict[str, BuiltModel],
@@ -445,7 +466,10 @@ def load_train_state(
             _allocate_distributed_adam_state(optimizer)
         sharded = _role_sharded_state_dict(model, optimizer, marker["optimizers"].get(role),
                                            is_loading=True)
-        state = load_sharded(sharded, folder / role)
+        try:
+            state = load_sharded(sharded, folder / role)
+        except DamagedCheckpoint as error:
+            raise DamagedCheckpoint(f"{error}; {_OLDER_STEP_HINT.format(root=folder.parent)}") from error
         load_model_chunks(model, state, folder / role)
         if optimizer is not None:
             # no_grad: the distributed optimizer copies into its main params in place, and
@@ -455,13 +479,13 @@ def load_train_state(
             _restore_distributed_adam_steps(optimizer)
 
     if schedulers:
-        scheduler_states = torch.load(folder / SCHEDULERS_FILE, weights_only=True)
+        scheduler_states = _load_small_file(folder, SCHEDULERS_FILE)
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(scheduler_states[name])
 
     if saved_layout["world_size"] == layout["world_size"]:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        _restore_rng(torch.load(folder / RNG_FOLDER / f"rank_{rank:05d}.pt", weights_only=True))
+        _restore_rng(_load_small_file(folder, f"{RNG_FOLDER}/rank_{rank:05d}.pt"))
     else:
         warnings.warn(f"{folder} was saved by {saved_layout['world_size']} ranks and this job "
                       f"has {layout['world_size']}: RNG states are not restored", stacklevel=2)

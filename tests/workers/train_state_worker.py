@@ -241,9 +241,32 @@ def resume(args: argparse.Namespace, parallel: ParallelConfig) -> dict[str, Any]
     return result
 
 
+def damaged(args: argparse.Namespace, parallel: ParallelConfig) -> dict[str, Any]:
+    """Saves steps 1 and 2, truncates the largest .distcp of step 2's policy and loads it,
+    then truncates step 1's RNG file and loads that: the error of each load."""
+    root = Path(args.root)
+    trainer = Trainer(parallel, distributed_optimizer=False)
+    trainer.step()  # Adam has state to save
+    trainer.save(root, 1)
+    trainer.save(root, 2)
+    distcp = max((root / "step_00000002" / "policy").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    size = distcp.stat().st_size
+    os.truncate(distcp, size // 2)
+    rng_file = root / "step_00000001" / "rng" / "rank_00000.pt"
+    os.truncate(rng_file, rng_file.stat().st_size // 2)
+    errors = {}
+    for name, step in (("distcp", 2), ("rng", 1)):
+        try:
+            Trainer(parallel, distributed_optimizer=False).load(root / f"step_{step:08d}")
+            errors[name] = None
+        except BaseException as error:  # the test wants to see what escapes, whatever it is
+            errors[name] = [type(error).__name__, str(error)]
+    return {"errors": errors, "distcp": distcp.name, "size": size}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("roundtrip", "crash", "resume"), required=True)
+    parser.add_argument("--mode", choices=("roundtrip", "crash", "resume", "damaged"), required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--root", required=True)
@@ -255,7 +278,8 @@ def main() -> None:
     distributed.init_distributed(parallel, seed=1234)
     if args.mode == "crash":
         crash(args, parallel)
-    result = roundtrip(args, parallel) if args.mode == "roundtrip" else resume(args, parallel)
+    modes = {"roundtrip": roundtrip, "resume": resume, "damaged": damaged}
+    result = modes[args.mode](args, parallel)
     if result is not None:
         Path(args.out).write_text(json.dumps(result))
     distributed.destroy_distributed()

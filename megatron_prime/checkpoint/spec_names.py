@@ -144,7 +144,8 @@ def _short_files(folder: Path) -> list[str]:
         return [".metadata cannot be read"] if (folder / ".metadata").exists() else []
     needed: dict[str, int] = {}
     for info in storage.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
     short = []
     for name, size in sorted(needed.items()):
         file = folder / name

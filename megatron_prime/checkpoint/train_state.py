@@ -431,8 +431,9 @@ def _load_small_file(folder: Path, name: str) -> Any:
     try:
         return torch.load(folder / name, weights_only=True)
     except (EOFError, pickle.UnpicklingError, RuntimeError, OSError) as error:
+        hint = _OLDER_STEP_HINT.format(root=folder.parent)
         raise DamagedCheckpoint(f"{folder}: the checkpoint is damaged: {name} cannot be read "
-                                f"({one_line_error(error)}); {_OLDER_STEP_HINT.format(root=folder.parent)}") from error
+                                f"({one_line_error(error)}); {hint}") from error
 
 
 def load_train_state(
@@ -469,7 +470,8 @@ def load_train_state(
         try:
             state = load_sharded(sharded, folder / role)
         except DamagedCheckpoint as error:
-            raise DamagedCheckpoint(f"{error}; {_OLDER_STEP_HINT.format(root=folder.parent)}") from error
+            hint = _OLDER_STEP_HINT.format(root=folder.parent)
+            raise DamagedCheckpoint(f"{error}; {hint}") from error
         load_model_chunks(model, state, folder / role)
         if optimizer is not None:
             # no_grad: the distributed optimizer copies into its main params in place, and

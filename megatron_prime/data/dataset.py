@@ -11,10 +11,10 @@ One row::
 suffix of its ability are added, see ``templates.py``). Other fields (``extra_info``, ...)
 are ignored.
 
-A row that cannot be read exactly as written (bad JSON, a missing field, a wrong type, an
-unknown ability, code tests that do not parse, bytes that are not UTF-8) is never guessed at: it is skipped with a
-warning naming ``file:line``, or it stops the load with a ``ValueError`` naming ``file:line``,
-as ``DataConfig.on_malformed`` says. For parquet the "line" is the 1-based row number; a
+A row that cannot be read exactly as written (bad JSON, bytes that are not UTF-8, a missing
+field, a wrong type, an unknown ability, code tests that do not parse) is never guessed at: it
+is skipped with a warning naming ``file:line``, or it stops the load with a ``ValueError``
+naming ``file:line``, as ``DataConfig.on_malformed`` says. For parquet the "line" is the 1-based row number; a
 damaged parquet page stops the load with a ``ValueError`` naming the file, row group and column.
 """
 
@@ -163,10 +163,11 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             batches = list(parquet_file.iter_batches(batch_size=1024, row_groups=[row_group]))
         except Exception as error:  # pyarrow's errors share no base class but Exception
-            last_row = row_number + parquet_file.metadata.row_group(row_group).num_rows
-            raise ValueError(f"{path}: damaged parquet data in row group {row_group} (rows "
-                             f"{row_number + 1}..{last_row}){_damaged_column(parquet_file, row_group)}"
-                             f": {' '.join(str(error).split())}") from error  # one line
+            num_rows = parquet_file.metadata.row_group(row_group).num_rows
+            rows = f"rows {row_number + 1}..{row_number + num_rows}"
+            raise ValueError(f"{path}: damaged parquet data in row group {row_group} ({rows})"
+                             f"{_damaged_column(parquet_file, row_group)}: "
+                             f"{' '.join(str(error).split())}") from error  # one line
         for batch in batches:
             for row in batch.to_pylist():
                 row_number += 1

@@ -7,7 +7,7 @@ rank before the engine's weights wake, and again before its KV cache wakes (roll
 
 The object is chosen once (distributed.init_distributed): ``CudaMemory`` on GPU, ``HostMemory``
 on CPU, where nothing is cached for another process. The CPU simulation of the GPU path
-(tests/gpu_simulation.py) passes a ledger with the same two methods.
+(tests/gpu_simulation.py) passes a ledger with the same method.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ class DeviceMemory(Protocol):
     def release_cached(self) -> None:
         """Returns what the allocator holds but no tensor uses to the driver."""
 
-    def reserved_bytes(self) -> int:
-        """Bytes the trainer's allocator holds on its device (used or cached)."""
-
 
 class CudaMemory:
     def release_cached(self) -> None:
@@ -34,13 +31,7 @@ class CudaMemory:
         torch.cuda.synchronize()  # host sync
         torch.cuda.empty_cache()
 
-    def reserved_bytes(self) -> int:
-        return torch.cuda.memory_reserved()
-
 
 class HostMemory:
     def release_cached(self) -> None:
         pass
-
-    def reserved_bytes(self) -> int:
-        return 0

@@ -27,7 +27,8 @@ from megatron_prime.algo import (
 )
 from megatron_prime.models.schedule import LossFn, TokenBatch, TokenOutputs
 
-ROLLOUT_LOGPROBS = "rollout_logprobs"  # the key rollout/collect.py uses in TokenBatch.extras
+# The key under which rollout/collect.py attaches the sampler's log-probs to its TokenBatch.
+ROLLOUT_LOGPROBS = "rollout_logprobs"
 
 
 @dataclass

@@ -128,13 +128,6 @@ class LedgerMemory:
         self.releases += 1
         self.ledger.write(f"{self.gpu}.trainer", {"resident": TRAINER_RESIDENT, "cached": 0.0})
 
-    def reserved_bytes(self) -> int:
-        return int((TRAINER_RESIDENT + self.cached) * 2**30)
-
-
-class _Sample(SimpleNamespace):
-    pass
-
 
 class SimulatedCudaLLM:
     """Stands in for ``vllm.LLM`` on a GPU node (see the module docstring)."""
@@ -225,7 +218,7 @@ class SimulatedCudaLLM:
                 text = f"[OUTPUT] \\boxed{{{(index + j) % 10}}}"
                 ids = self.tokenizer.encode(text, add_special_tokens=False)[:param.max_tokens]
                 logprobs = [{token: SimpleNamespace(logprob=-1.0)} for token in ids]
-                samples.append(_Sample(token_ids=ids, text=self.tokenizer.decode(ids),
+                samples.append(SimpleNamespace(token_ids=ids, text=self.tokenizer.decode(ids),
                                        finish_reason="stop", logprobs=logprobs))
             outputs.append(SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=samples))
         return outputs

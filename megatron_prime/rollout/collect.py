@@ -22,6 +22,7 @@ from megatron_prime import distributed
 from megatron_prime.algo import AccuracyFilterConfig, accuracy_band_filter
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.data import PromptRecord, PromptSampler, render_prompt
+from megatron_prime.losses import ROLLOUT_LOGPROBS
 from megatron_prime.models.schedule import TokenBatch
 from megatron_prime.rewards import RewardRegistry
 from megatron_prime.rollout.engine import RolloutEngine, SamplingConfig
@@ -186,7 +187,7 @@ def _to_token_batch(groups: list[ScoredGroup], pad_token_id: int) -> tuple[Token
         for row, ((prompt, response), values) in enumerate(zip(rows, logprobs)):
             if values:
                 sampler[row, len(prompt):len(prompt) + len(values)] = torch.tensor(values, dtype=torch.float32)
-        extras["rollout_logprobs"] = sampler
+        extras[ROLLOUT_LOGPROBS] = sampler
     return TokenBatch(input_ids, response_mask, extras=extras), torch.tensor(scores, dtype=torch.float32)
 
 

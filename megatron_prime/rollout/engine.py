@@ -12,9 +12,10 @@ Memory hand-off (GPU, sleep mode): the engine sleeps at level 2 after every roll
 and weights dropped: the next sync overwrites the weights anyway, and level 1 would keep a
 host copy of every engine's weights), then wakes in two stages around the weight sync:
 weights, sync, KV cache (rollout/bridge.py). The engine owns that state: ``generate`` on an
-engine that sleeps or whose weights were dropped raises instead of sampling garbage. The weight bridge hands
-full HF tensors to the owning rank, which passes them through a shared-memory block
-(rollout/vllm_worker.py) to vLLM's in-place ``reload_weights``.
+engine that sleeps or whose weights were dropped raises instead of sampling garbage.
+
+The weight bridge hands full HF tensors to the owning rank, which passes them through a
+shared-memory block (rollout/vllm_worker.py) to vLLM's in-place ``reload_weights``.
 
 The engine starts with dummy weights (``load_format="dummy"``) from a folder holding just
 config.json and the tokenizer (a Megatron checkpoint's ``hf/`` folder): the real weights
@@ -136,18 +137,14 @@ _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
 
 
 @contextlib.contextmanager
-def _without_env(names: Sequence[str]):
-    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-@contextlib.contextmanager
-def _with_env(values: dict[str, str]):
+def _environment(values: dict[str, str | None]):
+    """``os.environ`` with ``values`` set (None: removed) inside, as it was afterwards."""
     saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         yield
     finally:
@@ -237,20 +234,20 @@ class RolloutEngine:
             kwargs.update(quantization=SHARED_WEIGHTS_METHOD,
                           hf_overrides={"quantization_config": {"quant_method": SHARED_WEIGHTS_METHOD}})
         kwargs.update(config.extra_engine_args)
-        self.visible_devices = list(visible_devices) if visible_devices is not None else None
-        devices: dict[str, str] = {}
-        if on_gpu and self.visible_devices is not None:
-            if len(self.visible_devices) < config.tensor_parallel_size:
+        # The spawned engine must not take this process's launcher variables as its own.
+        environment: dict[str, str | None] = dict.fromkeys(_LAUNCHER_VARIABLES)
+        if on_gpu and visible_devices is not None:
+            if len(visible_devices) < config.tensor_parallel_size:
                 raise ValueError(
                     f"rollout.engine.tensor_parallel_size={config.tensor_parallel_size}: this "
-                    f"replica has only {len(self.visible_devices)} GPUs on this node "
-                    f"({','.join(self.visible_devices)}); expected at most that many")
+                    f"replica has only {len(visible_devices)} GPUs on this node "
+                    f"({','.join(visible_devices)}); expected at most that many")
             # The engine process and its workers inherit this at spawn.
-            devices["CUDA_VISIBLE_DEVICES"] = ",".join(self.visible_devices[:config.tensor_parallel_size])
-        # The spawned engine must not take this process's launcher variables as its own, and
-        # must outlive SIGUSR1: SLURM's pre-emption warning (sbatch --signal=USR1@N) reaches
-        # every process of the job, and the trainer needs the engine until it has saved.
-        with _without_env(_LAUNCHER_VARIABLES), _with_env(devices), _ignoring(signal.SIGUSR1):
+            environment["CUDA_VISIBLE_DEVICES"] = ",".join(visible_devices[:config.tensor_parallel_size])
+        # The engine must outlive SIGUSR1: SLURM's pre-emption warning (sbatch
+        # --signal=USR1@N) reaches every process of the job, and the trainer needs the engine
+        # until it has saved.
+        with _environment(environment), _ignoring(signal.SIGUSR1):
             self.llm = self._start_llm(kwargs)
         self._block: shared_memory.SharedMemory | None = None
         self._shared: SharedParameters | None = None
@@ -391,15 +388,6 @@ class RolloutEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
     # ---- sleep and wake (GPU memory hand-off; the same states on CPU) ----
-
-    @property
-    def ready(self) -> bool:
-        """Awake, with the weights of the last sync."""
-        return not self._asleep and self._weights_loaded
-
-    @property
-    def asleep(self) -> bool:
-        return self._asleep
 
     def _sleep_mode(self) -> bool:
         return self.on_gpu and self.config.enable_sleep_mode

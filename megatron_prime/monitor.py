@@ -8,6 +8,10 @@ makes one call per step and never asks "am I rank 0?" itself. What lands in ``ru
   ``megatron_prime.plot`` draws curves from it. Non-finite floats are written as the JSON
   strings ``"nan"``, ``"inf"`` and ``"-inf"`` (plain JSON has no NaN, and ``null`` would lose
   which of the three it was); ``read_metrics`` turns them back into floats.
+  A kill at any moment loses no line and leaves none twice: each line is on disk (fsync)
+  before the next step starts; a checkpoint carries its own step's line (``record``), written
+  back on resume when the kill came between the checkpoint's rename and the line; and a
+  resumed run drops the lines of the steps it redoes.
 * ``config.yaml``: the resolved config of the run.
 * ``wandb/``: wandb's own files (``offline-run-*`` folders when offline).
 """
@@ -99,7 +103,9 @@ class RunLogger:
 
     def __init__(self, config: LoggingConfig, total_steps: int, start_step: int,
                  resolved_config: dict, is_logging_rank: bool,
-                 wandb_run_id: str | None = None) -> None:
+                 wandb_run_id: str | None = None, covered_record: dict | None = None) -> None:
+        """``covered_record``: the line of step ``start_step`` kept in the checkpoint the run
+        resumes from (``record``); appended when metrics.jsonl does not have that step."""
         config.validate()
         require_positive_int("total_steps", total_steps)
         require(isinstance(start_step, int) and 0 <= start_step <= total_steps, "start_step",
@@ -121,6 +127,8 @@ class RunLogger:
         # Steps after start_step are (re)done by this run; their old lines would duplicate
         # the new ones. With start_step=0 this empties a file left by an earlier run.
         _truncate_metrics(metrics_path, start_step)
+        if covered_record is not None:
+            _restore_line(metrics_path, start_step, covered_record)
         _write_config(run_dir / CONFIG_FILE, resolved_config)
 
         mode = resolve_wandb_mode(config.wandb_mode)
@@ -152,17 +160,26 @@ class RunLogger:
         """Saved into the checkpoint so a resumed run continues the same wandb run."""
         return self._wandb_run_id
 
+    @staticmethod
+    def record(step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """The metrics.jsonl line of ``step`` as JSON data (every rank can build it): what a
+        checkpoint keeps so that a resume can write its step's line if the run died first."""
+        values = _as_numbers(metrics)
+        return {"step": step, "time": time.time(),
+                **{key: _json_number(value) for key, value in values.items()}}
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Records the metrics of ``step`` (the number of finished steps, 1-based)."""
         if not self.is_logging_rank:
             return
         values = _as_numbers(metrics)
-        record = {"step": step, "time": time.time(),
-                  **{key: _json_number(value) for key, value in values.items()}}
+        record = self.record(step, values)
         # allow_nan=False: a non-finite value that slipped past _json_number is a bug here,
         # not a line that strict JSON readers would reject later.
         self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics_file.flush()
+        # On disk before the next step, whose checkpoint would otherwise cover a lost line.
+        os.fsync(self._metrics_file.fileno())
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=step)
 
@@ -251,7 +268,8 @@ def _parse_line(path: Path, line_number: int, line: str) -> dict:
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drops lines with step > start_step, rewriting the file atomically when needed.
+    """Drops lines with step > start_step (every line when start_step is 0: a fresh run, whose
+    step-0 validation line is written again), rewriting the file atomically when needed.
 
     A final line cut off without its newline is what a crash mid-write leaves behind, so it
     is dropped rather than failing the resume; any other malformed line is an error.
@@ -270,11 +288,24 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
             if line_number == len(lines) and not text.endswith("\n"):
                 continue
             raise
-        if record["step"] <= start_step:
+        if 0 < start_step and record["step"] <= start_step:
             kept.append(line)
     if len(kept) == len(lines) and (not text or text.endswith("\n")):
         return
     _atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _restore_line(path: Path, step: int, record: dict) -> None:
+    """Appends the checkpoint's line of ``step`` when the file lacks it (a kill between the
+    checkpoint's rename and the line); a line already there is the same step, kept."""
+    require(isinstance(record, dict) and record.get("step") == step, "checkpoint metrics record",
+            record, f"the metrics line of the resumed step {step}")
+    if path.exists() and any(r["step"] == step for r in read_metrics(path)):
+        return
+    with path.open("a", encoding="utf-8") as file:
+        file.write(json.dumps(record, allow_nan=False) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _write_config(path: Path, resolved_config: dict) -> None:

@@ -256,6 +256,12 @@ class NonFiniteGuard:
                 f"{'; '.join(skip_reasons)}. Lower the learning rates or check the data.")
 
 
+def _with_times(metrics: dict[str, float], timer: PhaseTimer, num_tokens: float) -> dict[str, float]:
+    """The step's metrics with its phase times so far and the training throughput."""
+    return {**metrics, **timer.metrics(),
+            "throughput/train_tokens_per_s": num_tokens / max(timer.total, 1e-9)}
+
+
 @dataclass
 class RunResult:
     last_step: int
@@ -309,11 +315,13 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
         optimizers["prm"], trained["prm"] = models.prm_optimizer, models.prm
 
     start_step, guard, wandb_run_id = 0, NonFiniteGuard(config.trainer.max_consecutive_skips), None
+    covered_record = None
     if resume_from is not None:
         start_step, extra = load_train_state(resume_from, trained, optimizers, schedulers)
         sampler.load_state_dict(extra["sampler"])
         guard.consecutive = extra.get("consecutive_skips", 0)
         wandb_run_id = extra.get("wandb_run_id")
+        covered_record = extra.get("metrics_record")  # absent in checkpoints of older versions
 
     # Loading left staging buffers in the allocator's cache: vLLM must find them free when it
     # profiles. Placement: the replica's engine sees only the replica's GPUs on the owner's
@@ -335,16 +343,17 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     rewards = RewardRegistry() if engine is not None else None
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logger = RunLogger(config.logging, config.trainer.steps, start_step, config_to_dict(config),
-                       is_logging_rank, wandb_run_id=wandb_run_id)
+                       is_logging_rank, wandb_run_id=wandb_run_id, covered_record=covered_record)
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {start_step}")
     stop = StopRequest()
     history: list[dict[str, float]] = []
     saved: Path | None = None
 
-    def save(step: int) -> Path:
+    def save(step: int, metrics_record: dict[str, Any]) -> Path:
         extra = {"sampler": sampler.state_dict(), "consecutive_skips": guard.consecutive,
-                 "wandb_run_id": logger.wandb_run_id, "config": config_to_dict(config)}
+                 "wandb_run_id": logger.wandb_run_id, "config": config_to_dict(config),
+                 "metrics_record": metrics_record}
         return save_train_state(checkpoint_root, step, trained, optimizers, schedulers, extra,
                                 config.checkpoint.keep_last, hf_files=non_weight_files(hf_folder))
 
@@ -392,12 +401,13 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
             metrics["guard/skipped_updates"] = float(len(skip_reasons))
             stop_now = stop.agreed()
             save_due = (config.checkpoint.save_every and step % config.checkpoint.save_every == 0)
-            if stop_now or save_due or step == config.trainer.steps:
-                with timer("checkpoint"):  # step 10
-                    saved = save(step)
-            metrics.update(timer.metrics())
             num_tokens = float(collected.tokens.scored_token_mask().sum()) * distributed.dp_world_size()
-            metrics["throughput/train_tokens_per_s"] = num_tokens / max(timer.total, 1e-9)
+            if stop_now or save_due or step == config.trainer.steps:
+                # The checkpoint keeps this step's line: a kill after it is renamed into place
+                # and before the line below is written loses no line (the resume writes it).
+                with timer("checkpoint"):  # step 10
+                    saved = save(step, RunLogger.record(step, _with_times(metrics, timer, num_tokens)))
+            metrics = _with_times(metrics, timer, num_tokens)
             logger.log(step, metrics)
             history.append({"step": step, **metrics})
             guard.update(step, skip_reasons)  # raises after too many skipped steps in a row

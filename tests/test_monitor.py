@@ -34,11 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_logger(run_dir: Path, total_steps: int = 10, start_step: int = 0, *,
                 wandb_mode: str = "disabled", is_logging_rank: bool = True,
-                wandb_run_id: str | None = None, **config) -> RunLogger:
+                wandb_run_id: str | None = None, covered_record: dict | None = None,
+                **config) -> RunLogger:
     return RunLogger(LoggingConfig(run_dir=str(run_dir), wandb_mode=wandb_mode, **config),
                      total_steps=total_steps, start_step=start_step,
                      resolved_config={"trainer": {"steps": total_steps}, "algo": {"beta": 0.05}},
-                     is_logging_rank=is_logging_rank, wandb_run_id=wandb_run_id)
+                     is_logging_rank=is_logging_rank, wandb_run_id=wandb_run_id,
+                     covered_record=covered_record)
 
 
 def steps_and(records: list[dict], key: str) -> list[tuple[int, float]]:
@@ -108,6 +110,44 @@ def test_resume_drops_a_line_torn_by_a_crash(tmp_path):
     logger.log(2, {"x": 2})
     logger.close()
     assert steps_and(read_metrics(run_dir / "metrics.jsonl"), "x") == [(1, 1), (2, 2)]
+
+
+def test_fresh_run_drops_an_earlier_step_zero_validation_line(tmp_path):
+    """A run killed before its first checkpoint starts again at step 0 and validates again:
+    the first start's step-0 line must not stay beside the second's."""
+    run_dir = tmp_path / "run"
+    logger = make_logger(run_dir)
+    logger.log(0, {"val/accuracy": 0.1})
+    logger.log(1, {"reward/accuracy": 0.2})
+    logger.close()
+    again = make_logger(run_dir, start_step=0)
+    again.log(0, {"val/accuracy": 0.1})
+    again.close()
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0]
+
+
+def test_resume_writes_the_checkpoints_line_when_the_kill_came_before_it(tmp_path):
+    """Killed after step 3's checkpoint was renamed into place and before its line: the
+    resume appends the line the checkpoint kept; where the line is there, nothing is added."""
+    run_dir = tmp_path / "run"
+    logger = make_logger(run_dir)
+    for step in (1, 2):
+        logger.log(step, {"reward/accuracy": step / 10})
+    covered = RunLogger.record(3, {"reward/accuracy": 0.3, "loss": float("nan")})
+    logger.close()
+    assert json.loads(json.dumps(covered)) == covered  # JSON data, as the checkpoint stores it
+
+    resumed = make_logger(run_dir, start_step=3, covered_record=covered)
+    resumed.log(4, {"reward/accuracy": 0.4})
+    resumed.close()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert steps_and(records, "reward/accuracy") == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    assert math.isnan(records[2]["loss"]) and records[2]["time"] == covered["time"]
+
+    make_logger(run_dir, start_step=3, covered_record=covered).close()
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    with pytest.raises(ValueError, match="checkpoint metrics record"):
+        make_logger(run_dir, start_step=2, covered_record=covered)
 
 
 def test_read_metrics_names_file_and_line_of_a_bad_line(tmp_path):

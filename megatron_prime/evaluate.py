@@ -243,8 +243,17 @@ class EvalConfig:
         for name in ("n", "max_new_tokens", "verifier_workers"):
             if getattr(self, name) < 1:
                 raise EvalInputError(f"--{name.replace('_', '-')}={getattr(self, name)} is invalid: expected >= 1")
+        for name in ("temperature", "top_p", "beta"):  # argparse's float() reads inf and nan
+            if not math.isfinite(getattr(self, name)):
+                raise EvalInputError(f"--{name.replace('_', '-')}={getattr(self, name)} is invalid: "
+                                     "expected a finite number")
         if self.temperature < 0:
             raise EvalInputError(f"--temperature={self.temperature} is invalid: expected >= 0")
+        if not 0 < self.top_p <= 1:
+            raise EvalInputError(f"--top-p={self.top_p} is invalid: expected 0 < top-p <= 1")
+        if self.beta <= 0:
+            raise EvalInputError(f"--beta={self.beta} is invalid: expected > 0 (the PRM's scores "
+                                 "are beta times log-ratios; 0 ranks every sample alike)")
         if self.n > 1 and self.temperature == 0:
             raise EvalInputError(f"--n={self.n} needs --temperature > 0 (greedy samples are all the same)")
         for k in self.ks or ():

@@ -196,6 +196,24 @@ def test_bad_benchmark_files_exit_2_and_write_nothing(toy_models, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "inf"], "--beta=inf is invalid: expected a finite number"),
+    (["--beta", "nan"], "--beta=nan is invalid: expected a finite number"),
+    (["--beta", "0"], "--beta=0.0 is invalid: expected > 0"),
+    (["--temperature", "inf"], "--temperature=inf is invalid: expected a finite number"),
+    (["--top-p", "1.5"], "--top-p=1.5 is invalid: expected 0 < top-p <= 1"),
+])
+def test_non_finite_or_out_of_range_flags_exit_2_and_write_nothing(toy_models, tmp_path, capsys,
+                                                                   flags, message):
+    policy, prm = toy_models
+    out = tmp_path / "out"
+    status, err = _run_main(capsys, ["--model", str(policy), "--benchmarks", str(SAMPLE),
+                                     "--out-dir", str(out), "--n", "2", "--prm", str(prm),
+                                     "--reference", str(policy), *flags])
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 # ---- end to end on the toy model (real vLLM CPU engine) ----
 
 def _toy_benchmark(path: Path, num: int, seed: int) -> Path:

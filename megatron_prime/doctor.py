@@ -147,7 +147,8 @@ def _param_bytes(config: PrimeConfig, on_gpu: bool) -> int:
 
 
 def _gb(nbytes: float) -> str:
-    return f"{nbytes / GB:.1f} GB"
+    """Decimal GB as the planner prints them; MB below one GB (a toy model's sizes)."""
+    return f"{nbytes / GB:.1f} GB" if nbytes >= GB else f"{nbytes / 10**6:.1f} MB"
 
 
 # ---- versions ----
@@ -333,7 +334,10 @@ def shared_memory_needed(config: PrimeConfig, target: RunTarget, shape: ModelSha
     model_bytes = model_params(shape, vocab_size=shape.vocab_size) * element  # HF tensors
     q_kv = (shape.num_attention_heads + 2 * shape.num_query_groups) * shape.head_dim
     largest = max(shape.vocab_size, 2 * shape.ffn_hidden_size, q_kv) * shape.hidden_size * element
-    bucket = min(model_bytes, config.rollout.bridge.bucket_bytes + largest)
+    bucket = config.rollout.bridge.bucket_bytes + largest
+    if model_bytes <= bucket:
+        return engines * model_bytes, (f"{engines} engine(s) x one bucket holding the whole "
+                                       f"model, {_gb(model_bytes)}")
     return engines * bucket, (f"{engines} engine(s) x one bucket of at most {_gb(bucket)} "
                               "(rollout.bridge.bucket_bytes + the largest module)")
 

@@ -141,8 +141,9 @@ def test_shm_passes_with_room_for_the_toy_model(toy, tmp_path):
     with safe_open(toy / "model" / "model.safetensors", "pt") as weights:
         numel = sum(_prod(weights.get_slice(name).get_shape()) for name in weights.keys())
     shape = doctor.load_model_shape(config)
-    needed, _ = doctor.shared_memory_needed(config, CPU_NODE, shape)
-    assert needed == numel * 4
+    needed, how = doctor.shared_memory_needed(config, CPU_NODE, shape)
+    assert needed == numel * 4 and how == f"1 engine(s) x one bucket holding the whole model, " \
+                                          f"{numel * 4 / 1e6:.1f} MB"
 
 
 def _prod(values) -> int:
@@ -218,7 +219,7 @@ def test_disk_passes_for_the_toy_model_and_counts_existing_checkpoints(toy, tmp_
     assert result.status == "PASS", result.line
     size = doctor.checkpoint_bytes(config, doctor.load_model_shape(config), on_gpu=False)
     # keep_last 2 + 1 being written - 2 there = 1 more.
-    assert f"1 more checkpoint(s) of ~{size / 1e9:.1f} GB" in result.detail
+    assert f"1 more checkpoint(s) of ~{size / 1e6:.1f} MB" in result.detail
 
 
 def test_checkpoint_size_is_policy_and_prm_with_adam_state(tmp_path):

@@ -322,16 +322,23 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and megatron-core (~8 s of CPU)
 def test_cli_on_the_default_jobs_cpu_config(toy, tmp_path):
     path = cpu_yaml(toy, tmp_path)
-    done = run_cli(str(path), "trainer.steps=5")
+    done = run_cli(str(path), "trainer.steps=5")  # python -m megatron_prime.doctor
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert [LINE.fullmatch(line).group(2) for line in lines] == list(doctor.ALL_CHECKS), lines
     assert "PASS gpus: CPU run (trainer.device=cpu): no GPU needed" in lines
     assert not any(line.startswith("FAIL") for line in lines)
 
+
+def test_cli_exit_status_is_1_on_a_fail(toy, tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    done = run_cli(str(path), f"logging.run_dir={tmp_path / 'file'}", "--only", "folders,gpus")
-    assert done.returncode == 1
-    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["PASS gpus", "FAIL folders"]
+    status = doctor.main([str(cpu_yaml(toy, tmp_path)), f"logging.run_dir={tmp_path / 'file'}",
+                          "--only", "folders,gpus"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 1
+    assert [line.split(":")[0] for line in lines] == ["PASS gpus", "FAIL folders"]
+    assert all(LINE.fullmatch(line) for line in lines)
+    assert doctor.main([str(tmp_path / "missing.yaml")]) == 2  # a bad config: error, not checks

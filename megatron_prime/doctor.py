@@ -94,7 +94,8 @@ def resolve_target(config: PrimeConfig, slurm: SlurmConfig | None = None,
         cuda_available = torch.cuda.is_available()
     device = config.trainer.device
     on_gpu = device == "cuda" or (device == "auto" and cuda_available)
-    if slurm is not None and slurm.gpus_per_node and device == "auto":
+    job_gpus = gpus_per_node if gpus_per_node is not None else (slurm.gpus_per_node if slurm else 0)
+    if job_gpus and device == "auto":
         on_gpu = True  # the job holds GPUs: a node without CUDA must fail, not fall to CPU
     if nodes is None:
         nodes = slurm.nodes if slurm is not None else 1

@@ -68,6 +68,18 @@ GPU_NODE = doctor.RunTarget(on_gpu=True, nodes=1, gpus_per_node=8, source="test"
 CPU_NODE = doctor.RunTarget(on_gpu=False, nodes=1, gpus_per_node=0, source="trainer.device=cpu")
 
 
+def test_target_of_a_gpu_job_stays_on_gpu_without_cuda(toy, tmp_path):
+    auto = cpu_config(toy, tmp_path, "trainer.device=auto")
+    # A job that holds GPUs must fail the GPU check on a node without CUDA, not fall to CPU.
+    job = doctor.resolve_target(auto, gpus_per_node=8, cuda_available=False, environ={}, nodes=2)
+    assert job == doctor.RunTarget(True, 2, 8, "--gpus-per-node")
+    assert doctor.resolve_target(auto, cuda_available=False, environ={}).on_gpu is False
+    assert doctor.resolve_target(auto, SlurmConfig(nodes=3), cuda_available=False,
+                                 environ={}) == doctor.RunTarget(True, 3, 8, "slurm.gpus_per_node")
+    torchrun = doctor.resolve_target(auto, cuda_available=True, environ={"LOCAL_WORLD_SIZE": "4"})
+    assert torchrun == doctor.RunTarget(True, 1, 4, "LOCAL_WORLD_SIZE")
+
+
 # ---- versions ----
 
 def test_versions_pass_against_this_installs_pins():

@@ -50,6 +50,7 @@ setup(
             "megatron-prime-submit=megatron_prime.launch.submit:main",
             "megatron-prime-plan=megatron_prime.plan:main",
             "megatron-prime-eval=megatron_prime.evaluate:main",
+            "megatron-prime-doctor=megatron_prime.doctor:main",
         ]
     },
 )

@@ -25,6 +25,7 @@ from megatron_prime.launch.sbatch import (
 from megatron_prime.launch.submit import (
     NodeShape,
     Partitions,
+    PreflightFailed,
     check_partition,
     gpus_in_gres,
     main,
@@ -316,7 +317,7 @@ def test_submit_writes_the_script_then_calls_sbatch(tmp_path, monkeypatch):
 
     slurm = example_slurm("1node")
     result = submit(str(REPO / RUN_CONFIG), slurm, list_partitions=cluster(gpu=[DGX_H100]),
-                    sbatch=fake_sbatch)
+                    sbatch=fake_sbatch, preflight=None)
     assert result.job_id == "4242"
     assert result.script_path == Path("slurm-logs/eurus2-7b-prime-1node.sbatch")
     assert result.log_path == "slurm-logs/eurus2-7b-prime-1node-4242.out"
@@ -344,9 +345,54 @@ def test_errors_are_one_line_with_status_2_and_nothing_is_written(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_submit_refuses_when_the_doctor_fails_and_skip_doctor_goes_on(tmp_path, monkeypatch):
+    """The example's model folder is not here: the doctor's disk check fails on it, before
+    anything is written; --skip-doctor goes on to sbatch (a stand-in here)."""
+    monkeypatch.chdir(tmp_path)
+    args = [str(REPO / RUN_CONFIG), "--slurm", str(EXAMPLES / "h100_1node.yaml")]
+    out, err = io.StringIO(), io.StringIO()
+    status = main(args, list_partitions=cluster(gpu=[DGX_H100]), stdout=out, stderr=err)
+    lines = err.getvalue().splitlines()
+    assert status == 1, lines
+    assert [line.split(":")[0] for line in lines[:-1]][-3:] == ["PASS folders", "FAIL disk",
+                                                                "SKIP signal"], lines
+    assert "model.path='ckpt/eurus2-7b-sft'" in lines[-3]  # the disk check sizes the model
+    assert lines[-1].startswith("error: megatron-prime-doctor: ") and "--skip-doctor" in lines[-1]
+    assert list(tmp_path.iterdir()) == [] and out.getvalue() == ""
+
+    submitted = []
+    with pytest.raises(PreflightFailed) as refused:
+        submit(str(REPO / RUN_CONFIG), example_slurm("1node"),
+               list_partitions=cluster(gpu=[DGX_H100]), sbatch=submitted.append)
+    assert submitted == [] and list(tmp_path.iterdir()) == []
+    assert [check.name for check in refused.value.checks][-3:] == ["folders", "disk", "signal"]
+
+    out, err = io.StringIO(), io.StringIO()
+    status = main([*args, "--skip-doctor"], list_partitions=cluster(gpu=[DGX_H100]),
+                  stdout=out, stderr=err, sbatch=lambda path: "4243")
+    assert status == 0 and err.getvalue() == "", err.getvalue()
+    assert out.getvalue().startswith("submitted job 4243\n")
+
+
+def test_script_runs_the_doctor_on_every_node_before_the_trainer(prime):
+    lines = render_example("2nodes", prime).splitlines()
+    start = lines.index("doctor_status=0")
+    assert lines[start + 1:start + 8] == [
+        "srun \\", "  --nodes=2 \\", "  --ntasks-per-node=1 \\", "  --cpus-per-task=12 \\",
+        "  --kill-on-bad-exit=1 \\", "  --gpu-bind=none \\",
+        "  python -m megatron_prime.doctor examples/eurus2_7b_prime.yaml checkpoint.resume=auto "
+        "--only versions,gpus,shm,sandbox,interfaces --nodes 2 --gpus-per-node 8 "
+        "|| doctor_status=$?"]
+    assert start < lines.index("status=0")  # before the trainer's srun
+
+
 # ---- the script's requeue logic, run by bash with stand-ins for srun and scontrol ----
 
 FAKE_SRUN = """#!/bin/bash
+if [[ " $* " == *" megatron_prime.doctor "* ]]; then
+  printf '%s\\n' "$@" > "$FAKE_DIR/doctor_args"
+  exit "${FAKE_DOCTOR_STATUS:-0}"
+fi
 printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
 echo "$MASTER_ADDR:$MASTER_PORT" > "$FAKE_DIR/srun_master"
 if [[ -n "${FAKE_NEW_STEP:-}" ]]; then
@@ -422,6 +468,16 @@ def test_script_passes_on_a_trainer_failure_without_requeue(tmp_path):
                              fake_new_step=1, fake_srun_status=7)
     assert done.returncode == 7 and "exit status 7" in done.stderr
     assert not calls.exists()
+
+
+def test_script_stops_before_the_trainer_when_the_doctor_fails(tmp_path):
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+                             fake_new_step=1, fake_doctor_status=1)
+    assert done.returncode == 1
+    assert "the preflight check (megatron-prime-doctor) failed on a node" in done.stderr
+    assert (tmp_path / "doctor_args").read_text().splitlines()[:2] == ["--nodes=1",
+                                                                      "--ntasks-per-node=1"]
+    assert not (tmp_path / "srun_args").exists() and not calls.exists()  # no trainer ran
 
 
 def test_script_with_requeue_off_says_how_to_go_on(tmp_path):

@@ -379,6 +379,8 @@ def render_sbatch(slurm: SlurmConfig, config_path: str, overrides: Sequence[str]
         'echo "megatron_prime: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on '
         '$SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT, from step $start_step of $RUN_STEPS"',
         "",
+        *_doctor_lines(slurm, config_path, overrides),
+        "",
         "# One trainer process per GPU. USR1 (--signal, without B:) is delivered to these tasks,",
         "# not to this shell: the trainer saves a checkpoint and exits 0.",
         "status=0",
@@ -441,10 +443,30 @@ def _software_lines(slurm: SlurmConfig) -> list[str]:
             f"source {shlex.quote(str(Path(slurm.venv) / 'bin' / 'activate'))}", "set -u"]
 
 
-def _srun_lines(slurm: SlurmConfig, trainer_args: Sequence[str]) -> list[str]:
+def _doctor_lines(slurm: SlurmConfig, config_path: str, overrides: Sequence[str]) -> list[str]:
+    """One task per node runs the doctor's node checks (versions, GPUs, /dev/shm, sandbox,
+    NCCL/gloo interfaces) before the trainers start: a node that cannot run the job stops it
+    in seconds, with the reason in the log, instead of minutes into the run."""
+    from megatron_prime.doctor import NODE_CHECKS
+
+    args = ["-m", "megatron_prime.doctor", config_path, *overrides, "checkpoint.resume=auto",
+            "--only", ",".join(NODE_CHECKS), "--nodes", str(slurm.nodes),
+            *(["--gpus-per-node", str(slurm.gpus_per_node)] if slurm.gpus_per_node else [])]
+    return ["# Preflight on every node (megatron-prime-doctor): nothing runs if a check fails.",
+            "doctor_status=0",
+            *_srun_lines(slurm, args, tasks_per_node=1, status_variable="doctor_status"),
+            "if (( doctor_status != 0 )); then",
+            '  echo "megatron_prime: the preflight check (megatron-prime-doctor) failed on a node '
+            '(exit status $doctor_status, FAIL lines above); the trainer was not started" >&2',
+            "  exit 1",
+            "fi"]
+
+
+def _srun_lines(slurm: SlurmConfig, trainer_args: Sequence[str], tasks_per_node: int | None = None,
+                status_variable: str = "status") -> list[str]:
     options = [
         f"--nodes={slurm.nodes}",
-        f"--ntasks-per-node={slurm.ntasks_per_node}",
+        f"--ntasks-per-node={tasks_per_node or slurm.ntasks_per_node}",
         # Since SLURM 22.05 srun no longer takes --cpus-per-task from the batch job.
         f"--cpus-per-task={slurm.cpus_per_task}",
         # One dead rank ends the step instead of leaving the others blocked in a collective.
@@ -466,7 +488,8 @@ def _srun_lines(slurm: SlurmConfig, trainer_args: Sequence[str]) -> list[str]:
         if slurm.venv is not None:
             python = shlex.quote(str(Path(slurm.venv) / "bin" / "python"))
     command = " ".join([python, *(shlex.quote(arg) for arg in trainer_args)])
-    return ["srun \\", *(f"  {option} \\" for option in options), f"  {command} || status=$?"]
+    return ["srun \\", *(f"  {option} \\" for option in options),
+            f"  {command} || {status_variable}=$?"]
 
 
 def _requeue_lines(slurm: SlurmConfig) -> list[str]:

@@ -7,8 +7,11 @@ script and hand it to ``sbatch``.
 ``key=value`` arguments override the run config (as for ``megatron_prime.train``); the flags
 override the cluster YAML. Everything is validated before anything is written or submitted;
 a problem is one ``error: ...`` line and exit status 2. ``--dry-run`` prints the script and
-writes nothing. Otherwise the script goes to ``<output_dir>/<job_name>.sbatch`` and
-``sbatch --parsable`` submits it.
+writes nothing. Otherwise the doctor's checks of the shared file system and the job run here
+(``submit_checks``: folders, disk, signal margin, and the installed versions unless the job
+runs in a container); a FAIL prints the doctor's lines and submits nothing (exit status 1;
+``--skip-doctor`` to submit anyway). Then the script goes to ``<output_dir>/<job_name>.sbatch``
+and ``sbatch --parsable`` submits it; the script runs the node checks on every node itself.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from megatron_prime.config import require
+from megatron_prime.doctor import FAIL, SHARED_CHECKS, CheckResult, run_checks
 from megatron_prime.launch.sbatch import (
     SlurmConfig,
     load_run_config,
@@ -31,6 +35,9 @@ from megatron_prime.launch.sbatch import (
     log_path,
     render_sbatch,
 )
+
+if TYPE_CHECKING:
+    from megatron_prime.train import PrimeConfig
 
 
 
@@ -63,6 +70,30 @@ class SubmitResult:
     job_id: str | None = None
     log_path: str | None = None
     notes: tuple[str, ...] = ()  # what was not checked, and why
+    checks: tuple[CheckResult, ...] = ()  # the doctor's results (none with dry_run)
+
+
+class PreflightFailed(ValueError):
+    """The doctor found a problem before submission; ``checks`` holds every result."""
+
+    def __init__(self, checks: Sequence[CheckResult]) -> None:
+        self.checks = tuple(checks)
+        failed = sum(check.status == FAIL for check in self.checks)
+        super().__init__(f"megatron-prime-doctor: {failed} check(s) failed (FAIL lines above); "
+                         "nothing submitted (fix them, or pass --skip-doctor)")
+
+
+# Runs the doctor's checks for a job about to be submitted.
+Preflight = Callable[["PrimeConfig", SlurmConfig], Sequence[CheckResult]]
+
+
+def submit_checks(prime: PrimeConfig, slurm: SlurmConfig) -> list[CheckResult]:
+    """The doctor's checks that hold on the login node too: the shared file system (folders,
+    disk) and the signal margin, plus the installed versions when the job runs this
+    environment rather than a container's. GPUs, /dev/shm, the sandbox and the interfaces
+    belong to the compute nodes: the batch script checks them there."""
+    only = SHARED_CHECKS if slurm.container_image is not None else ("versions", *SHARED_CHECKS)
+    return run_checks(prime, slurm, only=only)
 
 
 def gpus_in_gres(gres: str) -> int:
@@ -158,9 +189,11 @@ def run_sbatch(script_path: Path) -> str:
 
 def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), *,
            dry_run: bool = False, list_partitions: PartitionLister = sinfo_partitions,
-           sbatch: Callable[[Path], str] = run_sbatch) -> SubmitResult:
+           sbatch: Callable[[Path], str] = run_sbatch,
+           preflight: Preflight | None = submit_checks) -> SubmitResult:
     """Validates the run and the cluster options, renders the script, and (unless
-    ``dry_run``) writes and submits it. Nothing is written before every check passed."""
+    ``dry_run``) runs ``preflight`` (None: skipped), writes and submits it. Nothing is written
+    before every check passed."""
     prime = load_run_config(config_path, overrides)
     slurm.validate(prime)
     note = check_partition(slurm, list_partitions, dry_run)
@@ -168,6 +201,9 @@ def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), 
     notes = (note,) if note else ()
     if dry_run:
         return SubmitResult(script, notes=notes)
+    checks = tuple(preflight(prime, slurm)) if preflight is not None else ()
+    if any(check.status == FAIL for check in checks):
+        raise PreflightFailed(checks)
     output_dir = Path(slurm.output_dir)
     # SLURM does not create the log folder: a job whose --output folder is missing fails
     # without a log.
@@ -175,7 +211,7 @@ def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), 
     script_path = output_dir / f"{slurm.job_name}.sbatch"
     script_path.write_text(script)
     job_id = sbatch(script_path)
-    return SubmitResult(script, script_path, job_id, log_path(slurm, job_id), notes)
+    return SubmitResult(script, script_path, job_id, log_path(slurm, job_id), notes, checks)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,11 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not requeue a run stopped by the time-limit signal")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the script; write and submit nothing")
+    parser.add_argument("--skip-doctor", action="store_true",
+                        help="submit without the doctor's checks (megatron-prime-doctor)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None, *, list_partitions: PartitionLister = sinfo_partitions,
-         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+         stdout: TextIO | None = None, stderr: TextIO | None = None,
+         sbatch: Callable[[Path], str] = run_sbatch) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
@@ -234,12 +273,20 @@ def main(argv: Sequence[str] | None = None, *, list_partitions: PartitionLister 
         flags["requeue"] = args.requeue
         slurm = load_slurm_config(args.slurm, {k: v for k, v in flags.items() if v is not None})
         result = submit(args.config, slurm, args.overrides, dry_run=args.dry_run,
-                        list_partitions=list_partitions)
+                        list_partitions=list_partitions, sbatch=sbatch,
+                        preflight=None if args.skip_doctor else submit_checks)
+    except PreflightFailed as error:
+        for check in error.checks:
+            print(check.line, file=stderr)
+        print(f"error: {error}", file=stderr)
+        return 1
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=stderr)
         return 2
     for note in result.notes:
         print(f"note: {note}", file=stderr)
+    for check in result.checks:
+        print(check.line, file=stderr)
     if args.dry_run:
         stdout.write(result.script)
     else:

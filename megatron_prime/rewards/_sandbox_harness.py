@@ -49,9 +49,10 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203}
 _SIGKILL = 9
 _RESULT_MARKER = "\n__SANDBOX_CALL_RESULT__"
 _NEW_ROOT = "/tmp"  # mount point of the new root's tmpfs in the old tree (this namespace's)
-# Exit statuses the host maps to a reason (a program choosing them only fails itself).
-EXIT_MEMORY_LIMIT = 120
-EXIT_SETUP_FAILED = 121
+# Verdicts pid 1 writes to the file named by argv[2], which the program's process closes
+# before anything runs: a program cannot forge them, whatever it prints or exits with.
+VERDICT_MEMORY_LIMIT = "memory_limit"
+VERDICT_SETUP_FAILED = "setup_failed"
 _POLL_S = 0.01
 
 
@@ -150,7 +151,8 @@ def _drop_privileges(job, libc):
         resource.RLIMIT_AS: job["memory_bytes"],
         resource.RLIMIT_CPU: job["cpu_time_s"],
         resource.RLIMIT_FSIZE: job["max_output_bytes"],
-        resource.RLIMIT_NPROC: job["max_processes"],
+        # In a user namespace pid 1 shares the program's uid, so its count includes pid 1.
+        resource.RLIMIT_NPROC: job["max_processes"] + (1 if job["uid"] == 0 else 0),
         resource.RLIMIT_NOFILE: 64,
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_MSGQUEUE: 0,  # POSIX message queues hold kernel memory no RSS shows
@@ -158,17 +160,17 @@ def _drop_privileges(job, libc):
     for kind, value in limits.items():
         # soft == hard: the CPU limit kills with SIGKILL rather than a catchable SIGXCPU.
         resource.setrlimit(kind, (value, value))
+    for capability in range(job["cap_last_cap"] + 1):  # no exec can ever grant one back
+        _libc_call(libc, "prctl", _PR_CAPBSET_DROP, capability, 0, 0, 0)
+    _libc_call(libc, "prctl", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     if job["uid"] != 0:  # real root: the sandbox's own uid (RLIMIT_NPROC counts per uid)
         os.setgroups([])
         os.setresgid(job["uid"], job["uid"], job["uid"])
-        os.setresuid(job["uid"], job["uid"], job["uid"])
+        os.setresuid(job["uid"], job["uid"], job["uid"])  # clears every capability
     else:  # user namespace: uid 0 is the only uid there; keep it, lose every capability
         _libc_call(libc, "prctl", _PR_SET_SECUREBITS, _LOCKED_SECUREBITS, 0, 0, 0)
-        for capability in range(job["cap_last_cap"] + 1):
-            _libc_call(libc, "prctl", _PR_CAPBSET_DROP, capability, 0, 0, 0)
-        _libc_call(libc, "prctl", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
-        _libc_call(libc, "capset", header, (ctypes.c_uint32 * 6)())
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    _libc_call(libc, "capset", header, (ctypes.c_uint32 * 6)())
     _libc_call(libc, "prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0)
     os.chdir("/tmp/work")
@@ -194,7 +196,8 @@ def _run_call(job, code):
     sys.stdout.write(_RESULT_MARKER + json.dumps(result) + "\n")
 
 
-def _program(job, libc):
+def _program(job, libc, verdict_fd):
+    os.close(verdict_fd)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     _drop_privileges(job, libc)
     try:
@@ -206,7 +209,10 @@ def _program(job, libc):
     except SystemExit as stop:
         _finish(stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1))
     except BaseException:
-        traceback.print_exc(limit=5)
+        try:
+            traceback.print_exc(limit=5)
+        except BaseException:  # stderr may be past its size limit
+            pass
         _finish(1)
     _finish(0)
 
@@ -256,7 +262,7 @@ def _namespace_memory():
     return total
 
 
-def _supervise(child, job):
+def _supervise(child, job, verdict_fd):
     """Wait for the program's process, reaping orphans; enforce the namespace's memory."""
     status = None
     while status is None:
@@ -272,9 +278,8 @@ def _supervise(child, job):
                 status = os.waitstatus_to_exitcode(wait_status)
         if status is None and _namespace_memory() > job["memory_bytes"]:
             os.kill(-1, signal.SIGKILL)  # every process of this namespace but pid 1
-            used = "memory limit: the sandbox's processes used more than " f"{job['memory_bytes']} bytes"
-            os.write(2, f"\n{used}\n".encode())
-            os._exit(EXIT_MEMORY_LIMIT)
+            os.write(verdict_fd, VERDICT_MEMORY_LIMIT.encode())
+            os._exit(137)
     try:
         os.kill(-1, signal.SIGKILL)  # daemons the program left behind
     except ProcessLookupError:
@@ -283,7 +288,7 @@ def _supervise(child, job):
 
 
 def main():
-    job_fd = int(sys.argv[1])
+    job_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
     with os.fdopen(job_fd, "r") as job_file:
         job = json.load(job_file)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -300,13 +305,13 @@ def main():
                 file.write("0")
         _libc_call(libc, "prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
     except Exception as error:  # reported to the host as a sandbox failure, not the program's
-        os.write(2, f"sandbox setup failed: {error}\n".encode())
-        os._exit(EXIT_SETUP_FAILED)
+        os.write(verdict_fd, f"{VERDICT_SETUP_FAILED} {error}".encode(errors="replace"))
+        os._exit(1)
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
     child = os.fork()
     if child == 0:
-        _program(job, libc)
-    _supervise(child, job)
+        _program(job, libc, verdict_fd)
+    _supervise(child, job, verdict_fd)
 
 
 if __name__ == "__main__":

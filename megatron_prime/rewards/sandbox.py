@@ -75,9 +75,9 @@ from typing import Any, BinaryIO, Literal
 _HARNESS = Path(__file__).with_name("_sandbox_harness.py")
 _RESULT_MARKER = b"\n__SANDBOX_CALL_RESULT__"
 _STDERR_KEEP_BYTES = 4096
-# The harness's own exit statuses (_sandbox_harness.EXIT_*; that file is never imported).
-_EXIT_MEMORY_LIMIT = 120
-_EXIT_SETUP_FAILED = 121
+# The harness's verdicts (_sandbox_harness.VERDICT_*; that file is never imported).
+_VERDICT_MEMORY_LIMIT = "memory_limit"
+_VERDICT_SETUP_FAILED = "setup_failed"
 # A call-mode result deeper than this is refused (the host's comparison recurses, too).
 MAX_RESULT_DEPTH = 100
 _UID_LOCK_DIR = Path("/run/megatron_prime_sandbox")
@@ -259,18 +259,19 @@ def _run_local(code: str, stdin: str, config: SandboxConfig, fn_name: str | None
             tempfile.TemporaryFile() as stdin_file,
             tempfile.TemporaryFile() as stdout_file,
             tempfile.TemporaryFile() as stderr_file,
+            tempfile.TemporaryFile() as verdict_file,
         ):
             job_file.write(json.dumps(job).encode())
             job_file.seek(0)
             stdin_file.write(stdin.encode(errors="replace"))
             stdin_file.seek(0)
             command = [*_IGNORE_USR1_THEN_EXEC, "unshare", *namespaces,
-                       config.python, "-I", "-B", str(_HARNESS), str(job_file.fileno())]
+                       config.python, "-I", "-B", str(_HARNESS), str(job_file.fileno()), str(verdict_file.fileno())]
             started = time.monotonic()
             try:
                 process = subprocess.Popen(
                     command, stdin=stdin_file, stdout=stdout_file, stderr=stderr_file,
-                    pass_fds=(job_file.fileno(),), env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/",
+                    pass_fds=(job_file.fileno(), verdict_file.fileno()), env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/",
                     start_new_session=True,  # its own process group, killed as a whole
                 )
             except OSError as error:
@@ -285,21 +286,23 @@ def _run_local(code: str, stdin: str, config: SandboxConfig, fn_name: str | None
             wall_s = time.monotonic() - started
             stdout = _read_capped(stdout_file, config.max_output_bytes)
             stderr = _read_capped(stderr_file, _STDERR_KEEP_BYTES).decode(errors="replace")
+            verdict = _read_capped(verdict_file, _STDERR_KEEP_BYTES).decode(errors="replace")
     returncode = None if timed_out else process.returncode
-    return _result(config, fn_name, stdout, stderr, returncode, wall_s)
+    return _result(config, fn_name, stdout, stderr, returncode, wall_s, verdict)
 
 
 def _result(config: SandboxConfig, fn_name: str | None, stdout: bytes, stderr: str,
-            returncode: int | None, wall_s: float) -> RunResult:
-    """Status and reason of one run, from how it ended and what it printed (both backends)."""
-    if returncode is None:
+            returncode: int | None, wall_s: float, verdict: str = "") -> RunResult:
+    """Status and reason of one run, from how it ended, what it printed and the harness's
+    verdict (both backends; the remote one has no verdict)."""
+    if verdict.startswith(_VERDICT_SETUP_FAILED):
+        status, reason = RunStatus.SANDBOX_ERROR, f"sandbox setup failed: {verdict.partition(' ')[2][:300]}"
+    elif verdict == _VERDICT_MEMORY_LIMIT:
+        status, reason = RunStatus.MEMORY_LIMIT, f"its processes used more than {config.memory_bytes} bytes"
+    elif returncode is None:
         status, reason = RunStatus.TIMEOUT, f"wall-clock limit of {config.wall_timeout_s} s reached"
     elif len(stdout) >= config.max_output_bytes:
         status, reason = RunStatus.OUTPUT_LIMIT, f"printed {config.max_output_bytes} bytes or more"
-    elif returncode == _EXIT_MEMORY_LIMIT:
-        status, reason = RunStatus.MEMORY_LIMIT, f"its processes used more than {config.memory_bytes} bytes"
-    elif returncode == _EXIT_SETUP_FAILED:
-        status, reason = RunStatus.SANDBOX_ERROR, _last_line(stderr) or "sandbox setup failed"
     elif returncode != 0:
         status, reason = RunStatus.RUNTIME_ERROR, f"exit status {returncode}: {_last_line(stderr)}"
     else:
@@ -467,6 +470,4 @@ def _run_remote(code: str, stdin: str, config: SandboxConfig, fn_name: str | Non
     except (OSError, ValueError, urllib.error.URLError) as error:  # HTTPError is an URLError
         return RunResult(RunStatus.SANDBOX_ERROR, b"", "", None, time.monotonic() - started,
                          reason=f"sandbox service {config.remote_url}: {str(error)[:300]}")
-    if returncode in (_EXIT_MEMORY_LIMIT, _EXIT_SETUP_FAILED):
-        returncode = 1  # the service's program chose these statuses; they mean nothing here
     return _result(config, fn_name, stdout, stderr, returncode, time.monotonic() - started)

@@ -68,7 +68,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -100,8 +100,9 @@ class SandboxConfig:
     # Root only: the uid pool, one uid per concurrent sandbox (never 0, never a login user).
     first_uid: int = 65280
     num_uids: int = 254
-    # Interpreter for the program; the harness binds its stdlib into the sandbox's root.
-    python: str = field(default_factory=lambda: sys.executable)
+    # Interpreter for the program (None: the trainer's own); the harness binds its binary
+    # and standard library into the sandbox's root.
+    python: str | None = None
     # "local": namespaces on this machine; "remote": the HTTP service at remote_url.
     backend: Backend = "local"
     remote_url: str | None = None
@@ -113,14 +114,14 @@ class SandboxConfig:
         for name in positive:
             value = getattr(self, name)
             if value <= 0:
-                raise ValueError(f"SandboxConfig.{name}={value} is not allowed; need a value > 0")
+                raise ValueError(f"rewards.code.sandbox.{name}={value} is not allowed; need a value > 0")
         if self.first_uid < 1000 or self.first_uid + self.num_uids > 65534:
-            raise ValueError(f"SandboxConfig.first_uid={self.first_uid} with num_uids={self.num_uids} is not "
+            raise ValueError(f"rewards.code.sandbox.first_uid={self.first_uid} with num_uids={self.num_uids} is not "
                              "allowed; the pool must lie within 1000..65533 (not root, not nobody)")
         if self.backend not in ("local", "remote"):
-            raise ValueError(f"SandboxConfig.backend={self.backend!r} is not allowed; allowed: ('local', 'remote')")
+            raise ValueError(f"rewards.code.sandbox.backend={self.backend!r} is not allowed; allowed: ('local', 'remote')")
         if self.backend == "remote" and not (self.remote_url or "").startswith(("http://", "https://")):
-            raise ValueError(f"SandboxConfig.remote_url={self.remote_url!r} is not allowed with backend='remote'; "
+            raise ValueError(f"rewards.code.sandbox.remote_url={self.remote_url!r} is not allowed with backend='remote'; "
                              "need an http:// or https:// URL of the sandbox service")
 
 
@@ -166,7 +167,7 @@ def check_sandbox_available(config: SandboxConfig = SandboxConfig()) -> None:
     Called once at start-up, before step 1: the static checks name the usual causes, then
     one tiny program runs end to end, which catches the rest (a seccomp filter, a missing
     mount permission, an unreachable service). A success is remembered per interpreter."""
-    key = (config.backend, config.python, config.remote_url)
+    key = (config.backend, config.python or sys.executable, config.remote_url)
     with _probe_lock:
         if key in _probed:
             return
@@ -187,7 +188,7 @@ def _check_local_prerequisites(config: SandboxConfig) -> None:
                                  "(set rewards.code.sandbox.backend=remote)")
     if shutil.which("unshare") is None:
         raise SandboxUnavailable("the code sandbox needs util-linux 'unshare' on PATH (apt-get install util-linux)")
-    if not os.access(config.python, os.X_OK):
+    if not os.access(config.python or sys.executable, os.X_OK):
         raise SandboxUnavailable(f"rewards.code.sandbox.python={config.python!r} is not an executable interpreter")
     if sandbox_mode() == "root":
         return
@@ -266,7 +267,7 @@ def _run_local(code: str, stdin: str, config: SandboxConfig, fn_name: str | None
             stdin_file.write(stdin.encode(errors="replace"))
             stdin_file.seek(0)
             command = [*_IGNORE_USR1_THEN_EXEC, "unshare", *namespaces,
-                       config.python, "-I", "-B", str(_HARNESS), str(job_file.fileno()), str(verdict_file.fileno())]
+                       config.python or sys.executable, "-I", "-B", str(_HARNESS), str(job_file.fileno()), str(verdict_file.fileno())]
             started = time.monotonic()
             try:
                 process = subprocess.Popen(

@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = SandboxConfig(wall_timeout_s=3.0, cpu_time_s=2, memory_bytes=512 << 20, max_output_bytes=1 << 20, max_processes=16)
 ANSWER = {"inputs": [""], "outputs": ["42"]}
 POOL = set(range(FAST.first_uid, FAST.first_uid + FAST.num_uids))
+# This checkout's harness (another checkout's test run may have its own sandboxes running).
+HARNESS = str(REPO / "megatron_prime" / "rewards" / "_sandbox_harness.py").encode()
 # Safety valve for the destructive attacks: if the sandbox were broken and the program still
 # root *outside* (the pool uid is not 0; in a user namespace uid 0 has no capability), it
 # reports the escape (scores 1, the test fails) instead of fork-bombing or killing for real.
@@ -59,7 +61,7 @@ def _response(code: str) -> str:
 
 
 def _sandbox_processes() -> list[int]:
-    """Host pids still running as a sandbox uid, or as a harness (there must be none)."""
+    """Host pids still running as a sandbox uid, or as this checkout's harness (none may be left)."""
     pids = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -67,7 +69,7 @@ def _sandbox_processes() -> list[int]:
             cmdline = (status.parent / "cmdline").read_bytes()
         except (OSError, StopIteration):
             continue
-        if int(uid_line.split()[1]) in POOL or b"_sandbox_harness.py" in cmdline:
+        if int(uid_line.split()[1]) in POOL or HARNESS in cmdline:
             pids.append(int(status.parent.name))
     return pids
 
@@ -306,6 +308,7 @@ def test_decode_result_bounds_depth_and_size():
     assert decode_result(b"{not json", 100)[1].startswith("result is not valid JSON")
 
 
+@pytest.mark.slow
 def test_fork_bomb_does_not_fail_honest_neighbours_in_the_same_batch():
     """The process limit was per uid, shared by every sandbox at once: one fork bomb in a batch
     of 7 made the 6 honest solutions fail (they start a thread, as many solutions do to get a
@@ -324,7 +327,8 @@ def test_fork_bomb_does_not_fail_honest_neighbours_in_the_same_batch():
                 time.sleep(0.001)
     """
     honest = """
-        import sys, threading
+        import sys, threading, time
+        time.sleep(1)  # the bomb has filled its process count by now
         threading.stack_size(1 << 26)
         def main():
             print(6 * 7)

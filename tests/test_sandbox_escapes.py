@@ -24,6 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "sandbox_escape_driver.py"
+HARNESS = REPO / "megatron_prime" / "rewards" / "_sandbox_harness.py"
 UNPRIVILEGED_USER = "sbxtest"
 SECRET = "hunter2-megatron-prime-secret"
 HOSTILE = {"wall_timeout_s": 3.0, "cpu_time_s": 3, "memory_bytes": 512 << 20, "max_output_bytes": 1 << 20,
@@ -414,7 +415,7 @@ def _processes_of(uids: set[int]) -> list[str]:
         except OSError:
             continue
         uid = int(next(line for line in text.splitlines() if line.startswith("Uid:")).split()[1])
-        if uid in uids or "_sandbox_harness.py" in cmdline:
+        if uid in uids or str(HARNESS) in cmdline:
             found.append(f"{status.parent.name} uid={uid} {cmdline[:100]}")
     return found
 

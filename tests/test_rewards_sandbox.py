@@ -520,3 +520,25 @@ def test_remote_backend_round_trip(verifier):
         server.server_close()
     down = run_python("print(42)", config=remote)  # the service is gone: a result, not an exception
     assert down.status is RunStatus.SANDBOX_ERROR and url in down.reason
+
+
+@pytest.mark.slow
+def test_trainer_stops_at_start_naming_the_missing_sandbox(tmp_path):
+    """A run with code prompts probes the sandbox before building any model: one line naming
+    what is missing, and no run folder, instead of SandboxUnavailable at step 1."""
+    from megatron_prime.toy.arithmetic import make_rl_rows, write_jsonl
+    from megatron_prime.toy.model import write_toy_model
+
+    model = write_toy_model(tmp_path / "model", num_layers=1)
+    code_row = {"prompt": [{"role": "user", "content": "Print 42."}], "ability": "code",
+                "reward_model": {"ground_truth": json.dumps(ANSWER), "style": "rule"}, "data_source": "taco"}
+    data = write_jsonl([*make_rl_rows(31, seed=3), code_row], tmp_path / "mixed.jsonl")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "megatron_prime.train", f"model.path={model}", f"data.paths=[{data}]",
+               f"logging.run_dir={run_dir}", "logging.wandb_mode=disabled", "trainer.device=cpu",
+               "rollout.batch.prompts_per_step=4", "rewards.code.sandbox.python=/nonexistent/python3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0
+    assert "rewards.code.sandbox.python='/nonexistent/python3' is not an executable interpreter" in done.stderr
+    assert not run_dir.exists()

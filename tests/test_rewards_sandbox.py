@@ -513,6 +513,9 @@ def test_remote_backend_round_trip(verifier):
             code_verifier.close()
         timeout = run_python("import time\ntime.sleep(60)", config=remote)
         assert timeout.status is RunStatus.TIMEOUT
+        # verl names the endpoint itself: the same service through its full URL.
+        full_url = SandboxConfig(backend="remote", remote_url=url + "/run_code/")
+        assert run_python("print(input()[::-1])", "olleh", full_url).stdout == b"hello\n"
         # The secret of this process does not travel: the service ran it in its own jail.
         assert run_python("import os\nprint(sorted(os.environ))", config=remote).stdout == b"['HOME', 'LANG', 'PATH']\n"
     finally:

@@ -43,10 +43,12 @@ here: the limits above apply the same on both kinds of node.
 ``check_sandbox_available`` is the start-up probe: it runs one tiny program end to end and
 raises ``SandboxUnavailable`` with one line naming what is missing. Clusters that forbid both
 root and user namespaces set ``backend="remote"`` (``rewards.code.sandbox.backend``) and
-``remote_url`` to a SandboxFusion-style HTTP service: ``POST {remote_url}/run_code`` with
-``{"code", "stdin", "language": "python", "run_timeout", "memory_limit_MB"}`` answered by
-``{"status", "run_result": {"status", "return_code", "stdout", "stderr"}}``; call-mode tests
-are sent as a program that calls the function and prints the same result marker.
+``remote_url`` to a SandboxFusion-style HTTP service: ``POST {remote_url}/run_code`` (or the
+URL itself when it already ends in /run_code) with ``{"code", "stdin", "language": "python",
+"compile_timeout", "run_timeout", "memory_limit_MB"}`` answered by ``{"status", "run_result":
+{"status", "return_code", "stdout", "stderr"}}`` - the request verl's sandbox_fusion reward
+sends (verl/utils/reward_score/sandbox_fusion/utils.py). Call-mode tests are sent as a
+program that calls the function and prints the same result marker.
 
 No outcome of the program or of its output raises here: every run returns a ``RunResult``
 whose ``reason`` says why it failed; results are decoded with bounded size and depth.
@@ -445,12 +447,14 @@ def _run_remote(code: str, stdin: str, config: SandboxConfig, fn_name: str | Non
     if fn_name is not None:
         code = _CALL_WRAPPER.format(code=code, fn_name=fn_name, args=json.dumps(args),
                                     marker=_RESULT_MARKER.decode())
-    request = {"code": code, "stdin": stdin, "language": "python", "run_timeout": config.wall_timeout_s,
-               "memory_limit_MB": config.memory_bytes >> 20}
+    request = {"code": code, "stdin": stdin, "language": "python", "compile_timeout": config.wall_timeout_s,
+               "run_timeout": config.wall_timeout_s, "memory_limit_MB": config.memory_bytes >> 20}
+    url = config.remote_url.rstrip("/")
+    url = url if url.endswith("/run_code") else url + "/run_code"
     started = time.monotonic()
     try:
         http_request = urllib.request.Request(
-            config.remote_url.rstrip("/") + "/run_code", data=json.dumps(request).encode(),
+            url, data=json.dumps(request).encode(),
             headers={"Content-Type": "application/json"}, method="POST")
         # The service enforces run_timeout; the extra time covers queueing and transfer.
         with urllib.request.urlopen(http_request, timeout=config.wall_timeout_s + 30) as response:

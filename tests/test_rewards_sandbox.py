@@ -42,7 +42,8 @@ HARNESS = str(REPO / "megatron_prime" / "rewards" / "_sandbox_harness.py").encod
 # Safety valve for the destructive attacks: if the sandbox were broken and the program still
 # root *outside* (the pool uid is not 0; in a user namespace uid 0 has no capability), it
 # reports the escape (scores 1, the test fails) instead of fork-bombing or killing for real.
-ROOT_GUARD = "if os.getuid() == 0 and int(open('/proc/self/status').read().split('CapEff:')[1].split()[0], 16): print(42); raise SystemExit"
+ROOT_GUARD = ("if os.getuid() == 0 and int(open('/proc/self/status').read().split('CapEff:')[1].split()[0], 16): "
+              "print(42); raise SystemExit")
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +286,8 @@ def test_deeply_nested_result_is_a_failed_run_not_an_exception(verifier):
     returned = "def f():\n    v = []\n    for _ in range(5000):\n        v = [v]\n    return v"
     forged = ("import os\ndef f():\n    os.write(1, b'\\n__SANDBOX_CALL_RESULT__' + b'[' * 100000 + b']' * 100000)"
               "\n    os._exit(0)")
-    just_deep_enough = f"def f():\n    v = 7\n    for _ in range({MAX_RESULT_DEPTH + 1}):\n        v = [v]\n    return v"
+    just_deep_enough = (f"def f():\n    v = 7\n    for _ in range({MAX_RESULT_DEPTH + 1}):\n        v = [v]\n"
+                        "    return v")
     for code in (returned, forged, just_deep_enough):
         result = run_python(code, config=FAST, fn_name="f", args=[])
         assert result.status is RunStatus.RUNTIME_ERROR and result.reason, result
@@ -406,7 +408,8 @@ def test_host_files_are_not_visible(verifier, tmp_path):
 
 def test_sandboxed_processes_are_the_kernels_first_oom_victims(verifier):
     before = Path("/proc/self/oom_score_adj").read_text()
-    code = "import os\nif os.fork() == 0:\n    print(open('/proc/self/oom_score_adj').read().strip())\nelse:\n    os.wait()"
+    code = ("import os\nif os.fork() == 0:\n    print(open('/proc/self/oom_score_adj').read().strip())\n"
+            "else:\n    os.wait()")
     result = run_python(code, config=FAST)
     assert result.stdout == b"1000\n", result
     assert Path("/proc/self/oom_score_adj").read_text() == before  # never the trainer

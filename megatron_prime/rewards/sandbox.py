@@ -6,8 +6,9 @@ Each run is one process tree in fresh namespaces, jailed by ``_sandbox_harness.p
 * ``unshare --net --mount --pid --ipc --uts --fork --mount-proc``, plus ``--user
   --map-root-user`` when the trainer is not root (the normal case under SLURM): no network,
   a private mount table, its own pid namespace, its own System V IPC (with no shared memory
-  allowed: it would outlive the processes and show in no RSS) and hostname. The harness is pid 1 there: when it dies the kernel kills every
-  process the program started, daemons and fork bombs included.
+  allowed: it would outlive the processes and show in no RSS) and hostname. The harness is
+  pid 1 there: when it dies the kernel kills every process the program started, daemons and
+  fork bombs included.
 * a private root filesystem (a tmpfs): read-only binds of the interpreter, its standard
   library and the shared-library folders, /dev/{null,zero,urandom}, the namespace's /proc
   and a size-capped tmpfs work folder. The checkout, the data, /home, /root and /etc are not
@@ -121,10 +122,11 @@ class SandboxConfig:
             raise ValueError(f"rewards.code.sandbox.first_uid={self.first_uid} with num_uids={self.num_uids} is not "
                              "allowed; the pool must lie within 1000..65533 (not root, not nobody)")
         if self.backend not in ("local", "remote"):
-            raise ValueError(f"rewards.code.sandbox.backend={self.backend!r} is not allowed; allowed: ('local', 'remote')")
+            raise ValueError(f"rewards.code.sandbox.backend={self.backend!r} is not allowed; "
+                             "allowed: ('local', 'remote')")
         if self.backend == "remote" and not (self.remote_url or "").startswith(("http://", "https://")):
-            raise ValueError(f"rewards.code.sandbox.remote_url={self.remote_url!r} is not allowed with backend='remote'; "
-                             "need an http:// or https:// URL of the sandbox service")
+            raise ValueError(f"rewards.code.sandbox.remote_url={self.remote_url!r} is not allowed with "
+                             "backend='remote'; need an http:// or https:// URL of the sandbox service")
 
 
 class RunStatus(str, enum.Enum):
@@ -268,13 +270,14 @@ def _run_local(code: str, stdin: str, config: SandboxConfig, fn_name: str | None
             job_file.seek(0)
             stdin_file.write(stdin.encode(errors="replace"))
             stdin_file.seek(0)
-            command = [*_IGNORE_USR1_THEN_EXEC, "unshare", *namespaces,
-                       config.python or sys.executable, "-I", "-B", str(_HARNESS), str(job_file.fileno()), str(verdict_file.fileno())]
+            fds = (job_file.fileno(), verdict_file.fileno())
+            command = [*_IGNORE_USR1_THEN_EXEC, "unshare", *namespaces, config.python or sys.executable,
+                       "-I", "-B", str(_HARNESS), *map(str, fds)]
             started = time.monotonic()
             try:
                 process = subprocess.Popen(
                     command, stdin=stdin_file, stdout=stdout_file, stderr=stderr_file,
-                    pass_fds=(job_file.fileno(), verdict_file.fileno()), env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/",
+                    pass_fds=fds, env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/",
                     start_new_session=True,  # its own process group, killed as a whole
                 )
             except OSError as error:

@@ -548,3 +548,30 @@ def test_trainer_stops_at_start_naming_the_missing_sandbox(tmp_path):
     assert done.returncode != 0
     assert "rewards.code.sandbox.python='/nonexistent/python3' is not an executable interpreter" in done.stderr
     assert not run_dir.exists()
+
+
+def test_each_concurrent_sandbox_leases_a_uid_of_its_own(tmp_path):
+    """As root, RLIMIT_NPROC is counted per uid: two sandboxes at once, in this process or in
+    another trainer process of the node, must never share one."""
+    if sandbox_mode() != "root":
+        pytest.skip("the uid pool is used in root mode only")
+    from megatron_prime.rewards.sandbox import _UidLease
+
+    pool = SandboxConfig(first_uid=60000, num_uids=3)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from megatron_prime.rewards.sandbox import SandboxConfig, _UidLease
+        with _UidLease(SandboxConfig(first_uid=60000, num_uids=3)) as uid:
+            print(uid, flush=True)
+            time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        held_elsewhere = int(holder.stdout.readline())
+        with _UidLease(pool) as first, _UidLease(pool) as second:
+            assert {first, second, held_elsewhere} == {60000, 60001, 60002}
+        with _UidLease(pool) as again:  # released ones are leased again
+            assert again != held_elsewhere
+    finally:
+        holder.kill()
+        holder.wait()

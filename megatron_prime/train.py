@@ -49,6 +49,7 @@ from megatron_prime.config import (
 from megatron_prime.data import DataConfig, PromptSampler, load_prompts
 from megatron_prime.models.builder import BuiltModel, move_to
 from megatron_prime.models.optimizer import build_optimizer
+from megatron_prime.rewards.code_verifier import CodeVerifierConfig
 from megatron_prime.monitor import LoggingConfig, RunLogger
 from megatron_prime.rollout.bridge import BridgeConfig, WeightBridge
 from megatron_prime.rollout.collect import (
@@ -101,6 +102,16 @@ class RolloutSettings:
 
 
 @dataclass
+class RewardsConfig:
+    """Outcome rewards. ``code.sandbox.backend``: "local" runs code tests in namespaces on this
+    node (as root, or as an unprivileged user through user namespaces); "remote" sends them to
+    the SandboxFusion-style service at ``code.sandbox.remote_url``, for clusters that allow
+    neither (rewards/sandbox.py)."""
+
+    code: CodeVerifierConfig = field(default_factory=CodeVerifierConfig)
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100
     seed: int = 1234
@@ -131,6 +142,7 @@ class PrimeConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     # Held-out greedy pass@1 during training (val/accuracy).
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # PRIME.md: policy lr 5e-7, PRM lr 1e-6, constant, grad clip 1.0, no weight decay.
@@ -278,7 +290,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     (the CPU simulation of the GPU path passes a stand-in; tests/gpu_simulation.py)."""
     from transformers import AutoTokenizer
 
-    from megatron_prime.rewards import RewardRegistry
+    from megatron_prime.rewards import CodeVerifier, RewardRegistry, check_sandbox_available, reward_kind
 
     validate_all(config)
     run_dir = Path(config.logging.run_dir)
@@ -305,6 +317,12 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
                                    tokenizer)[:config.validation.max_prompts]
     val_sampling = greedy(config.rollout.sampling, config.validation.max_new_tokens)
     check_batch_config(config.rollout.batch, distributed.dp_world_size(), len(records))
+    # Code prompts need a working sandbox: every rank fails here, in one line naming what is
+    # missing (SandboxUnavailable), rather than the reward rank at step 1.
+    needs_code = any(reward_kind(record.ability, record.data_source) == "code"
+                     for record in (*records, *val_records))
+    if needs_code:
+        check_sandbox_available(config.rewards.code.sandbox)
     models = build_prime_models(config, hf_config, load_weights)
     sampler = PromptSampler(records, config.rollout.batch.prompts_per_round, config.data.shuffle_seed,
                             distributed.dp_rank(), distributed.dp_world_size())
@@ -340,7 +358,9 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     # A new engine holds dummy weights and a KV cache: it sleeps until the first sync, as
     # verl's hybrid engine does after building its rollout.
     bridge.release_engine()
-    rewards = RewardRegistry() if engine is not None else None
+    rewards = None
+    if engine is not None:
+        rewards = RewardRegistry(code=CodeVerifier(config.rewards.code) if needs_code else None)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logger = RunLogger(config.logging, config.trainer.steps, start_step, config_to_dict(config),
                        is_logging_rank, wandb_run_id=wandb_run_id, covered_record=covered_record)

@@ -102,8 +102,8 @@ def test_malformed_tests_and_config_are_errors():
         CodeTestCases.parse('{"input": []}')
     with pytest.raises(ValueError, match="reward_mode='best'"):
         CodeVerifierConfig(reward_mode="best")
-    with pytest.raises(ValueError, match="uid=0"):
-        SandboxConfig(uid=0)
+    with pytest.raises(ValueError, match="first_uid=0"):
+        SandboxConfig(first_uid=0)
 
 
 @pytest.mark.parametrize(

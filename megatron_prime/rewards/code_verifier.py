@@ -109,7 +109,7 @@ class CodeVerifier:
     """Scores code responses by running their tests in sandboxes, ``max_workers`` at a time."""
 
     def __init__(self, config: CodeVerifierConfig = CodeVerifierConfig()) -> None:
-        check_sandbox_available()
+        check_sandbox_available(config.sandbox)
         self.config = config
         self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="code-verifier")
 

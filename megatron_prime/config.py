@@ -116,10 +116,10 @@ class PrecisionConfig:
     # difference. Listing either makes the trainer measure that error (fp8_error_check_every).
     fp8_roles: list[str] = field(default_factory=lambda: ["policy"])
     # With the PRM or the reference in FP8: every this many steps (and at a run's first step)
-    # the batch is scored again with FP8 off, and fp8/log_ratio_error_{max,mean} (|FP8 - bf16|
-    # of log pi_psi - log pi_ref per scored token) is logged next to the rewards, with
-    # fp8/log_ratio_abs_mean (the bf16 signal's size) to compare it with. Costs one extra
-    # forward pass per FP8 scoring model on those steps.
+    # the batch is scored again with FP8 off, and reward/fp8_log_ratio_error_{max,mean}
+    # (|FP8 - bf16| of log pi_psi - log pi_ref per scored token) is logged next to the rewards,
+    # with reward/fp8_log_ratio_abs_mean (the bf16 signal's size) to compare it with. Costs one
+    # extra forward pass per FP8 scoring model on those steps.
     fp8_error_check_every: int = 10
     # Which layer implementations: "auto" is Transformer Engine on GPU (fused kernels, FP8,
     # flash attention) and Megatron's local spec on CPU; "local" forces Megatron's own layers

@@ -212,9 +212,9 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
             # How far FP8 moves the implicit reward's log ratio, next to the signal's own size.
             exact_prm, exact_ref = exact.get("prm", prm_logprobs), exact.get("ref", ref)
             error = log_ratio_error(prm_logprobs, ref, exact_prm, exact_ref, mask)
-            batch_metrics.mean("fp8/log_ratio_error_mean", error.sum(), mask.sum())
-            batch_metrics.maximum("fp8/log_ratio_error_max", error.max())
-            batch_metrics.mean("fp8/log_ratio_abs_mean",
+            batch_metrics.mean("reward/fp8_log_ratio_error_mean", error.sum(), mask.sum())
+            batch_metrics.maximum("reward/fp8_log_ratio_error_max", error.max())
+            batch_metrics.mean("reward/fp8_log_ratio_abs_mean",
                                masked_sum((exact_prm - exact_ref).abs(), mask), mask.sum())
         # batch_norm's scale is the largest |process return| of the whole step batch.
         process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,

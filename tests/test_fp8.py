@@ -172,12 +172,14 @@ def test_log_ratio_error_is_logged_only_for_fp8_scoring_models(recorded):
         assert recorded[name][0]["fp8_metrics"] == {}, name
     for name in ("scoring", "after", "current"):
         metrics = recorded[name][0]["fp8_metrics"]
-        assert sorted(metrics) == ["fp8/log_ratio_abs_mean", "fp8/log_ratio_error_max",
-                                   "fp8/log_ratio_error_mean"]
+        assert sorted(metrics) == ["reward/fp8_log_ratio_abs_mean",
+                                   "reward/fp8_log_ratio_error_max",
+                                   "reward/fp8_log_ratio_error_mean"]
         # Without Transformer Engine, the "FP8" pass is the bf16 pass: the error is exactly 0,
         # while the signal it is compared with is not.
-        assert metrics["fp8/log_ratio_error_max"] == metrics["fp8/log_ratio_error_mean"] == 0.0
-        assert metrics["fp8/log_ratio_abs_mean"] > 1e-3
+        assert metrics["reward/fp8_log_ratio_error_max"] == 0.0
+        assert metrics["reward/fp8_log_ratio_error_mean"] == 0.0
+        assert metrics["reward/fp8_log_ratio_abs_mean"] > 1e-3
 
 
 @pytest.mark.slow

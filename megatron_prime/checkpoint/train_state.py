@@ -198,8 +198,9 @@ def _optimizer_metadata(model: BuiltModel) -> dict[str, Any]:
 # Adam's step count (its bias correction) lives in different places per implementation, and
 # Megatron picks the implementation at import: torch's Adam without Apex/Transformer Engine (our
 # CPU runs) keeps one tensor per parameter in its state; the fused Adams (Transformer Engine's,
-# else Apex's: the GPU path) keep one int per param group. Megatron's own save and load move the
-# count between the two only for its distributed optimizer, and there with two gaps (below).
+# else Apex's: the GPU path) keep one int per param group. Megatron-LM's own save and load
+# (megatron-core's DistributedOptimizer.state_dict/load_state_dict) move the count between the
+# two only for its distributed optimizer, and there with two gaps (below).
 # Checked against megatron-core 0.16.1 and Transformer Engine 2.x's FusedAdam.
 
 def _inner_adams(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:

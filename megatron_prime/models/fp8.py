@@ -10,12 +10,14 @@ under ``torch.no_grad`` (the frozen reference, the PRM's scoring pass) never rec
 scales at all. The implicit reward is beta * (log pi_psi - log pi_ref), a difference of two
 log-probs: an FP8 error of the size of that difference is the whole signal. Hence the
 defaults (precision.fp8_roles = policy only), the measured log-ratio error when a user puts
-the PRM or the reference in FP8 (update.py), and ``calibrate`` below.
+the PRM or the reference in FP8 (update.py), and ``calibrate`` below. None of the anchors
+runs a PRM in FP8; the logged error is of the kind verl and NeMo-RL log for the gap between
+the sampler's and the trainer's log-probs (rollout/logprob_diff_* here).
 
 On CPU, FP8 is refused by ``models/architectures.transformer_config``; without TE installed,
 Megatron's FP8 context is a no-op, so these functions can be exercised on CPU by setting
 ``config.fp8`` on a built model (tests/workers/fp8_worker.py), except ``calibrate``, which
-imports TE.
+imports TE (tests/test_gpu_fp8.py runs it on a GPU).
 """
 
 from __future__ import annotations

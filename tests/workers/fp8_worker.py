@@ -90,7 +90,7 @@ def run_scenario(name: str, built: dict, optimizers: dict, batch: TokenBatch,
             calls.clear()
             metrics = prime_update(models, batch, outcomes, algo, measure_fp8_error=measure).metrics
             steps.append({"calls": list(calls),
-                          "fp8_metrics": {k: v for k, v in metrics.items() if k.startswith("fp8/")},
+                          "fp8_metrics": {k: v for k, v in metrics.items() if k.startswith("reward/fp8_")},
                           "fp8_after": {role: m.config.fp8 for role, m in built.items()}})
     finally:
         update_module.forward_only = real_forward_only

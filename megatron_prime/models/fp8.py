@@ -4,10 +4,11 @@ pass, and the calibration of delayed scaling before a frozen model's first score
 How TE's delayed scaling behaves, and why PRIME has to care (TE 2.x,
 ``transformer_engine/pytorch/quantization.py``): a module casts to FP8 with the scale its
 amax history gave it *before* this pass; the history is rolled and the scales recomputed
-when the outermost FP8 region is left **with autograd enabled**. A fresh model therefore
-runs its first FP8 pass at scale 1, and a model that only ever runs forward-only passes
-under ``torch.no_grad`` (the frozen reference, the PRM's scoring pass) never recomputes its
-scales at all. The implicit reward is beta * (log pi_psi - log pi_ref), a difference of two
+when the outermost FP8 region is left **with autograd enabled** (for every module registered
+under the same recipe and amax group). A fresh model therefore runs its first FP8 pass at
+scale 1, and a model that only runs forward-only passes under ``torch.no_grad`` (the frozen
+reference) gets new scales only as a side effect of some other model's FP8 training step,
+if any. The implicit reward is beta * (log pi_psi - log pi_ref), a difference of two
 log-probs: an FP8 error of the size of that difference is the whole signal. Hence the
 defaults (precision.fp8_roles = policy only), the measured log-ratio error when a user puts
 the PRM or the reference in FP8 (update.py), and ``calibrate`` below. None of the anchors

@@ -110,10 +110,17 @@ class PrecisionConfig:
     fp8_format: str = "hybrid"
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
-    # The models that run their GEMMs in FP8 when fp8_recipe is not "off". The reference
-    # only ever runs forward; dropping "policy" keeps the trained policy in bf16 while the
-    # frozen reference (and the PRM) take FP8's speed.
-    fp8_roles: list[str] = field(default_factory=lambda: ["policy", "prm", "reference"])
+    # The models that run their GEMMs in FP8 when fp8_recipe is not "off". The PRM and the
+    # reference stay in bf16 unless listed: the implicit reward beta * (log pi_psi - log
+    # pi_ref) is a difference of two log-probs, and FP8's error on each is of the size of that
+    # difference. Listing either makes the trainer measure that error (fp8_error_check_every).
+    fp8_roles: list[str] = field(default_factory=lambda: ["policy"])
+    # With the PRM or the reference in FP8: every this many steps (and at a run's first step)
+    # the batch is scored again with FP8 off, and reward/fp8_log_ratio_error_{max,mean}
+    # (|FP8 - bf16| of log pi_psi - log pi_ref per scored token) is logged next to the rewards,
+    # with reward/fp8_log_ratio_abs_mean (the bf16 signal's size) to compare it with. Costs one
+    # extra forward pass per FP8 scoring model on those steps.
+    fp8_error_check_every: int = 10
     # Which layer implementations: "auto" is Transformer Engine on GPU (fused kernels, FP8,
     # flash attention) and Megatron's local spec on CPU; "local" forces Megatron's own layers
     # on GPU too (a GPU without Transformer Engine; no FP8).
@@ -131,6 +138,7 @@ class PrecisionConfig:
                 and all(role in ("policy", "prm", "reference") for role in self.fp8_roles)
                 and len(set(self.fp8_roles)) == len(self.fp8_roles), "precision.fp8_roles",
                 self.fp8_roles, "a list of distinct roles from ['policy', 'prm', 'reference']")
+        require_positive_int("precision.fp8_error_check_every", self.fp8_error_check_every)
         require(self.fp8_recipe == "off" or self.layer_spec == "auto", "precision.fp8_recipe",
                 self.fp8_recipe, "'off' with precision.layer_spec='local' (FP8 needs Transformer "
                 "Engine's layers)")

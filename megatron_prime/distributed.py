@@ -276,6 +276,12 @@ def dp_world_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
+def fp8_amax_reduction_group(tp_only: bool) -> dist.ProcessGroup:
+    """The group Megatron reduces FP8 amaxes over (megatron.core.fp8_utils.get_fp8_context):
+    the TP x DP (x CP) ranks holding the same layers, or TP only."""
+    return parallel_state.get_amax_reduction_group(with_context_parallel=True, tp_only_amax_red=tp_only)
+
+
 def device() -> torch.device:
     return runtime().device
 

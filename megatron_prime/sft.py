@@ -57,7 +57,7 @@ from megatron_prime.data.dataset import ON_MALFORMED, MalformedRow, read_rows
 from megatron_prime.data.render import render_prompt
 from megatron_prime.data.sampler import epoch_permutation
 from megatron_prime.data.templates import build_prompt_messages
-from megatron_prime.models.architectures import ModelShape
+from megatron_prime.models.architectures import ModelShape, padded_sequence_length
 from megatron_prime.models.builder import BuiltModel, build_model
 from megatron_prime.models.optimizer import (
     build_optimizer,
@@ -232,9 +232,11 @@ def global_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[li
         pending = pending[batch_size:]
 
 
-def sft_batch(examples: Sequence[SFTExample], pad_token_id: int) -> TokenBatch:
-    """Right-padded rows; the loss mask covers the answer and its EOS."""
-    length = max(len(e.token_ids) for e in examples)
+def sft_batch(examples: Sequence[SFTExample], pad_token_id: int, length_multiple: int = 1) -> TokenBatch:
+    """Right-padded rows, ``length_multiple`` tokens at a time (the model's
+    ``sequence_length_multiple``: FP8, sequence parallelism); the loss mask covers the answer
+    and its EOS."""
+    length = padded_sequence_length(max(len(e.token_ids) for e in examples), length_multiple)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros(len(examples), length)
     for row, example in enumerate(examples):
@@ -304,7 +306,7 @@ def run_sft(config: SFTConfig) -> dict[str, float]:
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
         indices = next(batches)[dp_rank * rows_per_rank:(dp_rank + 1) * rows_per_rank]
-        batch = sft_batch([examples[i] for i in indices], pad_token_id)
+        batch = sft_batch([examples[i] for i in indices], pad_token_id, model.sequence_length_multiple)
         result = train_step(model, optimizer, batch, config.micro_batch_size, sequence_nll_loss)
         losses.append(result.metrics["loss"])
         if is_logger and (step % config.log_every == 0 or step in (1, config.steps)):

@@ -47,6 +47,7 @@ from megatron_prime.config import (
     validate_all,
 )
 from megatron_prime.data import DataConfig, PromptSampler, load_prompts
+from megatron_prime.models.architectures import sequence_length_multiple
 from megatron_prime.models.builder import BuiltModel, move_to
 from megatron_prime.models.optimizer import build_optimizer
 from megatron_prime.rewards.code_verifier import CodeVerifierConfig
@@ -400,13 +401,18 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
             with timer("rollout"):  # steps 1, 3, 4, 5
                 collected = collect_batch(sampler, engine, tokenizer, rewards, config.rollout.sampling,
                                           config.rollout.batch, step, config.trainer.seed,
-                                          config.data.use_chat_template, pad_token_id)
+                                          config.data.use_chat_template, pad_token_id,
+                                          sequence_length_multiple(config.parallel, config.precision))
             metrics = dict(collected.metrics)
             bridge.release_engine()  # the engine sleeps: its GPU memory goes to training
             with timer("update"):  # steps 6-9
                 if collected.tokens.batch_size:
+                    # FP8 scoring models: their log-ratio error, at the first step and every k.
+                    check_fp8 = (step == start_step + 1
+                                 or step % config.precision.fp8_error_check_every == 0)
                     update = prime_update(models, collected.tokens, collected.outcome_rewards, config.algo,
-                                          temperature=config.rollout.sampling.temperature)
+                                          temperature=config.rollout.sampling.temperature,
+                                          measure_fp8_error=check_fp8)
                     metrics.update(update.metrics)
                     skip_reasons = update.skip_reasons
                 else:

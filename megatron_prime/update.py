@@ -21,6 +21,7 @@ from megatron_prime.algo import (
     PPOLossConfig,
     compute_prime_advantages,
     implicit_process_rewards,
+    log_ratio_error,
     masked_sum,
     prm_pairwise_agreement,
     sequence_log_ratio,
@@ -28,6 +29,7 @@ from megatron_prime.algo import (
 from megatron_prime.config import require, require_choice, require_positive_int
 from megatron_prime.losses import StepBatch, ppo_loss, prm_loss
 from megatron_prime.models.builder import BuiltModel, resident
+from megatron_prime.models.fp8 import calibrate, fp8_off, needs_calibration, runs_fp8
 from megatron_prime.models.optimizer import train_step
 from megatron_prime.models.schedule import TokenBatch, forward_only
 
@@ -73,6 +75,10 @@ class PrimeModels:
     prm_optimizer: MegatronOptimizer | None = None
     # The reference lives in host memory between its forward passes (trainer.offload_reference).
     reference_offloaded: bool = False
+    # Set once the scoring models in delayed-scaling FP8 had their calibration pass in this
+    # process (models/fp8.py); a resumed run calibrates again, since the frozen reference's
+    # FP8 scales are not part of any checkpoint.
+    fp8_calibrated: bool = False
 
 
 @dataclass
@@ -104,7 +110,8 @@ class PhaseTimer:
 
 
 def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor,
-                 config: AlgoConfig, *, temperature: float = 1.0) -> UpdateResult:
+                 config: AlgoConfig, *, temperature: float = 1.0,
+                 measure_fp8_error: bool = False) -> UpdateResult:
     """One PRIME update on this data-parallel rank's responses (groups of n consecutive rows).
 
     Results do not depend on the data-parallel layout: what PRIME computes over the batch
@@ -121,6 +128,11 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     reward and reference log-probs are log_softmax of the raw logits, while the actor's
     divide by the temperature): r_t = beta * log(pi_psi / pi_ref) is a property of the two
     models, trained by the PRM's cross-entropy on raw log-probs, not of the sampler.
+
+    FP8 (models/fp8.py): before the first scored pass of the process, the PRM and reference
+    that run delayed-scaling FP8 get a calibration pass on this batch. ``measure_fp8_error``
+    (the trainer sets it every precision.fp8_error_check_every steps) scores the batch again
+    with FP8 off wherever the PRM or the reference runs FP8, and logs the log-ratio error.
 
     Device: the batch and the outcome rewards are moved to the training device once, here;
     everything the step derives from them is computed there. Host syncs: the NaN guard's
@@ -145,9 +157,16 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     timer = PhaseTimer()
     mbs = config.micro_batch_size
 
+    check_fp8 = (config.prm_mode != "none" and measure_fp8_error
+                 and (runs_fp8(models.prm) or runs_fp8(models.reference)))
+    # The scoring models' log-probs with FP8 off, where they run FP8 and this step checks it.
+    exact: dict[str, Tensor] = {}
+
     # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel). Only the
     # implicit PRM reads the reference (PRIME has no KL term): outcome-only RLOO skips it.
     with timer("logprobs"):
+        if config.prm_mode != "none":
+            _calibrate_fp8_once(models, step, mbs)
         step = step.with_fields(old_logprobs=forward_only(models.policy, step, mbs, temperature).logprobs)
         if config.prm_mode != "none":
             if models.reference is None:
@@ -155,6 +174,9 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
             with resident(models.reference, models.reference_offloaded):
                 step = step.with_fields(
                     ref_logprobs=forward_only(models.reference, step, mbs).logprobs)
+                if check_fp8 and runs_fp8(models.reference):
+                    with fp8_off(models.reference):
+                        exact["ref"] = forward_only(models.reference, step, mbs).logprobs
     if step.rollout_logprobs is not None:
         # The engine sampled with the weights the bridge pushed, which are these weights: any
         # gap beyond kernel round-off means a stale or mangled sync (verl logs the same check).
@@ -167,17 +189,33 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     if config.prm_mode != "none":
         if models.prm is None or models.prm_optimizer is None:
             raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs a PRM model and optimizer")
-        if config.prm_mode == "after":
+        prm = models.prm
+
+        def scored_by_prm(step: StepBatch) -> StepBatch:
+            """The scoring pass (and its FP8-off twin when checked), by the PRM as it is now."""
             with timer("logprobs"):
-                step = step.with_fields(prm_logprobs=forward_only(models.prm, step, mbs).logprobs)
+                if check_fp8 and runs_fp8(prm):
+                    with fp8_off(prm):
+                        exact["prm"] = forward_only(prm, step, mbs).logprobs
+                return step.with_fields(prm_logprobs=forward_only(prm, step, mbs).logprobs)
+
+        if config.prm_mode == "after":
+            step = scored_by_prm(step)
         with timer("prm_update"):
             prm_step = train_step(models.prm, models.prm_optimizer, step, mbs, prm_loss(config.beta))
         if prm_step.skip_reason:
             skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
         if config.prm_mode == "before":
-            with timer("logprobs"):
-                step = step.with_fields(prm_logprobs=forward_only(models.prm, step, mbs).logprobs)
+            step = scored_by_prm(step)
         prm_logprobs, ref = step.require("prm_logprobs"), step.require("ref_logprobs")
+        if check_fp8:
+            # How far FP8 moves the implicit reward's log ratio, next to the signal's own size.
+            exact_prm, exact_ref = exact.get("prm", prm_logprobs), exact.get("ref", ref)
+            error = log_ratio_error(prm_logprobs, ref, exact_prm, exact_ref, mask)
+            batch_metrics.mean("reward/fp8_log_ratio_error_mean", error.sum(), mask.sum())
+            batch_metrics.maximum("reward/fp8_log_ratio_error_max", error.max())
+            batch_metrics.mean("reward/fp8_log_ratio_abs_mean",
+                               masked_sum((exact_prm - exact_ref).abs(), mask), mask.sum())
         # batch_norm's scale is the largest |process return| of the whole step batch.
         process_rewards = implicit_process_rewards(prm_logprobs, ref, mask, config.beta,
                                                    config.process_reward_normalization,
@@ -223,6 +261,19 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     metrics.update(batch_metrics.read())
     metrics.update({f"time/{name}": seconds for name, seconds in timer.seconds.items()})
     return UpdateResult(metrics, skip_reasons)
+
+
+def _calibrate_fp8_once(models: PrimeModels, batch: StepBatch, micro_batch_size: int) -> None:
+    """The calibration pass (models/fp8.calibrate) of every scoring model in delayed-scaling
+    FP8, on this process's first batch, before any of them scores it."""
+    if models.fp8_calibrated:
+        return
+    for model in (models.reference, models.prm):
+        if needs_calibration(model):
+            offloaded = model is models.reference and models.reference_offloaded
+            with resident(model, offloaded):
+                calibrate(model, batch, micro_batch_size)
+    models.fp8_calibrated = True
 
 
 class BatchMetrics:

@@ -102,6 +102,8 @@ def test_resume_continues_bit_exactly(layout, tmp_path):
     assert marker["schedulers"] == ["policy", "prm"]
     assert marker["key_naming"] == "transformer_engine"  # loads into either layer spec
     assert marker["layer_specs"] == {"policy": "local", "prm": "local"}
+    # Adam's step count, whatever implementation kept it: two steps each by step_00000002.
+    assert marker["adam_steps"] == {"policy": 2, "prm": 2}
     assert marker["layout"]["world_size"] == 2
     if layout == "tp2":
         assert marker["layout"]["tensor_parallel_size"] == 2

@@ -15,6 +15,7 @@ from megatron_prime.algo.advantage import (
 from megatron_prime.algo.filter import AccuracyFilterConfig, FilterResult, accuracy_band_filter
 from megatron_prime.algo.implicit_reward import (
     implicit_process_rewards,
+    log_ratio_error,
     prm_cross_entropy_loss,
     prm_pairwise_accuracy,
     prm_pairwise_agreement,
@@ -34,6 +35,7 @@ __all__ = [
     "compute_prime_advantages",
     "discounted_returns",
     "implicit_process_rewards",
+    "log_ratio_error",
     "masked_mean",
     "masked_sum",
     "masked_whiten",

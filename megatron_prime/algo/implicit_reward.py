@@ -68,6 +68,22 @@ def sequence_log_ratio(
     return masked_sum(prm_log_probs - ref_log_probs, response_mask, dim=-1)
 
 
+def log_ratio_error(
+    prm_log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
+    exact_prm_log_probs: torch.Tensor, exact_ref_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``|(logp_prm - logp_ref) - (exact_prm - exact_ref)|`` per token, 0 outside the mask: how
+    far the implicit reward's log ratio as scored (e.g. in FP8) is from the same ratio in high
+    precision, in the units of the signal itself (the reward is beta times it)."""
+    check_same_shape(prm_log_probs=prm_log_probs, ref_log_probs=ref_log_probs,
+                     exact_prm_log_probs=exact_prm_log_probs,
+                     exact_ref_log_probs=exact_ref_log_probs, response_mask=response_mask)
+    scored = prm_log_probs - ref_log_probs
+    exact = exact_prm_log_probs - exact_ref_log_probs
+    return (scored - exact).abs() * response_mask
+
+
 def prm_cross_entropy_loss(
     prm_log_probs: torch.Tensor,
     ref_log_probs: torch.Tensor,

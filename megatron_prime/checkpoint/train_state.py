@@ -195,16 +195,59 @@ def _optimizer_metadata(model: BuiltModel) -> dict[str, Any]:
     return metadata
 
 
-# Two workarounds for Megatron's distributed optimizer over torch's Adam, the path it takes
-# without Apex/Transformer Engine (our CPU runs). Checked against megatron-core 0.16.1.
+# Adam's step count (its bias correction) lives in different places per implementation, and
+# Megatron picks the implementation at import: torch's Adam without Apex/Transformer Engine (our
+# CPU runs) keeps one tensor per parameter in its state; the fused Adams (Transformer Engine's,
+# else Apex's: the GPU path) keep one int per param group. Megatron-LM's own save and load
+# (megatron-core's DistributedOptimizer.state_dict/load_state_dict) move the count between the
+# two only for its distributed optimizer, and there with two gaps (below).
+# Checked against megatron-core 0.16.1 and Transformer Engine 2.x's FusedAdam.
+
+def _inner_adams(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+    """The torch-level optimizers under a Megatron optimizer (one per chained part)."""
+    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if sub.optimizer is not None]
+
+
+def _counts_per_parameter(adam: torch.optim.Optimizer) -> bool:
+    """torch's Adam/AdamW (step in each parameter's state), not a fused one (step per group)."""
+    return isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))
+
 
 def _torch_adams_in_distributed_optimizer(
     optimizer: MegatronOptimizer,
 ) -> list[torch.optim.Optimizer]:
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return []
     return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(sub, distrib_optimizer.DistributedOptimizer)]
+            if isinstance(sub, distrib_optimizer.DistributedOptimizer)
+            and _counts_per_parameter(sub.optimizer)]
+
+
+def adam_step_count(adams: Sequence[torch.optim.Optimizer]) -> int | None:
+    """Steps taken by these Adams (None before the first), read wherever each keeps it; saved
+    in the checkpoint marker so that a load can put it where the loading job's Adam reads it.
+    Host sync: per-parameter step tensors are read."""
+    counts: set[int] = set()
+    for adam in adams:
+        if _counts_per_parameter(adam):
+            # (A torch Adam's groups may hold a stale "step" left by a distributed load.)
+            counts.update(int(state["step"]) for state in adam.state.values() if "step" in state)
+        else:
+            counts.update(int(group["step"]) for group in adam.param_groups
+                          if group.get("step") is not None and group["params"])
+    if len(counts) > 1:
+        raise RuntimeError(f"Adam parts disagree on the step count {sorted(counts)}; expected one")
+    return counts.pop() if counts else None
+
+
+def _loaded_step_count(adams: Sequence[torch.optim.Optimizer]) -> int | None:
+    """The count a checkpoint without "adam_steps" in its marker brought in: Megatron's
+    distributed load leaves it in the param groups (for torch's Adam too, whose parameters
+    then share a stale tensor), a non-distributed load in each parameter's state."""
+    for adam in adams:
+        for group in adam.param_groups:
+            if group.get("step") is not None and group["params"]:
+                return int(group["step"])
+    return adam_step_count(adams)
 
 
 def _allocate_distributed_adam_state(optimizer: MegatronOptimizer) -> None:
@@ -212,7 +255,8 @@ def _allocate_distributed_adam_state(optimizer: MegatronOptimizer) -> None:
 
     Reason: DistributedOptimizer.state_dict() reads Adam's step from the per-parameter state
     and asserts it holds exactly one value, which fails before the first step, i.e. on every
-    resume into a freshly built optimizer. The zeros are overwritten by the load.
+    resume into a freshly built optimizer. The zeros are overwritten by the load. (A fused
+    Adam's count is per group; Megatron's ``init_state_fn`` allocates its moments.)
     """
     for adam in _torch_adams_in_distributed_optimizer(optimizer):
         if adam.state:
@@ -224,18 +268,31 @@ def _allocate_distributed_adam_state(optimizer: MegatronOptimizer) -> None:
                                      "exp_avg_sq": torch.zeros_like(param)}
 
 
-def _restore_distributed_adam_steps(optimizer: MegatronOptimizer) -> None:
-    """Sets Adam's per-parameter step from the loaded param groups, one tensor per parameter.
+def _restore_adam_steps(adams: Sequence[torch.optim.Optimizer], count: int | None) -> None:
+    """Puts the saved step count where each loaded Adam reads it: a tensor of its own per
+    parameter (torch) or an int per param group (fused).
 
-    Reason: DistributedOptimizer.load_state_dict() puts one *shared* step tensor into every
-    parameter's state, and the dp_reshardable load then copies the pre-load step into it;
-    torch's Adam increments each parameter's step in place, so a shared tensor would also
-    advance once per parameter and every step. The saved step is in the param groups.
+    Reasons: (1) DistributedOptimizer.load_state_dict() puts one *shared* step tensor into
+    every parameter's state of a torch Adam, and the dp_reshardable load then copies the
+    pre-load step into it; torch's Adam increments each parameter's step in place, so a shared
+    tensor would advance once per parameter and every step. (2) A checkpoint written by the
+    other implementation (torch's Adam on CPU or without TE, a fused one on GPU) holds the count
+    in the other place, or as a float where Transformer Engine's kernel takes an int: a fused
+    Adam that finds no count in its groups silently restarts bias correction at step 1, and a
+    torch Adam that finds none in a parameter's state fails at its next step.
     """
-    for adam in _torch_adams_in_distributed_optimizer(optimizer):
+    if count is None:
+        return
+    for adam in adams:
         for group in adam.param_groups:
-            for param in group["params"]:
-                adam.state[param]["step"] = torch.tensor(float(group["step"]))
+            if _counts_per_parameter(adam):
+                for param in group["params"]:
+                    if adam.state.get(param):
+                        adam.state[param]["step"] = torch.tensor(float(count))
+            else:
+                group["step"] = int(count)  # every group, empty ones too (as Megatron aligns)
+                for param in group["params"]:
+                    adam.state.get(param, {}).pop("step", None)  # a torch Adam's leftover
 
 
 def _role_sharded_state_dict(model: BuiltModel, optimizer: MegatronOptimizer | None,
@@ -347,6 +404,9 @@ def save_train_state(
         "key_naming": KEY_NAMING,
         "layer_specs": {role: model.layer_spec for role, model in sorted(models.items())},
         "optimizers": {role: _optimizer_metadata(models[role]) for role in sorted(optimizers)},
+        # Where the saving job's Adam kept it is no concern of the loading job's.
+        "adam_steps": {role: adam_step_count(_inner_adams(optimizers[role]))
+                       for role in sorted(optimizers)},
         "schedulers": sorted(schedulers),
         "layout": _current_layout(),
     }
@@ -478,7 +538,12 @@ def load_train_state(
             # with fp32 weights those are views of the model's parameters (leaves needing grad).
             with torch.no_grad():
                 optimizer.load_state_dict(state["optimizer"])
-            _restore_distributed_adam_steps(optimizer)
+            adams = _inner_adams(optimizer)
+            saved_count = marker.get("adam_steps", {}).get(role)
+            # Older checkpoints have no count in the marker: the loaded groups (distributed
+            # optimizer) or parameter states (non-distributed) hold it.
+            _restore_adam_steps(adams, saved_count if saved_count is not None
+                                else _loaded_step_count(adams))
 
     if schedulers:
         scheduler_states = _load_small_file(folder, SCHEDULERS_FILE)

@@ -246,6 +246,38 @@ def _recompute_kwargs(parallel: ParallelConfig, shape: ModelShape) -> dict[str, 
                 recompute_num_layers=parallel.recompute_num_layers or 1)
 
 
+# Every batch is right-padded to a multiple of this many tokens at least: a few distinct
+# shapes (fewer kernel autotunes and allocator sizes) and whole tensor-core tiles in bf16.
+SEQUENCE_LENGTH_ALIGNMENT = 8
+# Transformer Engine's FP8 GEMMs need both dimensions of each operand divisible by 16.
+FP8_SEQUENCE_LENGTH_ALIGNMENT = 16
+
+
+def sequence_length_multiple(parallel: ParallelConfig, precision: PrecisionConfig,
+                             shape_alignment: int = SEQUENCE_LENGTH_ALIGNMENT) -> int:
+    """The multiple a batch's sequence length is padded to; the one place this is decided (the
+    rollout batch, the SFT batch and the schedule, which pads whatever reaches a model).
+
+    The least common multiple of: ``shape_alignment`` (8 for the rollout's batches: few shapes;
+    1 for what a model strictly needs); 16 when any model runs FP8 (the GEMMs' token dimension;
+    the rows go through every model, so one FP8 model sets it for the batch); the
+    tensor-parallel size under sequence parallelism (Megatron splits the sequence over the TP
+    ranks). NeMo-RL's Megatron policy worker pads by the same rules (16 for FP8, TP under
+    sequence parallelism).
+    """
+    multiple = shape_alignment
+    if precision.fp8_recipe != "off" and precision.fp8_roles:
+        multiple = math.lcm(multiple, FP8_SEQUENCE_LENGTH_ALIGNMENT)
+    if parallel.sequence_parallel:
+        multiple = math.lcm(multiple, parallel.tensor_parallel_size)
+    return multiple
+
+
+def padded_sequence_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
+    return max(1, -(-length // multiple)) * multiple
+
+
 def uses_transformer_engine(precision: PrecisionConfig, on_gpu: bool) -> bool:
     return on_gpu and precision.layer_spec == "auto"
 

@@ -26,6 +26,7 @@ from megatron_prime.models.architectures import (
     ModelShape,
     layer_spec,
     padded_vocab_size,
+    sequence_length_multiple,
     transformer_config,
     uses_transformer_engine,
 )
@@ -46,6 +47,9 @@ class BuiltModel:
     # "transformer_engine" or "local": which Megatron layer spec built the chunks; it decides
     # the module names (checkpoint/spec_names.py translates between them).
     layer_spec: str = "local"
+    # What this model's kernels need: every batch it sees is padded to a multiple of this many
+    # tokens (FP8, sequence parallelism; models/architectures.sequence_length_multiple).
+    sequence_length_multiple: int = 1
 
     @property
     def trainable(self) -> bool:
@@ -97,6 +101,7 @@ def build_model(
                                        initialize_weights, device))
     built = _wrap(chunks, role, config, shape, vocab, use_distributed_optimizer)
     built.layer_spec = "transformer_engine" if use_transformer_engine else "local"
+    built.sequence_length_multiple = sequence_length_multiple(parallel, precision, shape_alignment=1)
     return built
 
 

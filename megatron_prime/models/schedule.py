@@ -25,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from megatron_prime import distributed
+from megatron_prime.models.architectures import padded_sequence_length
 from megatron_prime.models.builder import BuiltModel
 from megatron_prime.models.logprobs import token_logprobs_and_entropy
 
@@ -115,6 +116,24 @@ class TokenBatch:
         return [self.map_tensors(lambda t, i=i: t[i:i + micro_batch_size])
                 for i in range(0, self.batch_size, micro_batch_size)]
 
+    def padded_to_length(self, length: int) -> TokenBatch:
+        """Right-pads every per-token tensor (second dimension = the sequence) with zeros to
+        ``length``: padding tokens are outside the response mask (and segment 0 in packed
+        rows), and causal attention keeps them from changing any earlier position."""
+        missing = length - self.seq_length
+        if missing < 0:
+            raise ValueError(f"cannot pad a batch of {self.seq_length} tokens to {length}")
+        if missing == 0:
+            return self
+        seq = self.seq_length
+
+        def pad(t: Tensor) -> Tensor:
+            if t.dim() < 2 or t.shape[1] != seq:
+                return t  # per-row tensors (labels, rewards)
+            return torch.cat([t, t.new_zeros(t.shape[0], missing, *t.shape[2:])], dim=1)
+
+        return self.map_tensors(pad)
+
     def padded_to_multiple(self, multiple: int) -> tuple[TokenBatch, int]:
         """Adds fully masked rows so the batch splits evenly; returns the real row count."""
         missing = -self.batch_size % multiple
@@ -170,6 +189,9 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
                   temperature: float) -> tuple[list[dict], list[Tensor]]:
     # A no-op for a batch the caller already moved (prime_update moves its batch once).
     batch = batch.to(distributed.device())
+    # A no-op for the trainer's batches (rollout/collect.py and sft.py pad them already).
+    batch = batch.padded_to_length(padded_sequence_length(batch.seq_length,
+                                                          model.sequence_length_multiple))
     micro_batches = batch.micro_batches(micro_batch_size)
     collected: list[Tensor] = []
     num_chunks = len(model.chunks)
@@ -206,16 +228,28 @@ def forward_only(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
     """Per-token log-probs and entropy for the whole batch, on every rank of the model.
 
     Used for the old policy, the reference and the PRM. The batch is padded with masked rows
-    to a multiple of ``micro_batch_size`` and trimmed back. ``temperature`` divides the logits
-    first, so the log-probs are those of the distribution the sampler drew from.
+    to a multiple of ``micro_batch_size`` (and with masked columns to the model's sequence
+    length multiple) and trimmed back. ``temperature`` divides the logits first, so the
+    log-probs are those of the distribution the sampler drew from.
     """
+    return forward_outputs(model, batch, micro_batch_size, temperature)
+
+
+def forward_outputs(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
+                    temperature: float = 1.0) -> TokenOutputs:
+    """``forward_only`` with autograd as the caller set it: the FP8 calibration (models/fp8.py)
+    needs one forward pass with autograd on, because Transformer Engine recomputes its
+    delayed scales only when it leaves an FP8 region with autograd enabled."""
     padded, real_rows = batch.padded_to_multiple(micro_batch_size)
+    padded = padded.padded_to_length(padded_sequence_length(padded.seq_length,
+                                                            model.sequence_length_multiple))
     model.eval()
     _, collected = _run_schedule(model, padded, micro_batch_size, None, forward_only=True,
                                  temperature=temperature)
     stacked = torch.cat(collected, dim=1) if collected else None  # [2, batch, seq]
     stacked = _broadcast_from_last_stage(stacked, (2, padded.batch_size, padded.seq_length))
-    return TokenOutputs(logprobs=stacked[0, :real_rows], entropy=stacked[1, :real_rows])
+    seq = batch.seq_length
+    return TokenOutputs(logprobs=stacked[0, :real_rows, :seq], entropy=stacked[1, :real_rows, :seq])
 
 
 def forward_backward(

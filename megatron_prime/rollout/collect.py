@@ -23,6 +23,7 @@ from megatron_prime.algo import AccuracyFilterConfig, accuracy_band_filter
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.data import PromptRecord, PromptSampler, render_prompt
 from megatron_prime.losses import ROLLOUT_LOGPROBS
+from megatron_prime.models.architectures import SEQUENCE_LENGTH_ALIGNMENT, padded_sequence_length
 from megatron_prime.models.schedule import TokenBatch
 from megatron_prime.rewards import RewardRegistry
 from megatron_prime.rollout.engine import RolloutEngine, SamplingConfig
@@ -102,8 +103,12 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
 
 def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenizer: Any,
                   rewards: RewardRegistry | None, sampling: SamplingConfig, config: BatchConfig,
-                  step: int, seed: int, use_chat_template: bool, pad_token_id: int) -> CollectedBatch:
+                  step: int, seed: int, use_chat_template: bool, pad_token_id: int,
+                  length_multiple: int = SEQUENCE_LENGTH_ALIGNMENT) -> CollectedBatch:
     """This replica's kept groups for one step (collective over the world).
+
+    Rows are right-padded to a multiple of ``length_multiple`` tokens
+    (models/architectures.sequence_length_multiple: 16 under FP8, TP under sequence parallelism).
 
     Every rank advances the sampler the same way; only the engine owner samples and scores,
     and the replica's other ranks receive its groups.
@@ -139,7 +144,7 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
     take = min(target, fewest_kept)
     batch_groups = kept[:take]
     metrics = _rollout_metrics(totals, round_index + 1, take * distributed.dp_world_size(), n)
-    tokens, rewards_tensor = _to_token_batch(batch_groups, pad_token_id)
+    tokens, rewards_tensor = _to_token_batch(batch_groups, pad_token_id, length_multiple)
     return CollectedBatch(tokens, rewards_tensor, metrics)
 
 
@@ -163,7 +168,8 @@ def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int
     }
 
 
-def _to_token_batch(groups: list[ScoredGroup], pad_token_id: int) -> tuple[TokenBatch, torch.Tensor]:
+def _to_token_batch(groups: list[ScoredGroup], pad_token_id: int,
+                    length_multiple: int = SEQUENCE_LENGTH_ALIGNMENT) -> tuple[TokenBatch, torch.Tensor]:
     """Right-padded prompt+response rows; the response mask marks the sampled tokens, and
     ``extras["rollout_logprobs"]`` holds the sampler's log-probs at the same positions."""
     rows = [(g.prompt_token_ids, response) for g in groups for response in g.response_token_ids]
@@ -171,8 +177,7 @@ def _to_token_batch(groups: list[ScoredGroup], pad_token_id: int) -> tuple[Token
     if not rows:
         empty = torch.zeros(0, 1, dtype=torch.long)
         return TokenBatch(empty, empty.float()), torch.zeros(0)
-    # Lengths rounded up to a multiple of 8 keep the number of distinct shapes small.
-    length = -(-max(len(p) + len(r) for p, r in rows) // 8) * 8
+    length = padded_sequence_length(max(len(p) + len(r) for p, r in rows), length_multiple)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros(len(rows), length, dtype=torch.float32)
     for row, (prompt, response) in enumerate(rows):

@@ -16,12 +16,19 @@ master weights and Adam state. On CUDA, kernels with a nondeterministic default 
 embedding's backward, cuBLAS workspaces) are switched to deterministic ones before any CUDA
 work; without that, a resumed run may differ from the uninterrupted one in the last bits for
 reasons unrelated to checkpointing.
+
+Megatron picks the Adam implementation at import: Transformer Engine's FusedAdam where TE is
+importable (else Apex's), torch's otherwise; ``adam_classes`` in the output says which ran.
+tests/test_gpu_fused_adam.py runs this worker with a fused Adam, with and without
+``--distributed-optimizer``, and with ``--layer-spec te``.
 """
 
 from __future__ import annotations
 
 import os
 
+# Transformer Engine's layers (--layer-spec te) pick deterministic kernels only when told so.
+os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
 # cuBLAS picks its workspace (and so its reduction order) per handle; a fixed workspace size
 # makes GEMMs reproducible across processes. Read when the first handle is made, so set first.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -44,8 +51,8 @@ SEED = 1234
 class DeviceTrainer(Trainer):
     """train_state_worker's trainer (one process, no distributed optimizer) at a precision."""
 
-    def __init__(self, precision: PrecisionConfig) -> None:
-        super().__init__(ParallelConfig(), False, precision)
+    def __init__(self, precision: PrecisionConfig, distributed_optimizer: bool = False) -> None:
+        super().__init__(ParallelConfig(), distributed_optimizer, precision)
 
     def load(self, folder: Path) -> int:
         return super().load(folder)[0]
@@ -69,6 +76,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--snapshot", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    # Megatron's distributed optimizer (one process: DP=1, the state in its flat buffers).
+    parser.add_argument("--distributed-optimizer", action="store_true")
+    # "te": Transformer Engine's layer spec (what a GPU run builds), not Megatron's local one.
+    parser.add_argument("--layer-spec", choices=("local", "te"), default="local")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     # warn_only: an op without a deterministic kernel warns (recorded below) instead of
@@ -78,10 +89,12 @@ def main() -> None:
     recorded = caught.__enter__()
     warnings.simplefilter("always")
     runtime = distributed.init_distributed(ParallelConfig(), seed=SEED, use_gpu=on_gpu)
-    precision = PrecisionConfig(dtype="bfloat16" if on_gpu else "float32", layer_spec="local")
-    trainer = DeviceTrainer(precision)
+    precision = PrecisionConfig(dtype="bfloat16" if on_gpu else "float32",
+                                layer_spec="auto" if args.layer_spec == "te" else "local")
+    trainer = DeviceTrainer(precision, args.distributed_optimizer)
     result: dict[str, Any] = {"device": str(runtime.device),
-                              "param_dtype": str(trainer.weights()[0].dtype)}
+                              "param_dtype": str(trainer.weights()[0].dtype),
+                              "adam_classes": trainer.adam_classes()}
     if args.mode == "train":
         first = trainer.step()
         trainer.save(args.root, 1)
@@ -94,7 +107,7 @@ def main() -> None:
         result["loaded_step"] = trainer.load(args.root / "step_00000001")
         result["resumed_losses"] = trainer.step()
         resumed = trainer.state()
-        saved_step2 = DeviceTrainer(precision)
+        saved_step2 = DeviceTrainer(precision, args.distributed_optimizer)
         saved_step2.load(args.root / "step_00000002")
         result["checks"] = {
             "resumed_weights_equal": equal(resumed["weights"], snapshot["weights"]),

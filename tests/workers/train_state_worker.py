@@ -116,7 +116,8 @@ class Trainer:
                 for chunk in self.models[role].gpt_chunks() for p in chunk.parameters()]
 
     def adam_state(self) -> list[torch.Tensor]:
-        """Every Adam tensor in order: the (fp32 main) param, both moments and the step count."""
+        """Every Adam tensor in order: the (fp32 main) param, both moments and the step count
+        (torch's Adam keeps one per parameter; a fused Adam, on GPU, one int per group)."""
         tensors = []
         for role in ROLES:
             optimizer = self.optimizers[role]
@@ -124,10 +125,18 @@ class Trainer:
                 for group in sub.optimizer.param_groups:
                     for param in group["params"]:
                         state = sub.optimizer.state[param]
+                        step = (state["step"].clone() if "step" in state
+                                else torch.tensor(float(group["step"])))
                         # clone() everything: Adam updates these tensors in place.
                         tensors += [param.detach().clone(), state["exp_avg"].clone(),
-                                    state["exp_avg_sq"].clone(), state["step"].clone()]
+                                    state["exp_avg_sq"].clone(), step]
         return tensors
+
+    def adam_classes(self) -> list[str]:
+        """The torch-level optimizer classes Megatron picked (torch's Adam, or a fused one)."""
+        return sorted({f"{type(sub.optimizer).__module__}.{type(sub.optimizer).__name__}"
+                       for optimizer in self.optimizers.values()
+                       for sub in getattr(optimizer, "chained_optimizers", [optimizer])})
 
     def lrs(self) -> list[float]:
         return [group["lr"] for role in ROLES for group in self.optimizers[role].param_groups]

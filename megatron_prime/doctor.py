@@ -398,17 +398,15 @@ def data_reward_kinds(paths: Sequence[str]) -> set[str]:
     return kinds
 
 
-def probe_sandbox() -> None:
-    """Runs a trivial program in the code sandbox; raises (RuntimeError) when it cannot."""
-    from megatron_prime.rewards.sandbox import RunStatus, SandboxConfig, run_python
+def probe_sandbox(config: PrimeConfig) -> None:
+    """The trainer's own start-up check of the code sandbox (rewards.code.sandbox), run
+    afresh; raises SandboxUnavailable (a RuntimeError) naming what is missing."""
+    from megatron_prime.rewards.sandbox import check_sandbox_available
 
-    result = run_python("print(6 * 7)", config=SandboxConfig(wall_timeout_s=30))
-    if result.status is not RunStatus.OK or result.stdout.strip() != b"42":
-        raise RuntimeError(f"a trivial program ended {result.status.value} (exit status "
-                           f"{result.returncode}): {result.stderr.strip()[-300:] or 'no output'}")
+    check_sandbox_available(config.rewards.code.sandbox, remembered=False)
 
 
-def check_sandbox(config: PrimeConfig, probe: Callable[[], None] = probe_sandbox) -> CheckResult:
+def check_sandbox(config: PrimeConfig, probe: Callable[[PrimeConfig], None] = probe_sandbox) -> CheckResult:
     """When the data holds code prompts (or cannot be read to tell), the sandbox that runs
     their tests must start on this node: otherwise the first code prompt fails mid-run."""
     name = "sandbox"
@@ -420,7 +418,7 @@ def check_sandbox(config: PrimeConfig, probe: Callable[[], None] = probe_sandbox
     except (OSError, ValueError) as error:
         why = f"data.paths could not be read to tell ({' '.join(str(error).split())[:200]})"
     try:
-        probe()
+        probe(config)
     except (RuntimeError, OSError, ValueError) as error:  # SandboxUnavailable: a RuntimeError
         return CheckResult(name, FAIL, f"{why}, but the code sandbox cannot run here: {error}")
     return CheckResult(name, PASS, f"{why}; a sandboxed test program ran")

@@ -165,15 +165,16 @@ _probed: set[tuple[str, str, str | None]] = set()
 _probe_lock = threading.Lock()
 
 
-def check_sandbox_available(config: SandboxConfig = SandboxConfig()) -> None:
+def check_sandbox_available(config: SandboxConfig = SandboxConfig(), *, remembered: bool = True) -> None:
     """Raise ``SandboxUnavailable`` (one line naming what is missing) unless a program runs.
 
     Called once at start-up, before step 1: the static checks name the usual causes, then
     one tiny program runs end to end, which catches the rest (a seccomp filter, a missing
-    mount permission, an unreachable service). A success is remembered per interpreter."""
+    mount permission, an unreachable service). A success is remembered per interpreter;
+    ``remembered=False`` checks again (megatron-prime-doctor: the environment may differ)."""
     key = (config.backend, config.python or sys.executable, config.remote_url)
     with _probe_lock:
-        if key in _probed:
+        if remembered and key in _probed:
             return
         if config.backend == "local":
             _check_local_prerequisites(config)

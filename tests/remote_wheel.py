@@ -16,6 +16,7 @@ import base64
 import hashlib
 import json
 import struct
+import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ def _get(url: str, start: int | None = None, end: int | None = None) -> bytes:
         return response.read()
 
 
+class NotOnPyPI(LookupError):
+    """PyPI answered, and has no such wheel: a wrong pin, not a network failure."""
+
+
 def wheel_url(project: str, version: str, platform_tag: str = "manylinux_2_28_x86_64") -> tuple[str, str]:
     """(URL, file name) of ``project==version``'s wheel for ``platform_tag``, from PyPI's JSON
     API: the release's own endpoint, else the project's (some mirrors serve only that).
@@ -49,14 +54,19 @@ def wheel_url(project: str, version: str, platform_tag: str = "manylinux_2_28_x8
     if cached.exists():
         url, filename = cached.read_text().split()
         return url, filename
-    errors = []
+    errors, answered = [], False
     release = f"https://pypi.org/pypi/{project}/{version}/json"
     for endpoint in (release, f"https://pypi.org/pypi/{project}/json"):
         try:
             data = json.loads(_get(endpoint))
+        except urllib.error.HTTPError as error:  # PyPI answered: no such page
+            errors.append(f"{endpoint}: HTTP {error.code}")
+            answered = True
+            continue
         except OSError as error:
             errors.append(f"{endpoint}: {error}")
             continue
+        answered = True
         files = data["urls"] if endpoint == release else data.get("releases", {}).get(version, [])
         for file in files:
             if file["filename"].endswith(f"{platform_tag}.whl"):
@@ -65,7 +75,9 @@ def wheel_url(project: str, version: str, platform_tag: str = "manylinux_2_28_x8
                 cached.write_text(f"{url} {file['filename']}")
                 return url, file["filename"]
         errors.append(f"{endpoint}: no {platform_tag} wheel for {project}=={version}")
-    raise OSError("; ".join(errors))
+    if answered:
+        raise NotOnPyPI("; ".join(errors))
+    raise OSError("; ".join(errors))  # PyPI unreachable
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,20 @@ def test_dockerfile_installs_setup_pins_in_order():
     assert text.index("${MEGATRON_CORE}\"") < text.index("COPY . ")
 
 
+def test_readme_install_order_is_the_dockerfile_pins():
+    """The README's container-less recipe names the same pins, first installed in the same
+    order (torch, vLLM, Transformer Engine, megatron-core)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## GPU clusters"):]
+    block = section[section.index("```bash"):section.index("```", section.index("```bash") + 3)]
+    quoted = [Requirement(text) for text in re.findall(r'"([^"]+)"', block) if not text.startswith(".")]
+    order = list(dict.fromkeys(as_pin(requirement) for requirement in quoted))
+    arguments = dockerfile_arguments(DOCKERFILE.read_text())
+    assert order == [as_pin(Requirement(arguments[name]))
+                     for name in ("TORCH", "VLLM", "TRANSFORMER_ENGINE", "MEGATRON_CORE")]
+    assert "--no-build-isolation" in block
+
+
 # ---- the registry against the project's source ----
 
 def test_every_vllm_name_the_source_uses_is_registered():

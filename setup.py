@@ -37,15 +37,15 @@ setup(
         #   (rollout/vllm_api.py) are the ones tested.
         # - torch==2.13.0: what that wheel's METADATA requires ("Requires-Dist:
         #   torch==2.13.0"; PyPI's 2.13.0 is the CUDA 13.0 build). pip would replace any other
-        #   torch with it, so a cluster installs this torch first (README, "On a GPU cluster").
+        #   torch with it, so a cluster installs this torch first (README, "GPU clusters").
         "vllm-gpu": ["vllm==0.32.0", "torch==2.13.0"],
-        # Transformer Engine: the range megatron-core 0.16.1 itself declares (its METADATA,
-        # extra "dev": transformer-engine[core_cu13,pytorch]>=2.9.0a0,<2.12.0); core_cu13 as
-        # torch 2.13.0 is a CUDA 13 build. transformer_engine_torch is a source package built
-        # against the installed torch: install with --no-build-isolation after torch.
+        # Transformer Engine: the range megatron-core 0.16.1 itself declares, copied as is (its
+        # METADATA, extra "dev": transformer-engine[core_cu13,pytorch]>=2.9.0a0,<2.12.0);
+        # core_cu13 as torch 2.13.0 is a CUDA 13 build. transformer_engine_torch is a source
+        # package built against the installed torch: install with --no-build-isolation after it.
         # apex is NOT on PyPI (the PyPI "apex" is an unrelated package): install it from
         # NVIDIA's source; megatron_prime uses it only when importable.
-        "gpu": ["transformer-engine[core_cu13,pytorch]>=2.9.0,<2.12.0"],
+        "gpu": ["transformer-engine[core_cu13,pytorch]>=2.9.0a0,<2.12.0"],
         "dev": ["pytest", "pytest-timeout"],
         "bench": ["trl==1.16.0", "psutil"],
     },

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_prime.rollout.vllm_api import LITERAL_KEYWORDS, VLLM_API, VllmName
+from megatron_prime.rollout.vllm_api import LITERAL_KEYWORDS, VLLM_API, WORKER, VllmName
 
 ROOT = Path(__file__).resolve().parents[1]
 # The project's own code that runs vLLM (tests/workers start real engines on a GPU).
@@ -240,8 +240,6 @@ class _ModuleScan:
             return
         current: str | None = None
         if base.id == "self" and worker_self and parts[0] not in own_members:
-            from megatron_prime.rollout.vllm_api import WORKER
-
             current = WORKER
         elif base.id == "self" and parts[0] in self.self_types:
             current, parts = self.self_types[parts[0]], parts[1:]

@@ -30,7 +30,8 @@ class VllmName:
 
     kind:
       ``callable``: a class, function or method; ``parameters`` (the names the project passes
-        by keyword, or its overrides' parameter names) must be among its parameter names (a class: its ``__init__`` or, for a dataclass or msgspec struct, its fields).
+        by keyword, or its overrides' parameter names) must be among its parameter names (a
+        class: its ``__init__`` or, for a dataclass or msgspec struct, its fields).
         A callable that passes ``**kwargs`` on names the receiver in ``forwards_to``; a
         parameter it does not name itself must then be the receiver's.
       ``attribute``: an instance attribute (set as ``self.<name>`` in a method of the class,

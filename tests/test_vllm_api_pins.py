@@ -101,6 +101,9 @@ def test_dockerfile_installs_setup_pins_in_order():
         "every pip install after torch's must repeat the torch pin"
     assert "--no-build-isolation" in installs[first["TRANSFORMER_ENGINE"]]
     assert text.index("${MEGATRON_CORE}\"") < text.index("COPY . ")
+    check = text[text.index("check_pins.py"):]
+    assert check.index('"${TORCH}" "${VLLM}" "${TRANSFORMER_ENGINE}" "${MEGATRON_CORE}"') < 200, \
+        "the build's last step checks all four pins"
 
 
 def test_readme_install_order_is_the_dockerfile_pins():
@@ -279,3 +282,21 @@ def test_pinned_cuda_wheel_requires_setup_torch_pin():
     torch = [requirement for requirement in required if requirement.name == "torch"]
     _, extras = setup_requirements()
     assert [str(r.specifier) for r in torch] == [str(pinned(extras["vllm-gpu"], "torch").specifier)]
+
+
+def test_check_pins_names_each_displaced_pin():
+    """docker/check_pins.py, the Dockerfile's last step, against this environment."""
+    import subprocess
+    import sys
+
+    script = ROOT / "docker" / "check_pins.py"
+    torch_release = version("torch").split("+")[0]  # a local build counts as its release
+    ok = subprocess.run([sys.executable, script, f"torch=={torch_release}", "megatron-core>=0.16,<0.17"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, script, "torch==2.12.0", "megatron-core>=0.16,<0.17",
+                          "no-such-distribution==1.0"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines() == [
+        f"pin displaced: torch==2.12.0: installed {version('torch')}",
+        "pin displaced: no-such-distribution==1.0: not installed"]

@@ -46,6 +46,11 @@ class NotOnPyPI(LookupError):
     """PyPI answered, and has no such wheel: a wrong pin, not a network failure."""
 
 
+class DamagedWheel(ValueError):
+    """The bytes read are not the wheel's (CRC, RECORD hash or zip structure): a failure,
+    never a reason to skip (network failures are ``OSError``)."""
+
+
 def wheel_url(project: str, version: str, platform_tag: str = "manylinux_2_28_x86_64") -> tuple[str, str]:
     """(URL, file name) of ``project==version``'s wheel for ``platform_tag``, from PyPI's JSON
     API: the release's own endpoint, else the project's (some mirrors serve only that).
@@ -105,17 +110,17 @@ class RemoteWheel:
             tail = _get(self.url, -(_END_RECORD.size + 65535))  # the end record + a max comment
             at = tail.rfind(b"PK\x05\x06")
             if at < 0:
-                raise OSError(f"{self.filename}: no zip end record in its last 64 KiB")
+                raise DamagedWheel(f"{self.filename}: no zip end record in its last 64 KiB")
             _, _, _, _, count, size, offset, _ = _END_RECORD.unpack_from(tail, at)
             if count == 0xFFFF or offset == 0xFFFFFFFF:
-                raise OSError(f"{self.filename}: a zip64 archive (not read by this test helper)")
+                raise DamagedWheel(f"{self.filename}: a zip64 archive (not read by this test helper)")
             directory = _get(self.url, offset, offset + size - 1)
             members, position = {}, 0
             for _ in range(count):
                 (signature, _, _, _, method, _, _, crc, compressed, uncompressed, name_length,
                  extra_length, comment_length, _, _, _, header_offset) = _CENTRAL.unpack_from(directory, position)
                 if signature != b"PK\x01\x02":
-                    raise OSError(f"{self.filename}: damaged central directory at byte {position}")
+                    raise DamagedWheel(f"{self.filename}: damaged central directory at byte {position}")
                 start = position + _CENTRAL.size
                 name = directory[start:start + name_length].decode()
                 members[name] = Member(name, method, crc, compressed, uncompressed, header_offset)
@@ -128,7 +133,7 @@ class RemoteWheel:
         if self._record is None:
             name = next((n for n in self._member_names() if n.endswith(".dist-info/RECORD")), None)
             if name is None:
-                raise OSError(f"{self.filename}: no .dist-info/RECORD")
+                raise DamagedWheel(f"{self.filename}: no .dist-info/RECORD")
             text = self._fetch(name).decode()
             self._record = {line.split(",")[0]: line.split(",")[1]
                             for line in text.splitlines() if line.count(",") >= 2}
@@ -153,7 +158,7 @@ class RemoteWheel:
         digest = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
         if expected != digest:
             (self.cache / name).unlink(missing_ok=True)
-            raise OSError(f"{self.filename}: {name} has {digest}, its RECORD says {expected}")
+            raise DamagedWheel(f"{self.filename}: {name} has {digest}, its RECORD says {expected}")
         return data
 
     def _fetch(self, name: str) -> bytes:
@@ -170,7 +175,7 @@ class RemoteWheel:
                     member.header_offset + _LOCAL.size + len(name.encode()) + slack + member.compressed_size - 1)
         signature, *_, name_length, extra_length = _LOCAL.unpack_from(head)
         if signature != b"PK\x03\x04":
-            raise OSError(f"{self.filename}: no local header for {name}")
+            raise DamagedWheel(f"{self.filename}: no local header for {name}")
         start = _LOCAL.size + name_length + extra_length
         if start + member.compressed_size > len(head):
             head = _get(self.url, member.header_offset, member.header_offset + start + member.compressed_size - 1)
@@ -180,9 +185,9 @@ class RemoteWheel:
         elif member.method == 0:
             data = raw
         else:
-            raise OSError(f"{self.filename}: {name} uses zip method {member.method}")
+            raise DamagedWheel(f"{self.filename}: {name} uses zip method {member.method}")
         if zlib.crc32(data) != member.crc or len(data) != member.size:
-            raise OSError(f"{self.filename}: {name} fails its CRC-32 or size check")
+            raise DamagedWheel(f"{self.filename}: {name} fails its CRC-32 or size check")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return data

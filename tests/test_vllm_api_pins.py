@@ -209,6 +209,7 @@ def _signature_problems(entry: VllmName) -> list[str]:
     return [f"{entry.key}: no parameter {name!r}" for name in missing]
 
 
+@pytest.mark.slow  # importing vLLM's modules: 20-45 s on a loaded 2-core machine
 def test_installed_vllm_has_every_registered_name():
     assert installed_problems(VLLM_API) == []
 
@@ -230,6 +231,7 @@ def _mutations() -> tuple[VllmName, ...]:
     )
 
 
+@pytest.mark.slow  # imports vLLM (free after the test above)
 def test_installed_check_rejects_each_wrong_entry():
     for wrong in _mutations():
         assert len(installed_problems((wrong,))) == 1, wrong
@@ -254,7 +256,10 @@ def wheel_source(wheel: remote_wheel.RemoteWheel):
     def source(module: str) -> ast.Module | None:
         for path in vllm_source.module_path_candidates(module):
             if wheel.has(path):
-                return ast.parse(wheel.read(path), path)
+                try:
+                    return ast.parse(wheel.read(path), path)
+                except OSError as error:  # the network went away mid-test
+                    pytest.skip(f"{wheel.filename}: {path} could not be read from PyPI: {error}")
         return None
     return source
 

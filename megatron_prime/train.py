@@ -50,6 +50,7 @@ from megatron_prime.data import DataConfig, PromptSampler, load_prompts
 from megatron_prime.models.builder import BuiltModel, move_to
 from megatron_prime.models.optimizer import build_optimizer
 from megatron_prime.monitor import LoggingConfig, RunLogger
+from megatron_prime.rewards import RewardsConfig
 from megatron_prime.rollout.bridge import BridgeConfig, WeightBridge
 from megatron_prime.rollout.collect import (
     BatchConfig,
@@ -139,6 +140,8 @@ class PrimeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Outcome verifiers: rewards.math.num_workers checker processes, time limits, ...
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
     def validate(self) -> None:
         require(self.rollout.sampling.n == self.algo.num_samples_per_prompt, "rollout.sampling.n",
@@ -332,7 +335,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     # A new engine holds dummy weights and a KV cache: it sleeps until the first sync, as
     # verl's hybrid engine does after building its rollout.
     bridge.release_engine()
-    rewards = RewardRegistry() if engine is not None else None
+    rewards = RewardRegistry(config=config.rewards) if engine is not None else None
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logger = RunLogger(config.logging, config.trainer.steps, start_step, config_to_dict(config),
                        is_logging_rank, wandb_run_id=wandb_run_id)

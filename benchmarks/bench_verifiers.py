@@ -65,6 +65,18 @@ CODE_SOLUTIONS = [
 ]
 
 
+def start_workers(verifier: MathVerifier, num_workers: int) -> None:
+    """Score right answers until all come back right: every worker is then up. (A worker
+    still importing sympy when its first answer's limit ran out scored it 0 and was
+    replaced, on the old code, by another one starting from scratch.)"""
+    responses = [f"\\boxed{{{answer}}}" for answer, _ in MATH_ANSWERS][:num_workers] * 2
+    truths = [truth for _, truth in MATH_ANSWERS][:num_workers] * 2
+    for _ in range(20):
+        if verifier.score_batch(responses, truths) == [1.0] * len(responses):
+            return
+    raise RuntimeError(f"the math workers did not start answering right: {verifier.score_batch(responses, truths)}")
+
+
 def bench_math(num_responses: int, num_workers: int) -> float:
     """Responses per second on honest answers, half of them right."""
     rng = random.Random(0)
@@ -76,7 +88,7 @@ def bench_math(num_responses: int, num_workers: int) -> float:
         responses.append(f"{REASONING}[OUTPUT] The answer is $\\boxed{{{answer}}}$.")
         truths.append(truth)
     with MathVerifier(MathVerifierConfig(num_workers=num_workers)) as verifier:
-        verifier.score_batch(responses[:num_workers * 2], truths[:num_workers * 2])  # start workers
+        start_workers(verifier, num_workers)
         started = time.perf_counter()
         verifier.score_batch(responses, truths)
         return num_responses / (time.perf_counter() - started)
@@ -99,8 +111,7 @@ def bench_math_hostile(batch_size: int, batches: int, num_workers: int) -> dict[
     latencies, honest_right = [], 0
     with MathVerifier(MathVerifierConfig(num_workers=num_workers)) as verifier:
         registry = RewardRegistry(math=verifier)
-        warm = [responses[i] for i in honest[:num_workers * 2]]
-        registry.score_batch(warm, ["0"] * len(warm), ["math"] * len(warm), [None] * len(warm))  # start workers
+        start_workers(verifier, num_workers)
         for _ in range(batches):
             started = time.perf_counter()
             scores = registry.score_batch(responses, **columns)
@@ -184,7 +195,7 @@ def main() -> None:
     before = run_baseline(args.baseline, argv) if args.baseline else None
     after = measure(args)
     honest_total = after["math_hostile_honest_right"]
-    header = f"{'':50s} {'before':>10s} {'after':>10s} {'after/before':>13s}" if before else f"{'':50s} {'value':>10s}"
+    header = f"{'':58s} {'before':>10s} {'after':>10s} {'after/before':>13s}" if before else f"{'':58s} {'value':>10s}"
     print(f"after: {Path(megatron_prime.__file__).parent.parent}"
           + (f"; before: {Path(args.baseline).resolve()}" if before else ""))
     print(header)
@@ -195,7 +206,7 @@ def main() -> None:
             label = f"{label} (of {honest_total})"
         cells = [after.get(key)] if before is None else [before.get(key), after.get(key)]
         text = [form.format(v) if v is not None else "n/a" for v in cells]
-        line = f"{label:50s} " + " ".join(f"{t:>10s}" for t in text)
+        line = f"{label:58s} " + " ".join(f"{t:>10s}" for t in text)
         if before is not None and before.get(key) and after.get(key) is not None:
             line += f" {after[key] / before[key]:>12.2f}x"
         print(line)

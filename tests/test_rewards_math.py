@@ -270,3 +270,19 @@ def test_unicode_digits_and_spaces_are_normalised(verifier, answer, ground_truth
 @pytest.mark.parametrize("answer,ground_truth", [("٤", "3"), ("x²", "x2"), ("x²", "2x"), ("３３", "3")])
 def test_unicode_normalisation_keeps_wrong_answers_wrong(verifier, answer, ground_truth):
     assert verifier.score(f"\\boxed{{{answer}}}", ground_truth) == 0.0
+
+
+def test_checks_run_in_a_child_the_kernel_kills_first_under_memory_pressure():
+    import subprocess
+
+    from megatron_prime.rewards.math_verifier import _Worker
+
+    worker = _Worker()
+    try:
+        request = {"gold": "4", "timeout_s": 5.0, "kill_grace_s": 1.0, "float_rounding": 6, "max_answer_chars": 64}
+        assert worker.check({**request, "response": "\\boxed{4}"}, 60.0) is True
+        children = subprocess.run(["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True)
+        (child,) = children.stdout.split()
+        assert open(f"/proc/{child}/oom_score_adj").read().strip() == "1000"
+    finally:
+        worker.close()

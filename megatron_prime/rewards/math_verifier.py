@@ -42,8 +42,8 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 # answer's time limit starts once it says it is ready.
 _WORKER_START_TIMEOUT_S = 120.0
 _READY = "ready"
-# A worker answers by timeout + kill grace (it kills a stuck check itself); beyond this
-# margin more the worker itself is presumed stuck and replaced.
+# A worker answers by timeout + kill grace (it kills a stuck check itself); one that has not
+# answered this much later is presumed stuck itself and is replaced.
 _WORKER_REPLY_GRACE_S = 2.0
 
 
@@ -66,8 +66,8 @@ class MathVerifierConfig:
     # other answers wait for a free worker, so a batch costs about one time limit, not one
     # per pathological answer.
     num_workers: int = 4
-    # A check stuck in C code ignores the in-worker alarm; the worker is killed after
-    # timeout_s + kill_grace_s and replaced.
+    # A check stuck in C code ignores the in-worker alarm; the worker's checking child is
+    # killed after timeout_s + kill_grace_s and replaced by a fresh fork.
     kill_grace_s: float = 1.0
     # A boxed answer longer than this scores 0 unparsed: ground truths are short, and only
     # this many characters after the last box command are sent to a worker at all.
@@ -425,6 +425,11 @@ class _CheckerChild:
             os.close(self._request_write)
             os.close(self._verdict_read)
             try:
+                _die_with_parent()
+                # Under memory pressure the kernel kills a checker (the answer scores 0), never
+                # the trainer; raising one's own score needs no privilege.
+                with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+                    adj.write("1000")
                 with open(request_read) as requests:
                     for line in requests:
                         try:
@@ -436,11 +441,13 @@ class _CheckerChild:
                 os._exit(0)
         os.close(request_read)
         os.close(verdict_write)
+        self._requests = open(self._request_write, "w")  # noqa: SIM115 - closed in kill()
 
     def check(self, request_line: str, deadline_s: float) -> bool | None:
         """The child's verdict, or None if it missed ``deadline_s``."""
         try:
-            os.write(self._request_write, request_line.encode())
+            self._requests.write(request_line)
+            self._requests.flush()
         except BrokenPipeError:
             return None
         ready, _, _ = select.select([self._verdict_read], [], [], deadline_s)
@@ -451,8 +458,18 @@ class _CheckerChild:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
-        os.close(self._request_write)
+        with contextlib.suppress(OSError):
+            self._requests.close()
         os.close(self._verdict_read)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the worker that forked it dies (Linux prctl
+    PR_SET_PDEATHSIG): a check stuck in C code must not outlive a worker the caller killed."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

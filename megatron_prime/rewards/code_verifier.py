@@ -92,15 +92,17 @@ def stdout_matches(actual: str, expected: str | list[str]) -> bool:
 
 
 def tokens_match(actual: str, expected: str) -> bool:
-    """One output token against the expected one; the expected token decides the rule.
+    """One output token against the expected one: identical text matches; otherwise the
+    expected token decides the rule.
 
     - an integer (``-12``, ``007``): the actual token must be an integer of the same value,
       compared exactly at any size. No tolerance: ``1234568`` is not ``1234567``.
     - a float (has a ``.`` or an exponent: ``0.5``, ``1e-3``): the actual token must be a
-      decimal number (``5`` for ``5.0`` is fine) within ``_FLOAT_TOLERANCE`` absolute or relative of it, the rule of
-      judges that say "absolute or relative error at most 1e-6". A value that is not finite
-      (``1e999`` overflows to inf) equals nothing, so it cannot stand for a huge integer.
-    - anything else (``YES``, ``inf``, ``abc``): the same text.
+      decimal number (``5`` for ``5.0`` is fine) within ``_FLOAT_TOLERANCE`` absolute or
+      relative of it, the rule of judges that say "absolute or relative error at most 1e-6".
+      A value that is not finite (``1e999`` overflows to inf) equals no number, so it cannot
+      stand for a huge integer.
+    - anything else (``YES``, ``inf``, ``abc``): only the same text.
 
     Only ASCII digits count; Python's ``float`` also reads ``1_0``, ``infinity`` and Unicode
     digits, none of which a judge would accept as a number.

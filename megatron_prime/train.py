@@ -50,8 +50,8 @@ from megatron_prime.data import DataConfig, PromptSampler, load_prompts
 from megatron_prime.models.architectures import sequence_length_multiple
 from megatron_prime.models.builder import BuiltModel, move_to
 from megatron_prime.models.optimizer import build_optimizer
-from megatron_prime.rewards.code_verifier import CodeVerifierConfig
 from megatron_prime.monitor import LoggingConfig, RunLogger
+from megatron_prime.rewards import RewardsConfig
 from megatron_prime.rollout.bridge import BridgeConfig, WeightBridge
 from megatron_prime.rollout.collect import (
     BatchConfig,
@@ -103,16 +103,6 @@ class RolloutSettings:
 
 
 @dataclass
-class RewardsConfig:
-    """Outcome rewards. ``code.sandbox.backend``: "local" runs code tests in namespaces on this
-    node (as root, or as an unprivileged user through user namespaces); "remote" sends them to
-    the SandboxFusion-style service at ``code.sandbox.remote_url``, for clusters that allow
-    neither (rewards/sandbox.py)."""
-
-    code: CodeVerifierConfig = field(default_factory=CodeVerifierConfig)
-
-
-@dataclass
 class TrainerConfig:
     steps: int = 100
     seed: int = 1234
@@ -143,7 +133,6 @@ class PrimeConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     # Held-out greedy pass@1 during training (val/accuracy).
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     # PRIME.md: policy lr 5e-7, PRM lr 1e-6, constant, grad clip 1.0, no weight decay.
@@ -152,6 +141,11 @@ class PrimeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Outcome verifiers: rewards.math.num_workers checker processes, time limits; the code
+    # sandbox at rewards.code.sandbox: backend "local" (namespaces on this node, as root or
+    # as an unprivileged user) or "remote" (a SandboxFusion-style service at remote_url, for
+    # clusters that allow neither; rewards/sandbox.py).
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
     def validate(self) -> None:
         require(self.rollout.sampling.n == self.algo.num_samples_per_prompt, "rollout.sampling.n",
@@ -360,8 +354,9 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     # verl's hybrid engine does after building its rollout.
     bridge.release_engine()
     rewards = None
-    if engine is not None:
-        rewards = RewardRegistry(code=CodeVerifier(config.rewards.code) if needs_code else None)
+    if engine is not None:  # code verifier built now when code prompts exist (checked above)
+        rewards = RewardRegistry(code=CodeVerifier(config.rewards.code) if needs_code else None,
+                                 config=config.rewards)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logger = RunLogger(config.logging, config.trainer.steps, start_step, config_to_dict(config),
                        is_logging_rank, wandb_run_id=wandb_run_id, covered_record=covered_record)

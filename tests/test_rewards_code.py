@@ -95,6 +95,46 @@ def test_batch_runs_concurrently_and_keeps_order(verifiers):
     assert fraction.score_batch(responses, [SUM_TESTS] * 5) == [1.0, 0.75, 0.25, 0.0, 1.0]
 
 
+BIG = "1" + "0" * 400  # beyond float range and beyond int()'s 4,300-digit limit at 10x
+
+
+@pytest.mark.parametrize(
+    "actual,expected",
+    [
+        ("1234568", "1234567"),  # within rel 1e-6 of each other: the old float check passed these
+        ("1000000008", "1000000007"),
+        ("-1234568", "-1234567"),
+        ("1e999", BIG),  # both inf as floats
+        ("1e999", "1e308"),  # non-finite never equals
+        ("nan", "0.5"),
+        ("5.0", "5"),  # an integer answer must be printed as one
+        ("1_0", "10.0"),  # Python's float() reads it, a judge does not
+        ("٣", "3"),  # only ASCII digits are numbers in program output
+        (BIG[:-1] + "1", BIG),
+        ("1 2", "1 2 0"),
+    ],
+)
+def test_wrong_outputs_fail(actual, expected):
+    assert not stdout_matches(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "actual,expected",
+    [
+        ("0.3333333", "0.33333333"),  # 3.3e-9 apart: a float token, within 1e-6
+        ("5", "5.0"),  # the expected token is a float: the integer 5 is within tolerance
+        ("2.0000004e3", "2000.0"),  # relative 2e-10
+        (BIG, BIG),
+        ("0" + BIG * 12, BIG * 12),  # 4,801 digits: equal as Python ints, no int() limit
+        ("-0", "0"),
+        ("+7\n", "7"),
+        ("YES\n1 2\n", "YES 1 2"),
+    ],
+)
+def test_right_outputs_pass(actual, expected):
+    assert stdout_matches(actual, expected)
+
+
 def test_malformed_tests_and_config_are_errors():
     with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
         CodeTestCases.parse({"inputs": ["1", "2"], "outputs": ["1"]})
@@ -144,3 +184,62 @@ def test_registry_scores_a_mixed_batch(verifiers):
         assert scores == [1.0, 1.0, 0.0, 0.75]
         with pytest.raises(ValueError, match="unknown ability 'poetry'"):
             registry.score_batch(["x"], ["y"], ["poetry"], ["z"])
+
+
+# A call-mode program that returns a list nested 100,000 deep: the host's json.loads of its
+# result raised RecursionError, which escaped score_batch into the trainer.
+DEEP_RESULT = "def solve(x):\n    r = []\n    for _ in range(100000):\n        r = [r]\n    return r\n"
+# Forges the result on fd 1 after the call marker instead, then exits before the harness does.
+FORGED_RESULT = (
+    "import os, sys\n"
+    "def solve(x):\n"
+    "    os.write(1, b'\\n__SANDBOX_CALL_RESULT__' + b'[' * 100000 + b']' * 100000)\n"
+    "    os._exit(0)\n"
+)
+
+
+@needs_root
+def test_a_response_whose_scoring_raises_scores_zero_and_spares_its_neighbours(verifiers):
+    fraction, _ = verifiers
+    call_tests = {"fn_name": "solve", "inputs": [[1], [2]], "outputs": [[1], [2]]}
+    honest = "def solve(x):\n    return x\n"
+    with MathVerifier() as math_verifier:
+        registry = RewardRegistry(math=math_verifier, code=fraction)
+        scores = registry.score_batch(
+            responses=[fenced(honest), fenced(DEEP_RESULT), "\\boxed{\\frac12}", fenced(FORGED_RESULT),
+                       fenced(ADD)],
+            ground_truths=[call_tests, call_tests, "0.5", call_tests, SUM_TESTS],
+            abilities=["code", "code", "math", "code", "code"],
+            data_sources=["taco"] * 5,
+        )
+    assert scores == [1.0, 0.0, 1.0, 0.0, 1.0]
+    # Reward 0 either way; where the sandbox's parse still raises, the reason is recorded.
+    failed = {failure.index: failure for failure in registry.last_failures}
+    assert set(failed) <= {1, 3}
+    for failure in failed.values():
+        assert failure.kind == "code" and failure.reason.startswith("RecursionError")
+        assert len(failure.reason) < 300
+    assert sum(registry.failure_counts.values()) == len(failed)
+
+
+@needs_root
+def test_registry_turns_any_scoring_error_into_reward_zero(verifiers, caplog):
+    """Malformed code tests make CodeTestCases.parse raise ValueError, and a ground truth
+    nested 100,000 deep makes its json.loads raise RecursionError, both before any sandbox
+    runs; each scores 0 with a logged reason, the rest 1.0."""
+    fraction, _ = verifiers
+    deep = '{"inputs": ' + "[" * 100_000 + "]" * 100_000 + ', "outputs": []}'
+    with MathVerifier() as math_verifier:
+        registry = RewardRegistry(math=math_verifier, code=fraction)
+        with caplog.at_level("WARNING", logger="megatron_prime.rewards.registry"):
+            scores = registry.score_batch(
+                ["\\boxed{2}", fenced(ADD), "\\boxed{3}", fenced(ADD)],
+                ["2", deep, "3", {"inputs": ["1"], "outputs": []}],
+                ["math", "code", "math", "code"],
+                [None] * 4,
+            )
+    assert scores == [1.0, 0.0, 1.0, 0.0]
+    assert [(f.index, f.kind, f.reason.split(":")[0]) for f in registry.last_failures] == [
+        (1, "code", "RecursionError"), (3, "code", "ValueError")]
+    assert registry.failure_counts == {"code/RecursionError": 1, "code/ValueError": 1}
+    assert "reward 0 for response 1 (code): its scoring raised RecursionError" in caplog.text

@@ -3,6 +3,7 @@
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,10 +172,117 @@ def test_checker_process_survives_slurm_preemption_signal():
 
     worker = _Worker()
     try:
-        assert worker.check("\\boxed{4}", "4", 6, 5.0, 60.0) is True  # up and answering
+        request = {"gold": "4", "timeout_s": 5.0, "kill_grace_s": 1.0, "float_rounding": 6, "max_answer_chars": 64}
+        assert worker.check({**request, "response": "\\boxed{4}"}, 60.0) is True  # up and answering
         worker.process.send_signal(signal.SIGUSR1)
         time.sleep(0.2)
         assert worker.process.poll() is None
-        assert worker.check("\\boxed{5}", "4", 6, 5.0, 60.0) is False
+        assert worker.check({**request, "response": "\\boxed{5}"}, 60.0) is False
+    finally:
+        worker.close()
+
+
+EXAMPLE_CONFIG = str(Path(__file__).parents[1] / "examples" / "eurus2_7b_prime.yaml")
+# The adversarial probe's answer: a 5 MB box that never closes. On the old code scanning it
+# took 2.7 s in the caller's thread, outside any limit, and the whole check 11.9 s against
+# a 5 + 1 s limit.
+HUGE_BOX = "[OUTPUT] \\boxed{" + "\\{" * 2_500_000
+# sympy evaluating it sits in C code, where only killing the check stops it.
+TOWER = "\\boxed{10^{10^{10^{10}}}}"
+
+
+def test_a_5mb_box_is_checked_within_the_time_limit():
+    config = MathVerifierConfig(timeout_s=1.0, kill_grace_s=0.5, num_workers=1)
+    with MathVerifier(config) as verifier:
+        verifier.score("\\boxed{3}", "3")  # start the worker
+        started = time.monotonic()
+        assert verifier.score(HUGE_BOX, "3") == 0.0
+        assert time.monotonic() - started < config.timeout_s + 2.0
+        # a right answer after a huge box of text is still found and checked
+        assert verifier.score("x" * 5_000_000 + "\\boxed{3}", "3") == 1.0
+
+
+def test_an_answer_longer_than_the_cap_scores_zero_unparsed():
+    sum_of_ten_ones = "\\boxed{" + "+".join(["1"] * 10) + "}"  # a 19-character answer equal to 10
+    with MathVerifier(MathVerifierConfig(max_answer_chars=18, num_workers=1)) as capped:
+        assert capped.score(sum_of_ten_ones, "10") == 0.0
+        assert not capped.is_equivalent("+".join(["1"] * 10), "10")
+    with MathVerifier(MathVerifierConfig(max_answer_chars=19, num_workers=1)) as roomy:
+        assert roomy.score(sum_of_ten_ones, "10") == 1.0
+
+
+def test_pathological_answers_run_side_by_side_and_spare_their_neighbours():
+    """Four answers stuck in C code and four honest ones, on rewards.math.num_workers=4
+    workers: the batch costs about one time limit, not four (old code, one worker: ~4 x 6 s),
+    and the honest answers queued behind them score 1.0 (old code, 4 workers: they went to
+    freshly started workers still importing sympy, missed their limit and scored 0)."""
+    from megatron_prime.config import load_config
+    from megatron_prime.rewards import RewardRegistry
+    from megatron_prime.train import PrimeConfig
+
+    overrides = ["rewards.math.num_workers=4", "rewards.math.timeout_s=1.5", "rewards.math.kill_grace_s=0.5"]
+    rewards = load_config(PrimeConfig, EXAMPLE_CONFIG, overrides).rewards
+    config = rewards.math
+    registry = RewardRegistry(config=rewards)
+    with registry.math:
+        responses = [TOWER] * 4 + ["\\boxed{\\frac12}", "\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{2/4}"]
+        batch = dict(ground_truths=["0.5"] * 8, abilities=["math"] * 8, data_sources=[None] * 8)
+        assert registry.score_batch(responses[4:], **{k: v[4:] for k, v in batch.items()}) == [1.0] * 4  # start
+        started = time.monotonic()
+        assert registry.score_batch(responses, **batch) == [0.0] * 4 + [1.0] * 4
+        elapsed = time.monotonic() - started
+    one_limit = config.timeout_s + config.kill_grace_s
+    assert elapsed < one_limit + 2.5, f"{elapsed:.1f} s for a batch of 4 pathological answers"
+    assert registry.last_failures == []
+
+
+def test_rewards_math_config_sizes_the_pool_and_names_its_keys():
+    from megatron_prime.config import load_config
+    from megatron_prime.rewards import RewardRegistry
+    from megatron_prime.train import PrimeConfig
+
+    rewards = load_config(PrimeConfig, EXAMPLE_CONFIG, ["rewards.math.num_workers=3"]).rewards
+    assert RewardRegistry(config=rewards).math.config.num_workers == 3
+    with pytest.raises(ValueError, match=r"rewards\.math\.num_workers=0"):
+        load_config(PrimeConfig, EXAMPLE_CONFIG, ["rewards.math.num_workers=0"])
+
+
+@pytest.mark.parametrize(
+    "answer,ground_truth",
+    [
+        ("３", "3"),  # full-width
+        ("٣", "3"),  # Arabic-Indic
+        ("३", "3"),  # Devanagari
+        ("𝟑", "3"),  # mathematical bold
+        ("１２", "12"),
+        ("3", "３"),  # a ground truth written in full-width digits
+        ("\\frac{１}{２}", "0.5"),
+        ("x²", "x^2"),  # NFKC alone would make this x2
+        ("10⁻³", "0.001"),
+        ("x\u00a0=\u30003", "3"),  # no-break and ideographic spaces
+        ("\\frac{1}{2}\u2003", "0.5"),  # em space
+    ],
+)
+def test_unicode_digits_and_spaces_are_normalised(verifier, answer, ground_truth):
+    assert verifier.score(f"\\boxed{{{answer}}}", ground_truth) == 1.0
+
+
+@pytest.mark.parametrize("answer,ground_truth", [("٤", "3"), ("x²", "x2"), ("x²", "2x"), ("３３", "3")])
+def test_unicode_normalisation_keeps_wrong_answers_wrong(verifier, answer, ground_truth):
+    assert verifier.score(f"\\boxed{{{answer}}}", ground_truth) == 0.0
+
+
+def test_checks_run_in_a_child_the_kernel_kills_first_under_memory_pressure():
+    import subprocess
+
+    from megatron_prime.rewards.math_verifier import _Worker
+
+    worker = _Worker()
+    try:
+        request = {"gold": "4", "timeout_s": 5.0, "kill_grace_s": 1.0, "float_rounding": 6, "max_answer_chars": 64}
+        assert worker.check({**request, "response": "\\boxed{4}"}, 60.0) is True
+        children = subprocess.run(["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True)
+        (child,) = children.stdout.split()
+        assert open(f"/proc/{child}/oom_score_adj").read().strip() == "1000"
     finally:
         worker.close()

@@ -8,7 +8,7 @@ from megatron_prime.rewards.code_verifier import (
     stdout_matches,
 )
 from megatron_prime.rewards.math_verifier import MathVerifier, MathVerifierConfig, extract_last_boxed
-from megatron_prime.rewards.registry import RewardRegistry, reward_kind
+from megatron_prime.rewards.registry import RewardRegistry, RewardsConfig, ScoringFailure, reward_kind
 from megatron_prime.rewards.sandbox import (
     RunResult,
     RunStatus,
@@ -24,6 +24,8 @@ __all__ = [
     "MathVerifier",
     "MathVerifierConfig",
     "RewardRegistry",
+    "RewardsConfig",
+    "ScoringFailure",
     "RunResult",
     "RunStatus",
     "SandboxConfig",

@@ -26,8 +26,11 @@ RewardMode = Literal["fraction", "all_or_nothing"]
 REWARD_MODES: tuple[str, ...] = ("fraction", "all_or_nothing")
 
 _PYTHON_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
-# Competitive-programming checkers accept float answers within this tolerance.
+# Judges accept a float answer within this absolute or relative error (integers: none).
 _FLOAT_TOLERANCE = 1e-6
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+# A decimal number written as a float: a point or an exponent (ASCII digits only).
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -74,28 +77,62 @@ def extract_last_python_block(text: str) -> str | None:
 
 
 def stdout_matches(actual: str, expected: str | list[str]) -> bool:
-    """Line-by-line comparison that ignores trailing spaces and blank lines at the ends;
-    failing that, token by token with numbers equal within 1e-6 (as judges accept floats)."""
+    """Whether a program's stdout is the expected output, compared token by token.
+
+    Both are split on whitespace (so line breaks, trailing spaces and blank lines do not
+    matter) and each pair of tokens must match (``tokens_match``): integers exactly, floats
+    within 1e-6 only where the expected token is written as a float, anything else as text.
+    """
     if isinstance(expected, list):
         expected = "\n".join(str(line) for line in expected)
-    actual_lines = [line.rstrip() for line in actual.strip().splitlines()]
-    expected_lines = [line.rstrip() for line in str(expected).strip().splitlines()]
-    if actual_lines == expected_lines:
-        return True
     actual_tokens, expected_tokens = actual.split(), str(expected).split()
     if len(actual_tokens) != len(expected_tokens):
         return False
-    return all(_tokens_match(a, e) for a, e in zip(actual_tokens, expected_tokens))
+    return all(tokens_match(a, e) for a, e in zip(actual_tokens, expected_tokens))
 
 
-def _tokens_match(actual: str, expected: str) -> bool:
+def tokens_match(actual: str, expected: str) -> bool:
+    """One output token against the expected one: identical text matches; otherwise the
+    expected token decides the rule.
+
+    - an integer (``-12``, ``007``): the actual token must be an integer of the same value,
+      compared exactly at any size. No tolerance: ``1234568`` is not ``1234567``.
+    - a float (has a ``.`` or an exponent: ``0.5``, ``1e-3``): the actual token must be a
+      decimal number (``5`` for ``5.0`` is fine) within ``_FLOAT_TOLERANCE`` absolute or
+      relative of it, the rule of judges that say "absolute or relative error at most 1e-6".
+      A value that is not finite (``1e999`` overflows to inf) equals no number, so it cannot
+      stand for a huge integer.
+    - anything else (``YES``, ``inf``, ``abc``): only the same text.
+
+    Only ASCII digits count; Python's ``float`` also reads ``1_0``, ``infinity`` and Unicode
+    digits, none of which a judge would accept as a number.
+
+    This is deliberately stricter than PRIME's own checker (``testing_util.py`` in
+    PRIME-RL/PRIME, under ``training/verl/utils/reward_score/``). It compares stdout line by
+    line and, unless every line of both sides is made of digits only, turns each line into a
+    float and accepts ``np.allclose`` (relative 1e-5): an answer whose lines include a negative
+    number or a decimal accepts ``1234568`` for ``1234567`` and ``1000000008`` for
+    ``1000000007``, and a ``1e999`` line equals any integer beyond float range (inf == inf).
+    Rewarding such off-by-one answers in RL teaches them.
+    """
     if actual == expected:
         return True
-    try:
+    if _INTEGER.fullmatch(expected):
+        return _INTEGER.fullmatch(actual) is not None and _canonical_integer(actual) == _canonical_integer(expected)
+    if _FLOAT.fullmatch(expected) and (_FLOAT.fullmatch(actual) or _INTEGER.fullmatch(actual)):
         a, e = float(actual), float(expected)
-    except ValueError:
-        return False
-    return math.isclose(a, e, rel_tol=_FLOAT_TOLERANCE, abs_tol=_FLOAT_TOLERANCE)
+        if not (math.isfinite(a) and math.isfinite(e)):
+            return False
+        return math.isclose(a, e, rel_tol=_FLOAT_TOLERANCE, abs_tol=_FLOAT_TOLERANCE)
+    return False
+
+
+def _canonical_integer(token: str) -> str:
+    """Sign and digits without leading zeros: equal strings iff equal Python ints, with no
+    ``int()`` call (which refuses more than 4,300 digits and is quadratic in the length)."""
+    negative = token.startswith("-")
+    digits = token.lstrip("+-").lstrip("0") or "0"
+    return f"-{digits}" if negative and digits != "0" else digits
 
 
 def call_result_matches(actual: Any, expected: Any) -> bool:

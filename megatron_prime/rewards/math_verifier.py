@@ -5,6 +5,13 @@ The prompt asks the model to "present the answer in LaTeX format: \\boxed{Your a
 the answer is what the *last* box holds; a response without a box scores 0. Equivalence is
 delegated to math-verify, which knows fractions, decimals, intervals, sets, percentages,
 units, ``x = 3`` vs ``3`` and LaTeX vs plain forms, instead of a home-made normaliser.
+
+The response is the policy's and may be hostile (a 5 MB box of ``\\{`` that takes seconds
+to scan and minutes to parse). Every stage of one answer's check (box extraction, Unicode
+normalisation, parsing, comparison) runs in a worker process under one time limit, and the
+worker is killed if it overruns; the caller only finds where the last box starts (``rfind``,
+C speed) and sends at most ``max_answer_chars`` from there. ``num_workers`` processes check
+answers side by side, so a few pathological answers cost a batch about one time limit.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import queue
 import re
 import select
@@ -21,14 +29,22 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from math_verify import parse, verify
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+# A worker imports sympy and math-verify before it answers: seconds on a busy node. Its first
+# answer's time limit starts once it says it is ready.
+_WORKER_START_TIMEOUT_S = 120.0
+_READY = "ready"
+# A worker answers by timeout + kill grace (it kills a stuck check itself); one that has not
+# answered this much later is presumed stuck itself and is replaced.
+_WORKER_REPLY_GRACE_S = 2.0
 
 
 class AnswerTimeout(Exception):
@@ -39,26 +55,36 @@ class AnswerTimeout(Exception):
 class MathVerifierConfig:
     """Per-answer limits of the math verifier."""
 
-    # Wall-clock limit for parsing + comparing one answer; sympy can take minutes on a
-    # pathological expression, and one answer must not stall a whole rollout batch.
+    # Wall-clock limit for one answer's whole check (box extraction, normalisation, parsing,
+    # comparison); sympy can take minutes on a pathological expression, and one answer must
+    # not stall a whole rollout batch.
     timeout_s: float = 5.0
     # math-verify compares numbers after rounding to this many decimal places.
     float_rounding: int = 6
-    num_workers: int = 1  # checker processes (each answer is checked in one of them)
-    # A check stuck in C code ignores the in-worker alarm; the worker is killed after
-    # timeout_s + kill_grace_s and replaced.
+    # Checker processes, started as answers need them (~0.1 GB of memory each): this many
+    # pathological answers can run out their time limits side by side while the batch's
+    # other answers wait for a free worker, so a batch costs about one time limit, not one
+    # per pathological answer.
+    num_workers: int = 4
+    # A check stuck in C code ignores the in-worker alarm; the worker's checking child is
+    # killed after timeout_s + kill_grace_s and replaced by a fresh fork.
     kill_grace_s: float = 1.0
+    # A boxed answer longer than this scores 0 unparsed: ground truths are short, and only
+    # this many characters after the last box command are sent to a worker at all.
+    max_answer_chars: int = 4096
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
-            raise ValueError(f"MathVerifierConfig.timeout_s={self.timeout_s} is not allowed; need a value > 0")
+            raise ValueError(f"rewards.math.timeout_s={self.timeout_s} is not allowed; need a value > 0")
         if self.num_workers < 1:
-            raise ValueError(f"MathVerifierConfig.num_workers={self.num_workers} is not allowed; need a value >= 1")
+            raise ValueError(f"rewards.math.num_workers={self.num_workers} is not allowed; need a value >= 1")
         if self.kill_grace_s < 0:
-            raise ValueError(f"MathVerifierConfig.kill_grace_s={self.kill_grace_s} is not allowed; need a value >= 0")
+            raise ValueError(f"rewards.math.kill_grace_s={self.kill_grace_s} is not allowed; need a value >= 0")
         if self.float_rounding < 0:
+            raise ValueError(f"rewards.math.float_rounding={self.float_rounding} is not allowed; need a value >= 0")
+        if self.max_answer_chars < 1:
             raise ValueError(
-                f"MathVerifierConfig.float_rounding={self.float_rounding} is not allowed; need a value >= 0"
+                f"rewards.math.max_answer_chars={self.max_answer_chars} is not allowed; need a value >= 1"
             )
 
 
@@ -97,6 +123,50 @@ def _escaped(text: str, index: int) -> bool:
     while index - backslashes - 1 >= 0 and text[index - backslashes - 1] == "\\":
         backslashes += 1
     return backslashes % 2 == 1
+
+
+def last_box_tail(text: str, max_answer_chars: int) -> str | None:
+    """The text from the last box command on, cut to what a box of at most
+    ``max_answer_chars`` needs; None without a box.
+
+    Only ``str.rfind`` runs over the whole response (a few ms for 5 MB), so the caller's
+    share of a check stays small however long the response; the brace matching and all that
+    follows happen in a worker under the time limit. A longer answer never closes inside the
+    cut, so ``extract_last_boxed`` finds no answer there.
+    """
+    start = max(text.rfind(command) for command in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    longest_command = max(map(len, _BOX_COMMANDS))
+    # + room for the braces and for spaces before the opening one ("\\boxed {7}")
+    return text[start : start + longest_command + max_answer_chars + 64]
+
+
+_SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻"
+_SUBSCRIPTS = "₀₁₂₃₄₅₆₇₈₉₊₋"
+_SCRIPT_TO_ASCII = str.maketrans(_SUPERSCRIPTS + _SUBSCRIPTS, "0123456789+-" * 2)
+_SUPERSCRIPT_RUN = re.compile(f"[{_SUPERSCRIPTS}]+")
+_SUBSCRIPT_RUN = re.compile(f"[{_SUBSCRIPTS}]+")
+_NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")  # \d is every Unicode decimal digit
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def normalize_unicode(text: str) -> str:
+    """Unicode digits and spaces as the ASCII ones math-verify reads.
+
+    NFKC folds compatibility forms (full-width ``３``, mathematical ``𝟑``, no-break and
+    ideographic spaces); decimal digits of other scripts (Arabic-Indic ``٣``, Devanagari
+    ``३``) are not compatibility forms, so they are mapped by their digit value. NFKC would
+    also turn ``x²`` into ``x2``: superscript and subscript runs become ``^{2}`` / ``_{2}`` first.
+    Other whitespace becomes a space and zero-width characters go.
+    """
+    if text.isascii():
+        return text
+    text = _SUPERSCRIPT_RUN.sub(lambda run: "^{" + run.group().translate(_SCRIPT_TO_ASCII) + "}", text)
+    text = _SUBSCRIPT_RUN.sub(lambda run: "_{" + run.group().translate(_SCRIPT_TO_ASCII) + "}", text)
+    text = unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH)
+    text = _NON_ASCII_DIGIT.sub(lambda digit: str(unicodedata.decimal(digit.group())), text)
+    return "".join(" " if char.isspace() else char for char in text)
 
 
 @contextlib.contextmanager
@@ -149,22 +219,32 @@ def _parse_latex(expression: str) -> tuple[Any, ...]:
     return tuple(parse(f"${expression}$", parsing_timeout=None))
 
 
-def answers_equivalent(answer: str, ground_truth: str, timeout_s: float, float_rounding: int = 6) -> bool:
-    """Whether two answers (LaTeX or plain) are equivalent, in this process, main thread only.
+def check_answer(request: dict[str, Any]) -> bool:
+    """One answer against its ground truth, in this process (main thread only), every stage
+    under one ``time_limit(request["timeout_s"])``: False on timeout or unparsable input.
 
-    The SIGALRM limit interrupts slow *Python* work in sympy; a hang inside C code (a huge
-    integer power) ignores it, which is why ``MathVerifier`` calls this in a worker process
-    that it can kill.
+    ``request`` holds ``gold`` and either ``response`` (a text whose last box is the answer,
+    as ``last_box_tail`` cut it) or ``answer`` (the bare answer), plus ``timeout_s``,
+    ``float_rounding`` and ``max_answer_chars``.
+
+    The SIGALRM limit interrupts slow *Python* work (box scanning, sympy); a hang inside C
+    code (a huge integer power) ignores it, which is why ``MathVerifier`` calls this in a
+    worker process that it can kill.
     """
-    if "\\boxed" in ground_truth or "\\fbox" in ground_truth:
-        ground_truth = extract_last_boxed(ground_truth) or ground_truth
     try:
-        with time_limit(timeout_s):
-            gold = _parse_latex(ground_truth)
-            prediction = _parse_latex(answer)
+        with time_limit(request["timeout_s"]):
+            answer = extract_last_boxed(request["response"]) if "response" in request else request["answer"]
+            if not answer or len(answer) > request["max_answer_chars"]:
+                return False
+            ground_truth = request["gold"]
+            if "\\boxed" in ground_truth or "\\fbox" in ground_truth:
+                ground_truth = extract_last_boxed(ground_truth) or ground_truth
+            gold = _parse_latex(normalize_unicode(ground_truth))
+            prediction = _parse_latex(normalize_unicode(answer))
             if not gold or not prediction:
                 return False
-            return bool(verify(list(gold), list(prediction), float_rounding=float_rounding, timeout_seconds=None))
+            return bool(verify(list(gold), list(prediction), float_rounding=request["float_rounding"],
+                               timeout_seconds=None))
     except AnswerTimeout:
         return False
 
@@ -182,10 +262,24 @@ class _Worker:
             text=True,
             bufsize=1,
         )
+        self.ready = False
 
-    def check(self, answer: str, ground_truth: str, float_rounding: int, timeout_s: float, deadline_s: float) -> bool | None:
-        """The worker's verdict, or None if it missed ``deadline_s`` (it is then killed)."""
-        request = {"answer": answer, "gold": ground_truth, "timeout_s": timeout_s, "float_rounding": float_rounding}
+    def _wait_ready(self) -> None:
+        ready, _, _ = select.select([self.process.stdout], [], [], _WORKER_START_TIMEOUT_S)
+        line = self.process.stdout.readline() if ready else ""
+        if line.strip() != _READY:
+            self.close()
+            raise RuntimeError(
+                f"a math checker process ({sys.executable} {__file__} --worker) did not start within "
+                f"{_WORKER_START_TIMEOUT_S:.0f} s (exit status {self.process.returncode})"
+            )
+        self.ready = True
+
+    def check(self, request: dict[str, Any], deadline_s: float) -> bool | None:
+        """The worker's verdict on ``request`` (see ``check_answer``), or None if it missed
+        ``deadline_s`` (it is then killed)."""
+        if not self.ready:
+            self._wait_ready()
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
@@ -210,9 +304,10 @@ class _Worker:
 class MathVerifier:
     """Scores math responses 1.0 (equivalent to the ground truth) or 0.0.
 
-    Checks run in ``config.num_workers`` long-lived worker processes: the limit is enforced
-    from outside by killing a worker that overruns (and starting a fresh one), so no answer
-    can stall training, and it works from any thread of the trainer.
+    Checks run in up to ``config.num_workers`` long-lived worker processes, one answer at a
+    time each, fed by as many threads: the limit is enforced from outside by killing a worker
+    that overruns (and starting a fresh one), so no answer can stall training, and it works
+    from any thread of the trainer.
     """
 
     def __init__(self, config: MathVerifierConfig = MathVerifierConfig()) -> None:
@@ -229,34 +324,48 @@ class MathVerifier:
                 return _Worker()
         return self._idle.get()
 
-    def is_equivalent(self, answer: str, ground_truth: str) -> bool:
-        """Whether two answer strings are equivalent; False on timeout or unparsable input."""
+    def _check(self, request: dict[str, Any]) -> bool:
+        config = self.config
+        request = {**request, "timeout_s": config.timeout_s, "float_rounding": config.float_rounding,
+                   "max_answer_chars": config.max_answer_chars, "kill_grace_s": config.kill_grace_s}
         worker = self._take_worker()
-        verdict = worker.check(
-            answer,
-            ground_truth,
-            self.config.float_rounding,
-            self.config.timeout_s,
-            # the worker's own SIGALRM answers within timeout_s; the grace covers C-level hangs
-            self.config.timeout_s + self.config.kill_grace_s,
-        )
+        try:
+            # The check's SIGALRM answers within timeout_s; the worker kills a check stuck in C
+            # code after the grace; the caller kills a worker that misses even that.
+            verdict = worker.check(request, config.timeout_s + config.kill_grace_s + _WORKER_REPLY_GRACE_S)
+        except BaseException:
+            worker.close()
+            self._idle.put(_Worker())
+            raise
         self._idle.put(worker if verdict is not None else _Worker())
         return bool(verdict)
 
+    def is_equivalent(self, answer: str, ground_truth: str) -> bool:
+        """Whether two bare answers are equivalent; False on timeout or unparsable input."""
+        if len(answer) > self.config.max_answer_chars:
+            return False
+        return self._check({"answer": answer, "gold": ground_truth})
+
     def score(self, response: str, ground_truth: str) -> float:
         """1.0 if the response's last boxed answer equals the ground truth, else 0.0."""
-        answer = extract_last_boxed(response)
-        if not answer:
+        tail = last_box_tail(response, self.config.max_answer_chars)
+        if tail is None:
             return 0.0
-        return 1.0 if self.is_equivalent(answer, ground_truth) else 0.0
+        return 1.0 if self._check({"response": tail, "gold": str(ground_truth)}) else 0.0
+
+    def submit(self, response: str, ground_truth: Any) -> Future[float]:
+        """Queue one response on the pool; its score (or its error) comes in the future."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.config.num_workers, thread_name_prefix="math-verifier")
+        return self._executor.submit(self.score, response, str(ground_truth))
 
     def score_batch(self, responses: Sequence[str], ground_truths: Sequence[str]) -> list[float]:
         """Score responses on all workers at once, results in order."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"got {len(responses)} responses but {len(ground_truths)} ground truths")
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.config.num_workers, thread_name_prefix="math-verifier")
-        return list(self._executor.map(self.score, responses, ground_truths))
+        futures = [self.submit(response, truth) for response, truth in zip(responses, ground_truths)]
+        return [future.result() for future in futures]
 
     def close(self) -> None:
         """Stop the worker processes (they also exit on their own when this process dies)."""
@@ -275,18 +384,92 @@ class MathVerifier:
 
 
 def _worker_main() -> None:
-    """Answer requests until stdin closes (the parent exited or closed us)."""
+    """Answer requests until stdin closes (the parent exited or closed us).
+
+    The checks run in a child forked from this process once it has imported and warmed up
+    sympy and math-verify; the child lives on from answer to answer (keeping the caches that
+    make repeated ground truths cheap) until a check overruns timeout + grace, stuck in C
+    code where its alarm cannot reach. This process then kills it and forks a fresh one, in
+    milliseconds. Replacing the whole worker instead (seconds of imports on a busy node)
+    made the answers queued behind a pathological one miss their own time limits.
+    """
     # SLURM's pre-emption warning (--signal=USR1@N) reaches every process of the job step;
     # the trainer saves on it and still needs its checkers until the step is done.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # math-verify builds its parsers on first use (~0.3 s): once here, not in every child.
+    check_answer({"answer": "\\frac{1}{2}", "gold": "0.5", "timeout_s": 60.0, "float_rounding": 6,
+                  "max_answer_chars": 64})
+    sys.stdout.write(_READY + "\n")  # the imports are done: time limits may start
+    sys.stdout.flush()
+    child: _CheckerChild | None = None
     for line in sys.stdin:
         request = json.loads(line)
-        try:
-            equal = answers_equivalent(request["answer"], request["gold"], request["timeout_s"], request["float_rounding"])
-        except Exception:  # an unparsable answer is simply not equivalent
-            equal = False
-        sys.stdout.write(json.dumps({"equal": equal}) + "\n")
+        if child is None:
+            child = _CheckerChild()
+        equal = child.check(line, request["timeout_s"] + request["kill_grace_s"])
+        if equal is None:
+            child.kill()
+            child = None
+        sys.stdout.write(json.dumps({"equal": bool(equal)}) + "\n")
         sys.stdout.flush()
+
+
+class _CheckerChild:
+    """A fork of the (warmed-up) worker that runs ``check_answer`` on each request line."""
+
+    def __init__(self) -> None:
+        request_read, self._request_write = os.pipe()
+        self._verdict_read, verdict_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: serve until the worker closes the request pipe
+            os.close(self._request_write)
+            os.close(self._verdict_read)
+            try:
+                _die_with_parent()
+                # Under memory pressure the kernel kills a checker (the answer scores 0), never
+                # the trainer; raising one's own score needs no privilege.
+                with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+                    adj.write("1000")
+                with open(request_read) as requests:
+                    for line in requests:
+                        try:
+                            equal = check_answer(json.loads(line))
+                        except Exception:  # an unparsable answer is simply not equivalent
+                            equal = False
+                        os.write(verdict_write, b"1" if equal else b"0")
+            finally:
+                os._exit(0)
+        os.close(request_read)
+        os.close(verdict_write)
+        self._requests = open(self._request_write, "w")  # noqa: SIM115 - closed in kill()
+
+    def check(self, request_line: str, deadline_s: float) -> bool | None:
+        """The child's verdict, or None if it missed ``deadline_s``."""
+        try:
+            self._requests.write(request_line)
+            self._requests.flush()
+        except BrokenPipeError:
+            return None
+        ready, _, _ = select.select([self._verdict_read], [], [], deadline_s)
+        verdict = os.read(self._verdict_read, 1) if ready else b""
+        return None if not verdict else verdict == b"1"
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        with contextlib.suppress(OSError):
+            self._requests.close()
+        os.close(self._verdict_read)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the worker that forked it dies (Linux prctl
+    PR_SET_PDEATHSIG): a check stuck in C code must not outlive a worker the caller killed."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

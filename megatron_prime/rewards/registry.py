@@ -4,15 +4,26 @@ Eurus-2-RL-Data rows carry ``ability`` ("math" or "code") and ``data_source`` (e
 "numina_olympiads", "taco"). ``ability`` decides when present; otherwise the data source's
 name does. A sample of an unknown kind is an error naming the value: scoring it 0 would
 silently teach the policy that every such answer is wrong.
+
+A response, by contrast, is written by the policy and may be hostile: whatever goes wrong
+while scoring one (a result nested deeply enough to make ``json.loads`` recurse out, a
+sandbox failure, a verifier bug) is that response's reward 0, counted and logged with its
+reason, and never an exception into the trainer or a cost to its neighbours in the batch.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from megatron_prime.rewards.code_verifier import CodeVerifier
-from megatron_prime.rewards.math_verifier import MathVerifier
+from megatron_prime.rewards.code_verifier import CodeVerifier, CodeVerifierConfig
+from megatron_prime.rewards.math_verifier import MathVerifier, MathVerifierConfig
+
+logger = logging.getLogger(__name__)
 
 RewardKind = Literal["math", "code"]
 
@@ -53,17 +64,46 @@ def reward_kind(ability: str | None, data_source: str | None) -> RewardKind:
     raise ValueError("a sample needs an 'ability' or a 'data_source' to choose its verifier; got neither")
 
 
-class RewardRegistry:
-    """Outcome rewards for a mixed batch: math checked here, code on the verifier's pool."""
+@dataclass(frozen=True)
+class RewardsConfig:
+    """The outcome verifiers of a run (``rewards.math.*``, ``rewards.code.*`` in the YAML)."""
 
-    def __init__(self, math: MathVerifier | None = None, code: CodeVerifier | None = None) -> None:
-        self.math = math if math is not None else MathVerifier()
-        self._code = code  # built on first use: it needs root and unshare, math does not
+    math: MathVerifierConfig = field(default_factory=MathVerifierConfig)
+    code: CodeVerifierConfig = field(default_factory=CodeVerifierConfig)
+
+
+@dataclass(frozen=True)
+class ScoringFailure:
+    """A response whose scoring raised: it was given reward 0 for this reason."""
+
+    index: int  # position in the batch
+    kind: RewardKind
+    reason: str  # exception type and the start of its message
+
+
+_REASON_CHARS = 200
+
+
+class RewardRegistry:
+    """Outcome rewards for a mixed batch: math and code checked on their verifiers' pools.
+
+    ``failure_counts`` counts responses scored 0 because their scoring raised, by
+    ``"<kind>/<exception type>"`` over the registry's life; ``last_failures`` lists those of
+    the latest batch (the trainer logs their number as a metric).
+    """
+
+    def __init__(self, math: MathVerifier | None = None, code: CodeVerifier | None = None,
+                 config: RewardsConfig | None = None) -> None:
+        self.config = config if config is not None else RewardsConfig()
+        self.math = math if math is not None else MathVerifier(self.config.math)
+        self._code = code  # built on first use: it needs a sandbox, math does not
+        self.failure_counts: collections.Counter[str] = collections.Counter()
+        self.last_failures: list[ScoringFailure] = []
 
     @property
     def code(self) -> CodeVerifier:
         if self._code is None:
-            self._code = CodeVerifier()
+            self._code = CodeVerifier(self.config.code)
         return self._code
 
     def score_batch(
@@ -75,26 +115,53 @@ class RewardRegistry:
     ) -> list[float]:
         """One outcome reward per response, in order.
 
-        Every kind is resolved before any work starts, so a bad row fails fast. Code runs
-        are queued first and run in the background while the math workers check the math.
+        Every kind is resolved before any work starts, so a bad row (unknown kind, columns of
+        different lengths) fails fast with a ValueError. Then every response is queued on its
+        verifier's pool, code and math side by side; a response whose scoring raises anything
+        (``Exception``: not KeyboardInterrupt or SystemExit) scores 0 and is recorded in
+        ``last_failures``, and the others keep their scores.
         """
         columns = {"ground_truths": ground_truths, "abilities": abilities, "data_sources": data_sources}
         for name, column in columns.items():
             if len(column) != len(responses):
                 raise ValueError(f"got {len(responses)} responses but {len(column)} {name}")
         kinds = [reward_kind(ability, source) for ability, source in zip(abilities, data_sources)]
-        pending = {
-            index: self.code.submit(responses[index], ground_truths[index])
-            for index, kind in enumerate(kinds)
-            if kind == "code"
-        }
-        scores = [0.0] * len(responses)
-        math_indices = [index for index, kind in enumerate(kinds) if kind == "math"]
-        math_scores = self.math.score_batch(
-            [responses[index] for index in math_indices], [str(ground_truths[index]) for index in math_indices]
-        )
-        for index, score in zip(math_indices, math_scores):
-            scores[index] = score
-        for index, future in pending.items():
-            scores[index] = future.result()
+        # Built here, outside the per-response guard: a sandbox that cannot start is the run's
+        # error, not every code response's reward 0.
+        verifiers = {kind: self.code if kind == "code" else self.math for kind in set(kinds)}
+        pending = [_submit(verifiers[kind], response, truth)
+                   for kind, response, truth in zip(kinds, responses, ground_truths)]
+        self.last_failures = []
+        scores = []
+        for index, (kind, future) in enumerate(zip(kinds, pending)):
+            try:
+                scores.append(float(future.result()))
+            except Exception as error:  # noqa: BLE001 - one response's failure is its own
+                scores.append(0.0)
+                self._record_failure(ScoringFailure(index, kind, _reason(error)), type(error).__name__)
         return scores
+
+    def _record_failure(self, failure: ScoringFailure, error_type: str) -> None:
+        self.failure_counts[f"{failure.kind}/{error_type}"] += 1
+        self.last_failures.append(failure)
+        logger.warning("reward 0 for response %d (%s): its scoring raised %s",
+                       failure.index, failure.kind, failure.reason)
+
+
+def _submit(verifier: MathVerifier | CodeVerifier, response: str, ground_truth: Any) -> Future[float]:
+    """The verifier's future for one response; an error while queueing it is that future's."""
+    try:
+        return verifier.submit(response, ground_truth)
+    except Exception as error:  # noqa: BLE001 - one response's failure is its own
+        failed: Future[float] = Future()
+        failed.set_exception(error)
+        return failed
+
+
+def _reason(error: BaseException) -> str:
+    """``"RecursionError: maximum recursion depth exceeded..."``, cut to a log line's length
+    (the message of an error about a hostile output may quote that output)."""
+    message = str(error)
+    if len(message) > _REASON_CHARS:
+        message = message[:_REASON_CHARS] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

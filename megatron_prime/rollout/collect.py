@@ -97,7 +97,9 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
     stats = {"responses": float(len(rollouts)), "correct": float(sum(scores)),
              "response_tokens": float(sum(lengths)),
              "truncated": float(sum(r.finish_reason == "length" for r in rollouts)),
-             "generate_seconds": seconds}
+             "generate_seconds": seconds,
+             # responses scored 0 because their scoring raised (RewardRegistry logs each reason)
+             "verifier_errors": float(len(rewards.last_failures))}
     return groups, stats
 
 
@@ -117,7 +119,7 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
     target = config.prompts_per_step // distributed.dp_world_size()
     kept: list[ScoredGroup] = []
     totals = {"prompts": 0.0, "responses": 0.0, "correct": 0.0, "response_tokens": 0.0,
-              "truncated": 0.0, "generate_seconds": 0.0, "kept_prompts": 0.0}
+              "truncated": 0.0, "generate_seconds": 0.0, "kept_prompts": 0.0, "verifier_errors": 0.0}
     for round_index in range(config.max_rounds):
         prompts = sampler.next_batch()
         result = None
@@ -164,6 +166,7 @@ def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int
         "rollout/rounds": float(rounds),
         "rollout/response_length": total["response_tokens"] / responses,
         "rollout/truncated_fraction": total["truncated"] / responses,
+        "reward/verifier_error_fraction": total["verifier_errors"] / responses,
         "rollout/generate_tokens_per_s": total["response_tokens"] / generate_seconds,
     }
 

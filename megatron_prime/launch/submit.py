@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from megatron_prime.config import require
+from megatron_prime.launch.margin import SignalMargin
 from megatron_prime.launch.sbatch import (
     SlurmConfig,
     load_run_config,
@@ -63,6 +64,7 @@ class SubmitResult:
     job_id: str | None = None
     log_path: str | None = None
     notes: tuple[str, ...] = ()  # what was not checked, and why
+    margin: SignalMargin | None = None  # the USR1 margin and where it came from
 
 
 def gpus_in_gres(gres: str) -> int:
@@ -165,9 +167,10 @@ def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), 
     slurm.validate(prime)
     note = check_partition(slurm, list_partitions, dry_run)
     script = render_sbatch(slurm, config_path, overrides, prime)
+    margin = slurm.signal_margin(prime)
     notes = (note,) if note else ()
     if dry_run:
-        return SubmitResult(script, notes=notes)
+        return SubmitResult(script, notes=notes, margin=margin)
     output_dir = Path(slurm.output_dir)
     # SLURM does not create the log folder: a job whose --output folder is missing fails
     # without a log.
@@ -175,12 +178,22 @@ def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), 
     script_path = output_dir / f"{slurm.job_name}.sbatch"
     script_path.write_text(script)
     job_id = sbatch(script_path)
-    return SubmitResult(script, script_path, job_id, log_path(slurm, job_id), notes)
+    return SubmitResult(script, script_path, job_id, log_path(slurm, job_id), notes, margin)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one "error: ..." line, like every other error
         raise ValueError(message)
+
+
+def _signal_seconds(text: str) -> int | str:
+    """--signal-seconds: "auto" or a number of seconds (the range is checked with the rest)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of seconds, got {text!r}") from None
 
 
 # Flags that override the cluster YAML: (flag, SlurmConfig key, type).
@@ -197,7 +210,7 @@ _SLURM_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--output-dir", "output_dir", str),
     ("--container-image", "container_image", str),
     ("--venv", "venv", str),
-    ("--signal-seconds", "signal_seconds", int),
+    ("--signal-seconds", "signal_seconds", _signal_seconds),
     ("--dependency", "dependency", str),
     ("--seconds-per-step-estimate", "seconds_per_step_estimate", float),
 )
@@ -241,10 +254,12 @@ def main(argv: Sequence[str] | None = None, *, list_partitions: PartitionLister 
     for note in result.notes:
         print(f"note: {note}", file=stderr)
     if args.dry_run:
+        # stdout is the script; the margin (also in its header) goes next to the notes.
+        print(f"signal: {result.margin.describe()}", file=stderr)
         stdout.write(result.script)
     else:
-        print(f"submitted job {result.job_id}\nscript: {result.script_path}\nlog: {result.log_path}",
-              file=stdout)
+        print(f"submitted job {result.job_id}\nscript: {result.script_path}\nlog: {result.log_path}"
+              f"\nsignal: {result.margin.describe()}", file=stdout)
     return 0
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from megatron_prime.job_signals import children_outlive_job_signals
+
 _HARNESS = Path(__file__).with_name("_sandbox_harness.py")
 _RESULT_MARKER = b"\n__SANDBOX_CALL_RESULT__"
 _STDERR_KEEP_BYTES = 4096
@@ -119,13 +121,16 @@ def check_sandbox_available() -> None:
         raise SandboxUnavailable("the code sandbox needs util-linux 'unshare' on PATH (apt-get install util-linux)")
 
 
-# SLURM's pre-emption warning (--signal=USR1@N) reaches every process of the job step, and
-# would kill a run mid-test (scored as a failure) while the trainer finishes its step. An
-# ignored signal stays ignored across exec, so unshare and the harness inherit it.
-_IGNORE_USR1_THEN_EXEC = (
+# SLURM's pre-emption warning (--signal=USR1@N) and scancel's SIGTERM reach every process of
+# the job step, and would kill a run mid-test (scored as a failure) while the trainer finishes
+# its step; the wall timeout ends a sandbox anyway. The run starts with both blocked
+# (job_signals.py, which covers the moment before this trampoline runs), and the trampoline
+# ignores them too: an ignored signal stays ignored across exec, so unshare and the harness
+# inherit it.
+_IGNORE_JOB_SIGNALS_THEN_EXEC = (
     sys.executable, "-I", "-S", "-c",
     "import os, signal, sys; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
-    "os.execvp(sys.argv[1], sys.argv[1:])",
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); os.execvp(sys.argv[1], sys.argv[1:])",
 )
 
 
@@ -166,21 +171,22 @@ def run_python(
         stdin_file.write(stdin.encode())
         stdin_file.seek(0)
         command = [
-            *_IGNORE_USR1_THEN_EXEC,
+            *_IGNORE_JOB_SIGNALS_THEN_EXEC,
             "unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
             config.python, "-I", "-B", str(_HARNESS), str(job_file.fileno()),
         ]  # fmt: skip
         started = time.monotonic()
-        process = subprocess.Popen(
-            command,
-            stdin=stdin_file,
-            stdout=stdout_file,
-            stderr=stderr_file,
-            pass_fds=(job_file.fileno(),),
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
-            cwd="/",
-            start_new_session=True,  # its own process group, killed as a whole
-        )
+        with children_outlive_job_signals():
+            process = subprocess.Popen(
+                command,
+                stdin=stdin_file,
+                stdout=stdout_file,
+                stderr=stderr_file,
+                pass_fds=(job_file.fileno(),),
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+                cwd="/",
+                start_new_session=True,  # its own process group, killed as a whole
+            )
         timed_out = False
         try:
             process.wait(timeout=config.wall_timeout_s)

@@ -117,7 +117,7 @@ def save_estimate(slurm: SlurmConfig, prime: PrimeConfig) -> tuple[float | None,
         return None, f"no config.json in model.path={prime.model.path!r} to size the checkpoint"
     nbytes = checkpoint_bytes(prime, config_json)
     seconds = nbytes / (slurm.checkpoint_write_gbps * 1e9)
-    return seconds, (f"{nbytes / 1e9:.0f} GB checkpoint of {config_json} at "
+    return seconds, (f"{nbytes / 1e9:.3g} GB checkpoint of {config_json} at "
                      f"slurm.checkpoint_write_gbps={slurm.checkpoint_write_gbps:g} GB/s")
 
 

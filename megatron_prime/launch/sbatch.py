@@ -12,9 +12,10 @@ children), not to the batch shell. ``B:USR1`` would reach only the batch shell: 
 to run ``srun`` in the background, trap USR1 and forward it (bash defers a trap while a
 foreground command runs), and a forwarded signal (``scancel --signal``, or srun's own
 forwarding) again reaches every process of the step. The trainer (``train.StopRequest``)
-finishes its current step, saves a checkpoint and exits 0; the vLLM engine processes ignore
-USR1 (``rollout/engine.py``), so they live until the trainer has saved. Any other child
-process of the trainer must ignore USR1 as well, or it dies (USR1's default action).
+finishes its current step, saves a checkpoint and exits 0; every process it starts (vLLM's
+engine core and workers, verifier workers, sandboxes) starts with USR1 and SIGTERM blocked
+(``job_signals.py``), so they live until the trainer has saved and stops them. The margin
+(``signal_seconds: auto``) is derived from the step and save times (``launch/margin.py``).
 
 Requeue. After ``srun`` returns 0, the script compares the step of the newest complete
 checkpoint (``step_*/train_state.json``, what ``checkpoint.resume=auto`` picks) with

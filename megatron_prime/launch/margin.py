@@ -83,8 +83,8 @@ def measured_times(metrics_path: Path) -> tuple[float | None, float | None]:
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and value > 0
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def model_config_path(model_path: str) -> Path | None:
@@ -101,7 +101,12 @@ def checkpoint_bytes(prime: PrimeConfig, config_json: Path) -> int:
     state (fp32 moments, plus an fp32 master copy for 16-bit weights); the policy always,
     the PRM unless ``algo.prm_mode=none``. The frozen reference is not saved."""
     from megatron_prime.models.architectures import ModelShape
-    from megatron_prime.plan import DTYPE_BYTES, load_hf_config, model_params, optimizer_bytes_per_param
+    from megatron_prime.plan import (
+        DTYPE_BYTES,
+        load_hf_config,
+        model_params,
+        optimizer_bytes_per_param,
+    )
 
     params = model_params(ModelShape.from_hf(load_hf_config(str(config_json))))
     param_bytes = DTYPE_BYTES[prime.precision.dtype]

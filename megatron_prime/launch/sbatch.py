@@ -232,7 +232,8 @@ class SlurmConfig:
             value = getattr(self, key)
             exclude = "'^' (exclude) or '=' (exact) and " if key == "nccl_socket_ifname" else ""
             pattern = _NCCL_IFNAME_LIST if key == "nccl_socket_ifname" else _IFNAME_LIST
-            require(value is None or (isinstance(value, str) and pattern.fullmatch(value) is not None),
+            require(value is None
+                    or (isinstance(value, str) and pattern.fullmatch(value) is not None),
                     f"slurm.{key}", value,
                     f"None or interface names separated by commas, optionally after {exclude}"
                     "without spaces (e.g. 'ib0' or 'eth0,eth1'; see ip -brief link)")
@@ -494,8 +495,9 @@ def _network_lines(slurm: SlurmConfig) -> list[str]:
 
     lines = []
     if "NCCL_CUMEM_ENABLE" not in slurm.nccl_env:
-        lines += ["# One value on every rank: vLLM sets this on import on some releases, i.e. only on",
-                  "# the ranks hosting an engine, and mismatched values hang NCCL's first collective.",
+        lines += ["# One value on every rank: vLLM sets this on import on some releases, i.e.",
+                  "# only on the ranks hosting an engine, and mismatched values hang NCCL's",
+                  "# first collective.",
                   f"export NCCL_CUMEM_ENABLE={NCCL_CUMEM_ENABLE_VALUE}"]
     for key, variable in SOCKET_IFNAME_KEYS.items():
         value = getattr(slurm, key)

@@ -218,6 +218,14 @@ def hosts_engine(tp_rank: int, pp_rank: int) -> bool:
     return tp_rank == 0 and pp_rank == 0
 
 
+def engine_core_processes(client: Any) -> list[Any]:
+    """The engine-core processes of vLLM's multiprocess client (``[]`` for an in-process
+    engine). vLLM's names: ``MPClient.resources.engine_manager.processes``."""
+    resources = getattr(client, "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return list(getattr(manager, "processes", []))
+
+
 class EngineStateError(RuntimeError):
     """The engine was asked to do something its sleep/weight state does not allow."""
 
@@ -438,14 +446,6 @@ class RolloutEngine:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGINT)
         client.shutdown()
-
-
-def engine_core_processes(client: Any) -> list[Any]:
-    """The engine-core processes of vLLM's multiprocess client (``[]`` for an in-process
-    engine). vLLM's names: ``MPClient.resources.engine_manager.processes``."""
-    resources = getattr(client, "resources", None)
-    manager = getattr(resources, "engine_manager", None)
-    return list(getattr(manager, "processes", []))
 
     # ---- sleep and wake (GPU memory hand-off; the same states on CPU) ----
 

@@ -149,3 +149,33 @@ def test_the_block_is_inherited_and_the_caller_keeps_its_mask():
         child.kill()
         child.wait()
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
+SPAWN_CHILD = r"""
+import multiprocessing as mp, os, sys
+from pathlib import Path
+from megatron_prime.job_signals import children_outlive_job_signals
+
+def child(out):
+    status = Path(f"/proc/{os.getpid()}/status").read_text()
+    Path(out).write_text(status.split("SigBlk:")[1].split()[0])
+
+if __name__ == "__main__":
+    with children_outlive_job_signals():  # no resource tracker yet in this process
+        process = mp.get_context("spawn").Process(target=child, args=(sys.argv[1],))
+        process.start()
+    process.join()
+"""
+
+
+def test_a_spawned_child_keeps_sigterm_blocked(tmp_path):
+    """vLLM starts its engine core with multiprocessing's spawn, whose first use starts the
+    resource tracker and unblocks SIGTERM in the caller (Python's resource_tracker). Before
+    the fix the engine core came up with only SIGUSR1 blocked and shut down on scancel."""
+    script = tmp_path / "spawn_child.py"
+    script.write_text(SPAWN_CHILD)
+    out = tmp_path / "sigblk"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=120, cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    blocked = int(out.read_text(), 16)
+    assert blocked & (1 << (signal.SIGTERM - 1)) and blocked & (1 << (signal.SIGUSR1 - 1))

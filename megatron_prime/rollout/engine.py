@@ -433,10 +433,12 @@ class RolloutEngine:
             self._block = None
 
     def shutdown(self) -> None:
-        """Stops the engine: SIGINT to its engine-core processes first (they block SIGTERM,
-        job_signals.py; vLLM's handler takes SIGINT as SIGTERM and shuts its workers down),
-        then vLLM's own shutdown, which finds them gone (its SIGTERM would stay pending until
-        its grace period ran out and it killed them)."""
+        """Stops the engine: SIGINT to its engine-core processes, then vLLM's own shutdown.
+
+        They block SIGTERM (job_signals.py), which is what vLLM's shutdown sends them; its
+        handler takes SIGINT as it takes SIGTERM, so the engine core starts the same clean
+        teardown (its workers exit when it tells them). vLLM's manager then waits up to 5 s
+        for it and kills what is left, as it does without the block."""
         self._release_block()
         if self._shared is not None:
             self._shared.close()

@@ -29,21 +29,23 @@ JOB_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1})
 
 
 @contextlib.contextmanager
-def children_outlive_job_signals() -> Iterator[None]:
+def children_outlive_job_signals(spawn: bool = False) -> Iterator[None]:
     """Processes started inside (this thread) inherit SIGTERM and SIGUSR1 blocked.
 
-    multiprocessing's resource tracker (a child too) is started here, inside the block: the
-    first spawn (vLLM's engine core) would start it otherwise, and
-    ``resource_tracker.ensure_running`` *unblocks* SIGINT and SIGTERM in the calling thread
-    after starting it, so the engine core would come up with SIGTERM deliverable. The mask
-    is set again after it; a tracker that already runs is left alone (and the mask with it).
+    ``spawn=True`` where the children come from multiprocessing's spawn (vLLM's engine core):
+    its resource tracker (a child too) is then started here, inside the block. The first
+    spawn would start it otherwise, and ``resource_tracker.ensure_running`` *unblocks* SIGINT
+    and SIGTERM in the calling thread after starting it, so the engine core would come up
+    with SIGTERM deliverable. The mask is set again after it; a tracker that already runs is
+    left alone (and the mask with it).
     """
-    from multiprocessing import resource_tracker
-
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
     try:
-        resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous | JOB_SIGNALS)
+        if spawn:
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous | JOB_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -161,7 +161,8 @@ def child(out):
     Path(out).write_text(status.split("SigBlk:")[1].split()[0])
 
 if __name__ == "__main__":
-    with children_outlive_job_signals():  # no resource tracker yet in this process
+    # No resource tracker yet in this process: the spawn below would start one.
+    with children_outlive_job_signals(spawn=sys.argv[2] == "spawn"):
         process = mp.get_context("spawn").Process(target=child, args=(sys.argv[1],))
         process.start()
     process.join()
@@ -175,7 +176,12 @@ def test_a_spawned_child_keeps_sigterm_blocked(tmp_path):
     script = tmp_path / "spawn_child.py"
     script.write_text(SPAWN_CHILD)
     out = tmp_path / "sigblk"
-    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=120, cwd=REPO,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
-    blocked = int(out.read_text(), 16)
-    assert blocked & (1 << (signal.SIGTERM - 1)) and blocked & (1 << (signal.SIGUSR1 - 1))
+
+    def blocked_in_child(mode: str) -> tuple[bool, bool]:
+        subprocess.run([sys.executable, str(script), str(out), mode], check=True, timeout=120,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        blocked = int(out.read_text(), 16)
+        return bool(blocked & (1 << (signal.SIGTERM - 1))), bool(blocked & (1 << (signal.SIGUSR1 - 1)))
+
+    assert blocked_in_child("spawn") == (True, True)
+    assert blocked_in_child("plain") == (False, True)  # what spawn=True is for

@@ -298,7 +298,7 @@ class RolloutEngine:
         # saved, and stops it itself (job_signals.py; vLLM's engine core and workers install
         # SIGTERM handlers, which a blocked mask holds off and an ignored disposition would not). NCCL_CUMEM_ENABLE stays what every rank agreed on
         # (distributed.agree_nccl_cumem), whatever importing vLLM does to it.
-        with _environment(environment), children_outlive_job_signals(), \
+        with _environment(environment), children_outlive_job_signals(spawn=True), \
                 _restored_after("NCCL_CUMEM_ENABLE"):
             self.llm = self._start_llm(kwargs)
         self._block: shared_memory.SharedMemory | None = None

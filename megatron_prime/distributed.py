@@ -14,7 +14,7 @@ import datetime
 import os
 import socket
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +152,22 @@ class Runtime:
 
 _RUNTIME: Runtime | None = None
 
+# NCCL_CUMEM_ENABLE must be the same on every rank: NCCL's first collective hangs between
+# ranks whose communicators were built with and without cuMem buffers. Some vLLM releases set
+# "0" when imported, so without this only the ranks hosting an engine would have it. "0" is
+# the value vLLM sets (cuMem buffers clash with its sleep-mode allocator), so an import of
+# vLLM after this changes nothing. The batch script exports the same value
+# (launch/sbatch.py). Anchor: verl's Ray runtime_env sets NCCL_CUMEM_ENABLE=0 for every
+# worker; slime's scripts pass it to every Ray worker too.
+NCCL_CUMEM_ENABLE_VALUE = "0"
+
+
+def agree_nccl_cumem(environ: MutableMapping[str, str] | None = None) -> str:
+    """Sets NCCL_CUMEM_ENABLE unless the user did (their value then holds on every rank, as
+    they exported it for all); returns the value in force."""
+    env = os.environ if environ is None else environ
+    return env.setdefault("NCCL_CUMEM_ENABLE", NCCL_CUMEM_ENABLE_VALUE)
+
 
 def init_distributed(
     parallel: ParallelConfig,
@@ -173,6 +189,8 @@ def init_distributed(
         raise RuntimeError("init_distributed() was already called in this process")
     launch = read_launch_env(environ)
     validate_layout(parallel, launch.world_size)
+    # Before any process group (and any vLLM import, which happens after this call).
+    agree_nccl_cumem()
     on_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     if on_gpu and not torch.cuda.is_available():
         raise ValueError("use_gpu=True but CUDA is not available on this machine")

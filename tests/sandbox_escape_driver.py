@@ -2,7 +2,8 @@
 
 Started by tests/test_sandbox_escapes.py as root or, through setpriv, as an unprivileged
 user with the system interpreter (the checkout's venv may live where that user cannot
-read). It loads sandbox.py by path because that module needs only the standard library.
+read). It loads sandbox.py (and job_signals.py, which it imports) by path because they
+need only the standard library.
 
 usage: python sandbox_escape_driver.py JOBS.json   (a list of {name, code, stdin, fn_name,
 args, config}); prints [{name, status, reason, stdout, returncode}, ...].
@@ -11,6 +12,7 @@ args, config}); prints [{name, status, reason, stdout, returncode}, ...].
 import importlib.util
 import json
 import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +20,14 @@ _SANDBOX = Path(__file__).resolve().parents[1] / "megatron_prime" / "rewards" / 
 
 
 def _load_sandbox():
+    # The one project module sandbox.py imports (job_signals.py, standard library only) is
+    # loaded by path as well, under its package name.
+    sys.modules["megatron_prime"] = types.ModuleType("megatron_prime")
+    spec = importlib.util.spec_from_file_location("megatron_prime.job_signals",
+                                                  _SANDBOX.parents[1] / "job_signals.py")
+    job_signals = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = job_signals
+    spec.loader.exec_module(job_signals)
     spec = importlib.util.spec_from_file_location("megatron_prime_sandbox", _SANDBOX)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

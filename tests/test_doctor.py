@@ -303,28 +303,36 @@ METRICS = [{"time/rollout": 60.0, "time/step": 100.0},
 def test_signal_margin_passes_over_the_measured_step_and_save(toy, tmp_path):
     config = cpu_config(toy, tmp_path)
     write_metrics(tmp_path / "run", METRICS)
-    result = doctor.check_signal_margin(config, SlurmConfig(signal_seconds=300), on_gpu=False)
+    result = doctor.check_signal_margin(config, SlurmConfig(signal_seconds=300))
     assert result.status == "PASS", result.line
-    assert "one step 120 s" in result.detail and "a save 30 s (measured) = 150 s" in result.detail
+    # The slowest step without its save: max(100, 120, 150 - 30) = 120 s; the save: 30 s.
+    assert "USR1 300 s before the time limit" in result.detail
+    assert "step 120 s" in result.detail and "save 30 s" in result.detail, result.line
 
 
 def test_signal_margin_fails_when_shorter_than_step_plus_save(toy, tmp_path):
     config = cpu_config(toy, tmp_path)
     write_metrics(tmp_path / "run", METRICS)
-    result = doctor.check_signal_margin(config, SlurmConfig(signal_seconds=140), on_gpu=False)
+    result = doctor.check_signal_margin(config, SlurmConfig(signal_seconds=140))
     assert result.status == "FAIL"
-    assert "set slurm.signal_seconds >= 180" in result.detail  # 150 s + 20%
+    assert "slurm.signal_seconds=140 is invalid: expected at least one step + one save = 150 s" \
+        in result.detail
 
 
 def test_signal_margin_uses_the_estimate_and_the_checkpoint_size_without_metrics(tmp_path):
+    from megatron_prime.launch.margin import checkpoint_bytes, model_config_path
+
     config = eurus_config(tmp_path)
     slurm = SlurmConfig(signal_seconds=300, seconds_per_step_estimate=250.0)
-    result = doctor.check_signal_margin(config, slurm, on_gpu=True)
-    # ~213 GB at the assumed 1 GB/s: 250 s + 213 s > 300 s.
-    size = doctor.checkpoint_bytes(config, doctor.load_model_shape(config), on_gpu=True)
-    assert result.status == "FAIL" and f"a save {size / 1e9:.0f} s" in result.detail, result.line
-    assert doctor.check_signal_margin(config, None, on_gpu=True).status == "SKIP"
-    assert doctor.check_signal_margin(config, SlurmConfig(), on_gpu=True).status == "SKIP"
+    result = doctor.check_signal_margin(config, slurm)
+    # The 7B checkpoint at the default 1 GB/s: 250 s + a save of hundreds of seconds > 300 s.
+    save = checkpoint_bytes(config, model_config_path(config.model.path)) / 1e9
+    assert save > 50
+    assert result.status == "FAIL" and f"= {250 + save:.0f} s" in result.detail, result.line
+    assert doctor.check_signal_margin(config, None).status == "SKIP"
+    # "auto" (the default) with neither a measured nor an estimated step time cannot be sized.
+    unsized = doctor.check_signal_margin(config, SlurmConfig())
+    assert unsized.status == "FAIL" and "slurm.seconds_per_step_estimate" in unsized.detail
 
 
 # ---- the command ----

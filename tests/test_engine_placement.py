@@ -51,3 +51,22 @@ def test_reload_bucket_refuses_a_full_dev_shm(monkeypatch):
                                            r"/dev/shm, but only 16 MiB are free"):
         engine._shared_block(64 * 2**20)
     assert engine._block is None
+
+
+def test_compile_caches_go_to_a_node_local_folder_unless_set(monkeypatch):
+    """vLLM, Triton, Inductor and CUDA JIT caches default to $HOME (often NFS, shared by every
+    engine of every job): the engine points the unset ones at ${TMPDIR:-/tmp}/megatron-prime-
+    <SLURM job id, else user> before vLLM is imported (the batch script's folders, too)."""
+    import getpass
+
+    from megatron_prime.rollout.engine import use_node_local_caches
+
+    environ = {"SLURM_JOB_ID": "77", "TMPDIR": "/local", "TRITON_CACHE_DIR": "/mine"}
+    chosen = use_node_local_caches(environ)
+    assert chosen == {"VLLM_CACHE_ROOT": "/local/megatron-prime-77/vllm",
+                      "TORCHINDUCTOR_CACHE_DIR": "/local/megatron-prime-77/torchinductor",
+                      "CUDA_CACHE_PATH": "/local/megatron-prime-77/cuda-jit",
+                      "TORCH_EXTENSIONS_DIR": "/local/megatron-prime-77/torch-extensions"}
+    assert environ["TRITON_CACHE_DIR"] == "/mine" and environ["VLLM_CACHE_ROOT"] == chosen["VLLM_CACHE_ROOT"]
+    local = use_node_local_caches({})  # a local run: per user, under /tmp
+    assert local["VLLM_CACHE_ROOT"] == f"/tmp/megatron-prime-{getpass.getuser()}/vllm"

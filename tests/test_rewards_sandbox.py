@@ -424,8 +424,15 @@ def _as_unprivileged_user(script: str, timeout: float = 60) -> subprocess.Comple
         user = pwd.getpwnam("sbxtest")
     except KeyError:
         pytest.skip("no unprivileged user 'sbxtest' on this machine")
+    # The system interpreter has none of the trainer's packages: sandbox.py and the one module
+    # of the project it imports (job_signals.py, standard library only) load from their files.
     loader = textwrap.dedent(f"""
-        import importlib.util, sys
+        import importlib.util, sys, types
+        sys.modules["megatron_prime"] = types.ModuleType("megatron_prime")
+        spec = importlib.util.spec_from_file_location("megatron_prime.job_signals", {str(REPO / "megatron_prime/job_signals.py")!r})
+        job_signals = importlib.util.module_from_spec(spec)
+        sys.modules["megatron_prime.job_signals"] = job_signals
+        spec.loader.exec_module(job_signals)
         spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "megatron_prime/rewards/sandbox.py")!r})
         sandbox = importlib.util.module_from_spec(spec)
         sys.modules["sandbox"] = sandbox

@@ -186,7 +186,46 @@ engine.weights_written()
 state_error("weights_only")
 engine.wake_kv_cache()
 errors["woken_samples"] = len(engine.generate([[5]], few))
-engine.shutdown()
+# scancel: SIGTERM (and SLURM's USR1 warning) to every process of the job step. The engine's
+# processes must outlive it (job_signals.py); only the trainer's StopRequest reacts.
+import os, signal, time
+from megatron_prime.train import StopRequest
+from megatron_prime.rollout.engine import engine_core_processes
+stop = StopRequest()
+def descendants(pid):
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            try:
+                kids = [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            queue += kids
+    return found
+def running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+cores = [process.pid for process in engine_core_processes(engine.llm.llm_engine.engine_core)]
+engine_processes = cores + [pid for core in cores for pid in descendants(core)]
+children = descendants(os.getpid())  # the engine's, and multiprocessing's resource tracker
+for pid in children:
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGUSR1)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(2.0)
+errors["signalled"] = {"cores": len(cores), "children": len(children),
+                       "alive": sum(running(pid) for pid in children), "stop": stop.signal_name}
+errors["samples_after_sigterm"] = len(engine.generate([[5]], few))
+started = time.monotonic()
+engine.shutdown()  # SIGINT to the engine core: it stops, and its workers with it
+errors["shutdown_s"] = time.monotonic() - started
+time.sleep(1.0)  # a killed process takes a moment to go
+errors["engine_processes"] = len(engine_processes)
+errors["left_after_shutdown"] = [pid for pid in engine_processes if running(pid)]
 print(json.dumps(errors))
 '''
     done = subprocess.run([sys.executable, "-c", code, str(tiny_model), str(tmp_path / "odd")],
@@ -203,3 +242,14 @@ print(json.dumps(errors))
     assert "load_weights on a sleeping engine" in errors["load_asleep"]
     assert "wake_kv_cache before the weights were loaded" in errors["kv_first"]
     assert "on a sleeping engine" in errors["weights_only"]
+    # Every engine process (engine core, its worker, the resource tracker) outlived SIGTERM +
+    # SIGUSR1, the trainer's StopRequest saw SIGTERM, and the engine still samples. The
+    # trainer's shutdown then ends them all, in vLLM's usual time (its manager waits 5 s for
+    # the engine core, then kills it; the same without the block); a leftover SIGTERM-proof
+    # worker would outlive it.
+    signalled = errors["signalled"]
+    assert signalled["cores"] == 1 and signalled["children"] >= 3, signalled
+    assert errors["engine_processes"] >= 2  # the engine core and its worker
+    assert signalled["alive"] == signalled["children"] and signalled["stop"] == "SIGTERM", signalled
+    assert errors["samples_after_sigterm"] == 1
+    assert errors["left_after_shutdown"] == [] and errors["shutdown_s"] < 8.0, errors

@@ -217,7 +217,7 @@ def test_bad_options_are_refused_before_anything_is_submitted(local_cluster, sub
     cases = [
         ([*CPU_JOB, "--partition", "h200"], "slurm.partition='h200' is invalid: 'h200' is not a partition "
                                   "of this cluster; expected one of ['debug', 'gpu']"),
-        (["--partition", "gpu", "--gpus-per-node", "16", "--cpus-per-task", "4",
+        (["--partition", "gpu", "--gpus-per-node", "16", "--cpus-per-task", "4", "--signal-seconds", "60",
           "trainer.device=auto", "rollout.batch.prompts_per_step=16"],
          "slurm.gpus_per_node=16 is invalid: expected at most 8: more GPUs than a node has "
          "(the nodes of partition 'gpu' have at most 8, says sinfo)"),
@@ -226,7 +226,7 @@ def test_bad_options_are_refused_before_anything_is_submitted(local_cluster, sub
          "'debug' have at most 2 CPUs (sinfo)"),
         ([*CPU_JOB, "--seconds-per-step-estimate", "30", "checkpoint.save_every=60"],
          "a time limit longer than one checkpoint interval: checkpoint.save_every=60 steps x "
-         "seconds_per_step_estimate=30 s = 1800 s, but the job has 1560 s for steps"),
+         "30 s per step = 1800 s, but the job has 1560 s for steps"),
     ]
     before = job_ids()
     for extra, expected in cases:

@@ -99,7 +99,8 @@ def test_large_model_example_scripts_match_golden_files(run_config, cluster_opti
 def test_example_scripts_ask_for_one_task_per_gpu_and_resume(layout, nodes, dp, prime):
     text = render_example(layout, prime)
     for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=8",
-                 "#SBATCH --gpus-per-node=8", "#SBATCH --signal=USR1@300", "#SBATCH --requeue",
+                 # (900 s step + 107 s save, the YAML's estimates) x 1.5 = 1510.5 -> 1511
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --signal=USR1@1511", "#SBATCH --requeue",
                  "#SBATCH --open-mode=append", f"  --nodes={nodes} \\",
                  # each task sees its node's GPUs: the engines are placed per replica
                  "  --gpu-bind=none \\",
@@ -113,7 +114,8 @@ def test_example_scripts_ask_for_one_task_per_gpu_and_resume(layout, nodes, dp, 
 
 
 def test_render_quotes_paths_and_overrides(prime):
-    slurm = SlurmConfig(nodes=2, time="12:00:00", container_image="nvcr.io#nvidia/pytorch:25.01-py3",
+    slurm = SlurmConfig(nodes=2, time="12:00:00", signal_seconds=600,
+                        container_image="nvcr.io#nvidia/pytorch:25.01-py3",
                         container_mounts=["/data_sets:/data"],
                         venv="/opt/my venv", account="proj-1", qos="high", dependency=1234,
                         extra_sbatch_lines=["--exclusive", "--mem=0"])
@@ -143,8 +145,10 @@ def rendered_variants(prime) -> dict[str, str]:
     variants["no-requeue"] = render_example("1node", prime, requeue=False)
     variants["container"] = render_example("2nodes", prime, container_image="image.sqsh",
                                            container_mounts=["/scratch:/scratch:ro"])
-    variants["plain"] = render_sbatch(SlurmConfig(time="12:00:00", dependency="77_3",
-                                                  nccl_env={"NCCL_SOCKET_IFNAME": "^lo,docker"}),
+    variants["plain"] = render_sbatch(SlurmConfig(time="12:00:00", dependency="77_3", signal_seconds=600,
+                                                  nccl_socket_ifname="^lo,docker",
+                                                  gloo_socket_ifname="eth0,eth1",
+                                                  node_local_dir="${SLURM_TMPDIR:-/scratch/$USER}"),
                                       RUN_CONFIG, ["algo.beta=0.1"], prime)
     return variants
 
@@ -165,11 +169,22 @@ def test_bash_accepts_every_rendered_script(prime, tmp_path):
     ({"time": "90 minutes"}, ["slurm.time='90 minutes'", '"HH:MM:SS" or "D-HH:MM:SS"']),
     ({"time": "1:75:00"}, ["slurm.time='1:75:00'", "minutes and seconds < 60"]),
     ({"time": 43200}, ["slurm.time=43200", "quote it in YAML"]),
-    ({"time": "00:15:00"}, ["slurm.time='00:15:00'", "300 + 60 + 600 = 960 s",
-                            "signalled before it could save"]),
-    ({"signal_seconds": 0}, ["slurm.signal_seconds=0", "[1, 65535]"]),
-    ({"seconds_per_step_estimate": 400.0}, ["slurm.signal_seconds=300", "more than "
-                                            "seconds_per_step_estimate=400 s"]),
+    ({"time": "00:15:00", "signal_seconds": 300}, ["slurm.time='00:15:00'", "300 + 60 + 600 = 960 s",
+                                                   "signalled before it could save"]),
+    ({"signal_seconds": 0}, ["slurm.signal_seconds=0", "'auto' or an integer in [1, 65535]"]),
+    ({"signal_seconds": "soon"}, ["slurm.signal_seconds='soon'", "'auto' or an integer"]),
+    ({"signal_safety_factor": 0.9}, ["slurm.signal_safety_factor=0.9", ">= 1"]),
+    ({"checkpoint_write_gbps": 0}, ["slurm.checkpoint_write_gbps=0", "a number > 0"]),
+    ({"checkpoint_seconds_estimate": -5}, ["slurm.checkpoint_seconds_estimate=-5", "> 0 or None"]),
+    ({"nccl_socket_ifname": "ib0,"}, ["slurm.nccl_socket_ifname='ib0,'", "interface names"]),
+    ({"nccl_socket_ifname": "ib0, ib1"}, ["slurm.nccl_socket_ifname='ib0, ib1'", "without spaces"]),
+    ({"nccl_socket_ifname": ""}, ["slurm.nccl_socket_ifname=''"]),
+    ({"gloo_socket_ifname": "^lo"}, ["slurm.gloo_socket_ifname='^lo'", "interface names"]),
+    ({"gloo_socket_ifname": "averyveryverylongname0"}, ["slurm.gloo_socket_ifname="]),
+    ({"nccl_socket_ifname": "ib0", "nccl_env": {"NCCL_SOCKET_IFNAME": "eth0"}},
+     ["slurm.nccl_env.NCCL_SOCKET_IFNAME='eth0'", "unset when slurm.nccl_socket_ifname is set"]),
+    ({"node_local_dir": "$(hostname)/x"}, ["slurm.node_local_dir='$(hostname)/x'", "command substitution"]),
+    ({"node_local_dir": "/my scratch"}, ["slurm.node_local_dir='/my scratch'", "without spaces"]),
     ({"extra_sbatch_lines": ["#SBATCH --exclusive"]}, ["slurm.extra_sbatch_lines[0]"]),
     ({"dependency": "afterok:12"}, ["slurm.dependency='afterok:12'", "job id"]),
     ({"nccl_env": {"NCCL_IB_DISABLE": True}}, ["slurm.nccl_env.NCCL_IB_DISABLE=True"]),
@@ -214,7 +229,7 @@ def test_time_shorter_than_one_checkpoint_interval(prime):
         slurm.validate(prime)
     message = str(error.value)
     assert "slurm.time='04:00:00'" in message and "one checkpoint interval" in message
-    assert "checkpoint.save_every=20 steps x seconds_per_step_estimate=900 s = 18000 s" in message
+    assert "checkpoint.save_every=20 steps x 900 s per step = 18000 s" in message
     assert "12540 s for steps" in message
     # A shorter interval fits; save_every=0 means the signal checkpoint is the only save.
     slurm.validate(load_run_config(str(REPO / RUN_CONFIG), ["checkpoint.save_every=10"]))
@@ -354,8 +369,9 @@ def test_submit_refuses_when_the_doctor_fails_and_skip_doctor_goes_on(tmp_path, 
     status = main(args, list_partitions=cluster(gpu=[DGX_H100]), stdout=out, stderr=err)
     lines = err.getvalue().splitlines()
     assert status == 1, lines
+    # The signal margin is sized from the cluster YAML's step and save estimates.
     assert [line.split(":")[0] for line in lines[:-1]][-3:] == ["PASS folders", "FAIL disk",
-                                                                "SKIP signal"], lines
+                                                                "PASS signal"], lines
     assert "model.path='ckpt/eurus2-7b-sft'" in lines[-3]  # the disk check sizes the model
     assert lines[-1].startswith("error: megatron-prime-doctor: ") and "--skip-doctor" in lines[-1]
     assert list(tmp_path.iterdir()) == [] and out.getvalue() == ""
@@ -395,6 +411,7 @@ if [[ " $* " == *" megatron_prime.doctor "* ]]; then
 fi
 printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
 echo "$MASTER_ADDR:$MASTER_PORT" > "$FAKE_DIR/srun_master"
+env > "$FAKE_DIR/srun_env"
 if [[ -n "${FAKE_NEW_STEP:-}" ]]; then
   folder="$FAKE_CHECKPOINTS/$(printf 'step_%08d' "$FAKE_NEW_STEP")"
   mkdir -p "$folder" && echo '{}' > "$folder/train_state.json"
@@ -436,7 +453,7 @@ def run_script(tmp_path: Path, prime_overrides: list[str], slurm: SlurmConfig, e
 
 
 def test_script_requeues_a_run_stopped_early_with_progress(tmp_path):
-    slurm = SlurmConfig(nodes=2, time="12:00:00")
+    slurm = SlurmConfig(nodes=2, signal_seconds=300, time="12:00:00")
     done, calls = run_script(tmp_path, ["trainer.steps=3"], slurm, existing_steps=[1],
                              fake_new_step=2)
     assert done.returncode == 0, done.stderr
@@ -450,28 +467,28 @@ def test_script_requeues_a_run_stopped_early_with_progress(tmp_path):
 
 
 def test_script_does_not_requeue_a_finished_run(tmp_path):
-    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(signal_seconds=300, time="12:00:00"),
                              fake_new_step=3)
     assert done.returncode == 0, done.stderr
     assert "all 3 steps done" in done.stdout and not calls.exists()
 
 
 def test_script_does_not_requeue_without_progress(tmp_path):
-    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(signal_seconds=300, time="12:00:00"),
                              existing_steps=[2])
     assert done.returncode == 1 and "make no progress" in done.stderr
     assert not calls.exists()
 
 
 def test_script_passes_on_a_trainer_failure_without_requeue(tmp_path):
-    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(signal_seconds=300, time="12:00:00"),
                              fake_new_step=1, fake_srun_status=7)
     assert done.returncode == 7 and "exit status 7" in done.stderr
     assert not calls.exists()
 
 
 def test_script_stops_before_the_trainer_when_the_doctor_fails(tmp_path):
-    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(time="12:00:00"),
+    done, calls = run_script(tmp_path, ["trainer.steps=3"], SlurmConfig(signal_seconds=300, time="12:00:00"),
                              fake_new_step=1, fake_doctor_status=1)
     assert done.returncode == 1
     assert "the preflight check (megatron-prime-doctor) failed on a node" in done.stderr
@@ -482,6 +499,64 @@ def test_script_stops_before_the_trainer_when_the_doctor_fails(tmp_path):
 
 def test_script_with_requeue_off_says_how_to_go_on(tmp_path):
     done, calls = run_script(tmp_path, ["trainer.steps=3"],
-                             SlurmConfig(time="12:00:00", requeue=False), fake_new_step=2)
+                             SlurmConfig(signal_seconds=300, time="12:00:00", requeue=False), fake_new_step=2)
     assert done.returncode == 0 and "submit again" in done.stdout
     assert not calls.exists()
+
+
+# ---- the environment every rank gets: NCCL_CUMEM_ENABLE, socket interfaces, compile caches ----
+
+def srun_environment(tmp_path: Path, slurm: SlurmConfig, **fake_env) -> dict[str, str]:
+    done, _ = run_script(tmp_path, ["trainer.steps=3"], slurm, fake_new_step=3, **fake_env)
+    assert done.returncode == 0, done.stderr
+    return dict(line.split("=", 1) for line in (tmp_path / "srun_env").read_text().splitlines()
+                if "=" in line)
+
+
+def test_ranks_get_one_nccl_cumem_value_the_interfaces_and_node_local_caches(tmp_path):
+    from megatron_prime.distributed import NCCL_CUMEM_ENABLE_VALUE
+    from megatron_prime.rollout.engine import COMPILE_CACHES, node_local_cache_root
+
+    slurm = SlurmConfig(signal_seconds=300, time="12:00:00", nccl_socket_ifname="^lo,docker",
+                        gloo_socket_ifname="eth0,eth1")
+    env = srun_environment(tmp_path, slurm, tmpdir="/local/scratch", triton_cache_dir="/mine/triton")
+    assert env["NCCL_CUMEM_ENABLE"] == NCCL_CUMEM_ENABLE_VALUE == "0"
+    assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker" and env["GLOO_SOCKET_IFNAME"] == "eth0,eth1"
+    # ${TMPDIR:-/tmp}/megatron-prime-<job id>/<cache>; a cache the user exported is kept.
+    assert env["VLLM_CACHE_ROOT"] == "/local/scratch/megatron-prime-4242/vllm"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/local/scratch/megatron-prime-4242/torchinductor"
+    assert env["CUDA_CACHE_PATH"] == "/local/scratch/megatron-prime-4242/cuda-jit"
+    assert env["TRITON_CACHE_DIR"] == "/mine/triton"
+    # The engine picks the same folders when it starts without the script (or inside it).
+    root = node_local_cache_root({"SLURM_JOB_ID": "4242", "TMPDIR": "/local/scratch"})
+    for variable, folder in COMPILE_CACHES.items():
+        if variable != "TRITON_CACHE_DIR":
+            assert env[variable] == str(root / folder), variable
+
+
+def test_defaults_without_tmpdir_and_a_named_node_local_dir(tmp_path):
+    env = srun_environment(tmp_path, SlurmConfig(signal_seconds=300, time="12:00:00"))
+    assert env["VLLM_CACHE_ROOT"] == "/tmp/megatron-prime-4242/vllm"
+    assert "NCCL_SOCKET_IFNAME" not in env and "GLOO_SOCKET_IFNAME" not in env
+    local = tmp_path / "local"
+    env = srun_environment(tmp_path, SlurmConfig(signal_seconds=300, time="12:00:00",
+                                                 node_local_dir="$FAKE_DIR/local"))
+    assert env["TORCH_EXTENSIONS_DIR"] == f"{local}/megatron-prime-4242/torch-extensions"
+
+
+def test_a_user_nccl_cumem_value_is_exported_once(prime, tmp_path):
+    slurm = SlurmConfig(signal_seconds=300, time="12:00:00", nccl_env={"NCCL_CUMEM_ENABLE": "1"})
+    text = render_sbatch(slurm, RUN_CONFIG, [], prime)
+    assert [line for line in text.splitlines() if "NCCL_CUMEM_ENABLE=" in line] == \
+        ["export NCCL_CUMEM_ENABLE=1"]
+    assert srun_environment(tmp_path, slurm)["NCCL_CUMEM_ENABLE"] == "1"
+
+
+def test_interface_options_in_the_cluster_yaml(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text('time: "12:00:00"\nnccl_socket_ifname: =ib0\ngloo_socket_ifname: ib0\n')
+    slurm = load_slurm_config(path)
+    assert (slurm.nccl_socket_ifname, slurm.gloo_socket_ifname) == ("=ib0", "ib0")
+    path.write_text('time: "12:00:00"\ngloo_socket_ifname: [ib0]\n')
+    with pytest.raises(ValueError, match=r"slurm.gloo_socket_ifname=\['ib0'\] is invalid"):
+        load_slurm_config(path)

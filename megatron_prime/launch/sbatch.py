@@ -12,9 +12,10 @@ children), not to the batch shell. ``B:USR1`` would reach only the batch shell: 
 to run ``srun`` in the background, trap USR1 and forward it (bash defers a trap while a
 foreground command runs), and a forwarded signal (``scancel --signal``, or srun's own
 forwarding) again reaches every process of the step. The trainer (``train.StopRequest``)
-finishes its current step, saves a checkpoint and exits 0; the vLLM engine processes ignore
-USR1 (``rollout/engine.py``), so they live until the trainer has saved. Any other child
-process of the trainer must ignore USR1 as well, or it dies (USR1's default action).
+finishes its current step, saves a checkpoint and exits 0; every process it starts (vLLM's
+engine core and workers, verifier workers, sandboxes) starts with USR1 and SIGTERM blocked
+(``job_signals.py``), so they live until the trainer has saved and stops them. The margin
+(``signal_seconds: auto``) is derived from the step and save times (``launch/margin.py``).
 
 Requeue. After ``srun`` returns 0, the script compares the step of the newest complete
 checkpoint (``step_*/train_state.json``, what ``checkpoint.resume=auto`` picks) with
@@ -30,6 +31,7 @@ example scripts in examples/slurm/ double as golden files for the tests.
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron_prime.config import config_from_dict, require, require_positive_int
+from megatron_prime.launch.margin import SignalMargin, signal_margin
 
 if TYPE_CHECKING:
     from megatron_prime.train import PrimeConfig
@@ -63,6 +66,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NAME_LIST = re.compile(r"[A-Za-z0-9._-]+(?:,[A-Za-z0-9._-]+)*")
 _JOB_ID = re.compile(r"\d+(?:_\d+)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Linux interface names: up to 15 characters, no spaces or '/' (ip-link(8)); NCCL and gloo
+# take a comma list, NCCL a leading '^' (all but these) or '=' (exact names, not prefixes).
+_IFNAME = r"[A-Za-z0-9_.:@-]{1,15}"
+_IFNAME_LIST = re.compile(rf"{_IFNAME}(?:,{_IFNAME})*")
+_NCCL_IFNAME_LIST = re.compile(rf"[\^=]?{_IFNAME}(?:,{_IFNAME})*")
+# SlurmConfig key -> the variable it is exported as.
+SOCKET_IFNAME_KEYS = {"nccl_socket_ifname": "NCCL_SOCKET_IFNAME",
+                      "gloo_socket_ifname": "GLOO_SOCKET_IFNAME"}
 
 
 def parse_time_limit(key: str, value: Any) -> int:
@@ -117,7 +128,11 @@ class SlurmConfig:
     # Verbatim "#SBATCH <line>" lines, e.g. "--exclusive", "--mem=0", "--constraint=h100".
     extra_sbatch_lines: list[str] = field(default_factory=list)
     # USR1 this many seconds before the time limit: one step plus a checkpoint save must fit.
-    signal_seconds: int = 300
+    # "auto": derived from the step and save times (launch/margin.py); a number shorter than
+    # one step + one save (when either is known) is refused.
+    signal_seconds: int | str = "auto"
+    # "auto" multiplies (step + save) by this: a step can run longer than any measured one.
+    signal_safety_factor: float = 1.5
     # Requeue the job when the signal stopped the run before trainer.steps.
     requeue: bool = True
     # Start after this job ends, whatever its state (--dependency=afterany:<id>).
@@ -130,6 +145,22 @@ class SlurmConfig:
     # Measured seconds per training step, when known: enables the checks that one step fits
     # in the signal window and one checkpoint interval in the time limit.
     seconds_per_step_estimate: float | None = None
+    # Seconds one checkpoint save takes, when known and not yet measured (time/checkpoint in
+    # the run's metrics.jsonl wins); None: estimated from the model size at the bandwidth below.
+    checkpoint_seconds_estimate: float | None = None
+    # GB/s the whole job writes a checkpoint at (shared file system, all nodes together): 1
+    # is an NFS-class figure; Lustre/GPFS give several. Only used for that estimate.
+    checkpoint_write_gbps: float = 1.0
+    # The interfaces NCCL's and gloo's bootstrap sockets use (NCCL_SOCKET_IFNAME,
+    # GLOO_SOCKET_IFNAME), e.g. "ib0" or "eth0,eth1"; NCCL also takes "^lo,docker" (exclude)
+    # and "=eth0" (exact). None: each library picks one, sometimes a docker or VPN interface
+    # the other nodes cannot reach.
+    nccl_socket_ifname: str | None = None
+    gloo_socket_ifname: str | None = None
+    # Node-local folder for compile caches (vLLM, Triton, TorchInductor, CUDA's JIT cache),
+    # one sub-folder per job: in $HOME (often NFS) every engine of every job shares and
+    # rewrites them. A shell expression, expanded by the batch script.
+    node_local_dir: str = "${TMPDIR:-/tmp}"
 
     @property
     def ntasks_per_node(self) -> int:
@@ -187,8 +218,31 @@ class SlurmConfig:
             require(isinstance(line, str) and line.startswith("-") and "\n" not in line,
                     f"slurm.extra_sbatch_lines[{i}]", line,
                     'one sbatch option per entry, such as "--exclusive" (without "#SBATCH")')
-        require(_is_int(self.signal_seconds) and 1 <= self.signal_seconds <= 65535,
-                "slurm.signal_seconds", self.signal_seconds, "an integer in [1, 65535]")
+        require(self.signal_seconds == "auto" or (_is_int(self.signal_seconds)
+                                                  and 1 <= self.signal_seconds <= 65535),
+                "slurm.signal_seconds", self.signal_seconds, "'auto' or an integer in [1, 65535]")
+        require(_is_number(self.signal_safety_factor) and self.signal_safety_factor >= 1,
+                "slurm.signal_safety_factor", self.signal_safety_factor, "a number >= 1")
+        for key in ("checkpoint_seconds_estimate", "checkpoint_write_gbps"):
+            value = getattr(self, key)
+            require((value is None and key != "checkpoint_write_gbps")
+                    or (_is_number(value) and value > 0), f"slurm.{key}", value,
+                    "a number > 0" + (" or None" if key != "checkpoint_write_gbps" else ""))
+        for key, variable in SOCKET_IFNAME_KEYS.items():
+            value = getattr(self, key)
+            exclude = "'^' (exclude) or '=' (exact) and " if key == "nccl_socket_ifname" else ""
+            pattern = _NCCL_IFNAME_LIST if key == "nccl_socket_ifname" else _IFNAME_LIST
+            require(value is None
+                    or (isinstance(value, str) and pattern.fullmatch(value) is not None),
+                    f"slurm.{key}", value,
+                    f"None or interface names separated by commas, optionally after {exclude}"
+                    "without spaces (e.g. 'ib0' or 'eth0,eth1'; see ip -brief link)")
+            require(value is None or variable not in self.nccl_env, f"slurm.nccl_env.{variable}",
+                    self.nccl_env.get(variable), f"unset when slurm.{key} is set (one place)")
+        require(isinstance(self.node_local_dir, str) and self.node_local_dir != ""
+                and not re.search(r"[\s\"'`\\]|\$\(", self.node_local_dir), "slurm.node_local_dir",
+                self.node_local_dir, "a folder path (shell variables allowed) without spaces, "
+                "quotes, backslashes or command substitution")
         require(self.dependency is None or _JOB_ID.fullmatch(str(self.dependency)) is not None,
                 "slurm.dependency", self.dependency, "None or a job id such as 12345 or 12345_7")
         for name, value in self.nccl_env.items():
@@ -203,23 +257,32 @@ class SlurmConfig:
         require(estimate is None or estimate > 0, "slurm.seconds_per_step_estimate", estimate,
                 "None or a number of seconds > 0")
 
-        # The signal comes signal_seconds (up to SIGNAL_EARLY_SECONDS more) before the limit,
-        # and nothing is saved before the first step ends.
-        needed = self.signal_seconds + SIGNAL_EARLY_SECONDS + self.startup_seconds
+        if prime is None:
+            # Without the run config an "auto" margin is not known yet: validate(prime) checks it.
+            if self.signal_seconds != "auto":
+                self._check_time_limit(self.signal_seconds, time_seconds)
+            return
+        margin = self.signal_margin(prime)
+        needed = self._check_time_limit(margin.seconds, time_seconds)
+        self._validate_run(prime, time_seconds - needed, margin.step_seconds)
+
+    def signal_margin(self, prime: PrimeConfig) -> SignalMargin:
+        """The USR1 margin (launch/margin.py): derived for "auto", checked when fixed."""
+        return signal_margin(self, prime)
+
+    def _check_time_limit(self, signal_seconds: int, time_seconds: int) -> int:
+        """The signal comes signal_seconds (up to SIGNAL_EARLY_SECONDS more) before the limit,
+        and nothing is saved before the first step ends. Returns the seconds not for steps."""
+        needed = signal_seconds + SIGNAL_EARLY_SECONDS + self.startup_seconds
         require(time_seconds > needed, "slurm.time", self.time,
                 f"longer than signal_seconds + {SIGNAL_EARLY_SECONDS} s (SLURM may signal that "
-                f"much early) + startup_seconds = {self.signal_seconds} + {SIGNAL_EARLY_SECONDS} + "
+                f"much early) + startup_seconds = {signal_seconds} + {SIGNAL_EARLY_SECONDS} + "
                 f"{self.startup_seconds} = {needed} s; the limit is {time_seconds} s, so the job "
                 "would be signalled before it could save a checkpoint")
-        if estimate is not None:
-            # The trainer finishes the step it is in before it saves.
-            require(self.signal_seconds > estimate, "slurm.signal_seconds", self.signal_seconds,
-                    f"more than seconds_per_step_estimate={estimate:g} s: after the signal the "
-                    "trainer finishes its current step, then saves")
-        if prime is not None:
-            self._validate_run(prime, time_seconds - needed)
+        return needed
 
-    def _validate_run(self, prime: PrimeConfig, seconds_for_steps: int) -> None:
+    def _validate_run(self, prime: PrimeConfig, seconds_for_steps: int,
+                      step_seconds: float | None) -> None:
         if self.gpus_per_node == 0:
             require(prime.trainer.device == "cpu", "trainer.device", prime.trainer.device,
                     "'cpu' for a CPU job (slurm.gpus_per_node=0)")
@@ -244,13 +307,12 @@ class SlurmConfig:
                 f"a multiple of the data-parallel size {dp_size} ({self.world_size} processes / "
                 f"{model_parallel} per model replica)")
         save_every = prime.checkpoint.save_every
-        estimate = self.seconds_per_step_estimate
         # save_every == 0: the signal checkpoint is the only save before the end.
-        if estimate is not None and save_every > 0:
-            interval = save_every * estimate
+        if step_seconds is not None and save_every > 0:
+            interval = save_every * step_seconds
             require(seconds_for_steps >= interval, "slurm.time", self.time,
                     f"a time limit longer than one checkpoint interval: checkpoint.save_every="
-                    f"{save_every} steps x seconds_per_step_estimate={estimate:g} s = "
+                    f"{save_every} steps x {step_seconds:g} s per step = "
                     f"{interval:g} s, but the job has {seconds_for_steps} s for steps (time - "
                     "signal_seconds - 60 - startup_seconds); raise slurm.time or lower "
                     "checkpoint.save_every (0 = save only at the signal and the end)")
@@ -258,6 +320,10 @@ class SlurmConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_word(value: Any) -> bool:
@@ -328,6 +394,7 @@ def render_sbatch(slurm: SlurmConfig, config_path: str, overrides: Sequence[str]
     if prime is None:
         prime = load_run_config(config_path, overrides)
     slurm.validate(prime)
+    margin = slurm.signal_margin(prime)
     parallel = prime.parallel
     dp_size = slurm.world_size // parallel.model_parallel_size
     trainer_args = ["-m", "megatron_prime.train", config_path, *overrides, "checkpoint.resume=auto"]
@@ -338,7 +405,8 @@ def render_sbatch(slurm: SlurmConfig, config_path: str, overrides: Sequence[str]
         f"# {slurm.nodes} node(s) x {_per_node(slurm)} = {slurm.world_size} trainer "
         f"processes: TP={parallel.tensor_parallel_size} x PP={parallel.pipeline_parallel_size} x "
         f"CP={parallel.context_parallel_size} per model replica, DP={dp_size}.",
-        *(f"#SBATCH {option}" for option in _sbatch_options(slurm)),
+        *_comment(margin.describe() + "."),
+        *(f"#SBATCH {option}" for option in _sbatch_options(slurm, margin.seconds)),
         "",
         "set -euo pipefail",
         "",
@@ -355,9 +423,12 @@ def render_sbatch(slurm: SlurmConfig, config_path: str, overrides: Sequence[str]
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
         "export PYTHONUNBUFFERED=1",
         "",
-        "# NCCL (InfiniBand). Set NCCL_SOCKET_IFNAME in the cluster YAML's nccl_env if the",
-        "# bootstrap picks the wrong interface.",
+        "# NCCL (InfiniBand). Set nccl_socket_ifname / gloo_socket_ifname in the cluster YAML",
+        "# if a bootstrap picks the wrong interface.",
         *(f"export {name}={shlex.quote(str(value))}" for name, value in slurm.nccl_env.items()),
+        *_network_lines(slurm),
+        "",
+        *_cache_lines(slurm),
         "",
         f"RUN_STEPS={prime.trainer.steps}",
         f"CHECKPOINT_ROOT={shlex.quote(checkpoint_root(prime))}",
@@ -405,7 +476,54 @@ def render_sbatch(slurm: SlurmConfig, config_path: str, overrides: Sequence[str]
     return "\n".join(lines) + "\n"
 
 
-def _sbatch_options(slurm: SlurmConfig) -> list[str]:
+def _comment(text: str, width: int = 92) -> list[str]:
+    import textwrap
+
+    return [f"# {line}" for line in textwrap.wrap(text, width - 2, break_on_hyphens=False)]
+
+
+def _network_lines(slurm: SlurmConfig) -> list[str]:
+    """NCCL_CUMEM_ENABLE and the socket interfaces, the same on every rank.
+
+    NCCL_CUMEM_ENABLE: some vLLM releases set it on import, i.e. only on the ranks that host
+    an engine; ranks whose values differ hang in NCCL's first collective. The script exports
+    the value ``megatron_prime.distributed`` also sets (the user's ``nccl_env`` wins).
+    Anchors: verl's Ray runtime_env gives every worker NCCL_CUMEM_ENABLE=0 (against the
+    hang of the weight sync with vLLM); slime's example scripts pass NCCL_CUMEM_ENABLE=0 and
+    GLOO_SOCKET_IFNAME to every Ray worker in ``ray job submit``'s env_vars. Here the batch
+    script is the one place every rank's environment comes from.
+    """
+    from megatron_prime.distributed import NCCL_CUMEM_ENABLE_VALUE
+
+    lines = []
+    if "NCCL_CUMEM_ENABLE" not in slurm.nccl_env:
+        lines += ["# One value on every rank: vLLM sets this on import on some releases, i.e.",
+                  "# only on the ranks hosting an engine, and mismatched values hang NCCL's",
+                  "# first collective.",
+                  f"export NCCL_CUMEM_ENABLE={NCCL_CUMEM_ENABLE_VALUE}"]
+    for key, variable in SOCKET_IFNAME_KEYS.items():
+        value = getattr(slurm, key)
+        if value is not None:
+            lines.append(f"export {variable}={shlex.quote(value)}  # slurm.{key}")
+    return lines
+
+
+def _cache_lines(slurm: SlurmConfig) -> list[str]:
+    """Compile caches on node-local disk, one folder per job (a variable the user exported
+    before sbatch wins). Anchors: verl, slime and NeMo-RL leave these caches at their
+    defaults under $HOME; moving Triton's and Inductor's caches to node-local /tmp is common
+    practice on clusters (concurrent compiles on NFS fail with stale file handles)."""
+    from megatron_prime.rollout.engine import COMPILE_CACHES
+
+    lines = ["# Compile caches (vLLM, Triton, TorchInductor, CUDA JIT) on node-local disk, one",
+             "# folder per job: in $HOME (often NFS) every engine of every job would share them.",
+             f'NODE_LOCAL_DIR="{slurm.node_local_dir}/megatron-prime-$SLURM_JOB_ID"']
+    lines += [f'export {variable}="${{{variable}:-$NODE_LOCAL_DIR/{folder}}}"'
+              for variable, folder in COMPILE_CACHES.items()]
+    return lines
+
+
+def _sbatch_options(slurm: SlurmConfig, signal_seconds: int) -> list[str]:
     options = [
         f"--job-name={slurm.job_name}",
         f"--nodes={slurm.nodes}",
@@ -418,7 +536,7 @@ def _sbatch_options(slurm: SlurmConfig) -> list[str]:
                 if getattr(slurm, key) is not None]
     options.append(f"--output={log_path(slurm)}")
     # No "B:": USR1 goes to the tasks srun started (the trainers), not to the batch shell.
-    options.append(f"--signal=USR1@{slurm.signal_seconds}")
+    options.append(f"--signal=USR1@{signal_seconds}")
     if slurm.requeue:
         # A requeued job starts this script again with the same job id, so the same log
         # file: append to it instead of truncating it.

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from megatron_prime.config import require
 from megatron_prime.doctor import FAIL, SHARED_CHECKS, CheckResult, run_checks
+from megatron_prime.launch.margin import SignalMargin
 from megatron_prime.launch.sbatch import (
     SlurmConfig,
     load_run_config,
@@ -71,6 +72,7 @@ class SubmitResult:
     log_path: str | None = None
     notes: tuple[str, ...] = ()  # what was not checked, and why
     checks: tuple[CheckResult, ...] = ()  # the doctor's results (none with dry_run)
+    margin: SignalMargin | None = None  # the USR1 margin and where it came from
 
 
 class PreflightFailed(ValueError):
@@ -198,9 +200,10 @@ def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), 
     slurm.validate(prime)
     note = check_partition(slurm, list_partitions, dry_run)
     script = render_sbatch(slurm, config_path, overrides, prime)
+    margin = slurm.signal_margin(prime)
     notes = (note,) if note else ()
     if dry_run:
-        return SubmitResult(script, notes=notes)
+        return SubmitResult(script, notes=notes, margin=margin)
     checks = tuple(preflight(prime, slurm)) if preflight is not None else ()
     if any(check.status == FAIL for check in checks):
         raise PreflightFailed(checks)
@@ -211,12 +214,22 @@ def submit(config_path: str, slurm: SlurmConfig, overrides: Sequence[str] = (), 
     script_path = output_dir / f"{slurm.job_name}.sbatch"
     script_path.write_text(script)
     job_id = sbatch(script_path)
-    return SubmitResult(script, script_path, job_id, log_path(slurm, job_id), notes, checks)
+    return SubmitResult(script, script_path, job_id, log_path(slurm, job_id), notes, checks, margin)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one "error: ..." line, like every other error
         raise ValueError(message)
+
+
+def _signal_seconds(text: str) -> int | str:
+    """--signal-seconds: "auto" or a number of seconds (the range is checked with the rest)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number of seconds, got {text!r}") from None
 
 
 # Flags that override the cluster YAML: (flag, SlurmConfig key, type).
@@ -233,7 +246,7 @@ _SLURM_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--output-dir", "output_dir", str),
     ("--container-image", "container_image", str),
     ("--venv", "venv", str),
-    ("--signal-seconds", "signal_seconds", int),
+    ("--signal-seconds", "signal_seconds", _signal_seconds),
     ("--dependency", "dependency", str),
     ("--seconds-per-step-estimate", "seconds_per_step_estimate", float),
 )
@@ -288,10 +301,12 @@ def main(argv: Sequence[str] | None = None, *, list_partitions: PartitionLister 
     for check in result.checks:
         print(check.line, file=stderr)
     if args.dry_run:
+        # stdout is the script; the margin (also in its header) goes next to the notes.
+        print(f"signal: {result.margin.describe()}", file=stderr)
         stdout.write(result.script)
     else:
-        print(f"submitted job {result.job_id}\nscript: {result.script_path}\nlog: {result.log_path}",
-              file=stdout)
+        print(f"submitted job {result.job_id}\nscript: {result.script_path}\nlog: {result.log_path}"
+              f"\nsignal: {result.margin.describe()}", file=stdout)
     return 0
 
 

@@ -253,15 +253,21 @@ class _Worker:
     """One checker process speaking line-delimited JSON over its stdin/stdout."""
 
     def __init__(self) -> None:
+        # Here, not at the top: the worker runs this file standalone (below).
+        from megatron_prime.job_signals import children_outlive_job_signals
+
         # -I: no PYTHONPATH, no script folder on sys.path; this file imports only the
-        # standard library and math-verify, so it runs standalone.
-        self.process = subprocess.Popen(
-            [sys.executable, "-I", __file__, "--worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
+        # standard library and math-verify, so it runs standalone. The worker starts with
+        # SIGTERM/SIGUSR1 blocked: the trainer still needs it to finish the step after the
+        # job's signal, and ends it itself (close: SIGKILL, or stdin closing).
+        with children_outlive_job_signals():
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", __file__, "--worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
         self.ready = False
 
     def _wait_ready(self) -> None:
@@ -393,9 +399,12 @@ def _worker_main() -> None:
     milliseconds. Replacing the whole worker instead (seconds of imports on a busy node)
     made the answers queued behind a pathological one miss their own time limits.
     """
-    # SLURM's pre-emption warning (--signal=USR1@N) reaches every process of the job step;
-    # the trainer saves on it and still needs its checkers until the step is done.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # SLURM's pre-emption warning (--signal=USR1@N) and scancel's SIGTERM reach every process
+    # of the job step; the trainer saves on them and still needs its checkers until the step
+    # is done. Started with both blocked (job_signals.py); ignored too, should anything unblock
+    # (the forked checker children inherit it).
+    for job_signal in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(job_signal, signal.SIG_IGN)
     # math-verify builds its parsers on first use (~0.3 s): once here, not in every child.
     check_answer({"answer": "\\frac{1}{2}", "gold": "0.5", "timeout_s": 60.0, "float_rounding": 6,
                   "max_answer_chars": 64})

@@ -75,6 +75,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from megatron_prime.job_signals import children_outlive_job_signals
+
 _HARNESS = Path(__file__).with_name("_sandbox_harness.py")
 _RESULT_MARKER = b"\n__SANDBOX_CALL_RESULT__"
 _STDERR_KEEP_BYTES = 4096
@@ -214,13 +216,16 @@ def _check_local_prerequisites(config: SandboxConfig) -> None:
                                      f"running as uid {os.geteuid()} (set rewards.code.sandbox.backend=remote)")
 
 
-# SLURM's pre-emption warning (--signal=USR1@N) reaches every process of the job step, and
-# would kill a run mid-test (scored as a failure) while the trainer finishes its step. An
-# ignored signal stays ignored across exec, so unshare and the harness inherit it.
-_IGNORE_USR1_THEN_EXEC = (
+# SLURM's pre-emption warning (--signal=USR1@N) and scancel's SIGTERM reach every process of
+# the job step, and would kill a run mid-test (scored as a failure) while the trainer finishes
+# its step; the wall timeout ends a sandbox anyway. The run starts with both blocked
+# (job_signals.py, which covers the moment before this trampoline runs), and the trampoline
+# ignores them too: an ignored signal stays ignored across exec, so unshare and the harness
+# inherit it.
+_IGNORE_JOB_SIGNALS_THEN_EXEC = (
     sys.executable, "-I", "-S", "-c",
     "import os, signal, sys; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
-    "os.execvp(sys.argv[1], sys.argv[1:])",
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); os.execvp(sys.argv[1], sys.argv[1:])",
 )
 
 
@@ -272,15 +277,16 @@ def _run_local(code: str, stdin: str, config: SandboxConfig, fn_name: str | None
             stdin_file.write(stdin.encode(errors="replace"))
             stdin_file.seek(0)
             fds = (job_file.fileno(), verdict_file.fileno())
-            command = [*_IGNORE_USR1_THEN_EXEC, "unshare", *namespaces, config.python or sys.executable,
+            command = [*_IGNORE_JOB_SIGNALS_THEN_EXEC, "unshare", *namespaces, config.python or sys.executable,
                        "-I", "-B", str(_HARNESS), *map(str, fds)]
             started = time.monotonic()
             try:
-                process = subprocess.Popen(
-                    command, stdin=stdin_file, stdout=stdout_file, stderr=stderr_file,
-                    pass_fds=fds, env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/",
-                    start_new_session=True,  # its own process group, killed as a whole
-                )
+                with children_outlive_job_signals():
+                    process = subprocess.Popen(
+                        command, stdin=stdin_file, stdout=stdout_file, stderr=stderr_file,
+                        pass_fds=fds, env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd="/",
+                        start_new_session=True,  # its own process group, killed as a whole
+                    )
             except OSError as error:
                 return RunResult(RunStatus.SANDBOX_ERROR, b"", "", None, 0.0, reason=f"cannot start: {error}")
             timed_out = False

@@ -32,12 +32,14 @@ import signal
 from multiprocessing import shared_memory
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Sequence
 
 import torch
 
 from megatron_prime.config import require, require_choice, require_positive_int
 from megatron_prime.host_memory import check_shared_memory_space
+from megatron_prime.job_signals import children_outlive_job_signals
 from megatron_prime.models.architectures import ModelShape
 
 
@@ -155,15 +157,53 @@ def _environment(values: dict[str, str | None]):
                 os.environ[name] = value
 
 
+# Compile caches the engine (vLLM, Triton, TorchInductor, CUDA's JIT, torch extensions)
+# writes, by default under $HOME: variable -> sub-folder of the node-local folder. The batch
+# script exports the same (launch/sbatch.py); ``use_node_local_caches`` covers other launches.
+COMPILE_CACHES: dict[str, str] = {
+    "VLLM_CACHE_ROOT": "vllm",
+    "TRITON_CACHE_DIR": "triton",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
+    "CUDA_CACHE_PATH": "cuda-jit",
+    "TORCH_EXTENSIONS_DIR": "torch-extensions",
+}
+
+
+def node_local_cache_root(environ: Mapping[str, str] | None = None) -> Path:
+    """``${TMPDIR:-/tmp}/megatron-prime-<job>``: one folder per SLURM job (the batch script's
+    choice too), else per user, so a local run reuses its compiled kernels."""
+    import getpass
+
+    env = os.environ if environ is None else environ
+    owner = env.get("SLURM_JOB_ID") or getpass.getuser()
+    return Path(env.get("TMPDIR") or "/tmp") / f"megatron-prime-{owner}"
+
+
+def use_node_local_caches(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Points every compile cache the user did not set at the node-local folder (in $HOME,
+    often NFS, every engine of every job shares and rewrites them); returns what it set.
+    Called before vLLM is first imported: it reads the variables then, and the engine's
+    processes inherit them."""
+    env = os.environ if environ is None else environ
+    root = node_local_cache_root(env)
+    chosen = {variable: str(root / folder) for variable, folder in COMPILE_CACHES.items()
+              if not env.get(variable)}
+    env.update(chosen)
+    return chosen
+
+
 @contextlib.contextmanager
-def _ignoring(signum: int):
-    """Processes started inside inherit an ignored ``signum`` (ignored dispositions survive
-    fork and exec); this process gets its previous handler back."""
-    previous = signal.signal(signum, signal.SIG_IGN)
+def _restored_after(name: str):
+    """``os.environ[name]`` as it was before, whatever the body set (an import that writes
+    it on some ranks only)."""
+    before = os.environ.get(name)
     try:
         yield
     finally:
-        signal.signal(signum, previous)
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def prompt_seed(seed: int, prompt_index: int) -> int:
@@ -176,6 +216,14 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
 def hosts_engine(tp_rank: int, pp_rank: int) -> bool:
     """The first rank of each data-parallel replica owns that replica's engine."""
     return tp_rank == 0 and pp_rank == 0
+
+
+def engine_core_processes(client: Any) -> list[Any]:
+    """The engine-core processes of vLLM's multiprocess client (``[]`` for an in-process
+    engine). vLLM's names: ``MPClient.resources.engine_manager.processes``."""
+    resources = getattr(client, "resources", None)
+    manager = getattr(resources, "engine_manager", None)
+    return list(getattr(manager, "processes", []))
 
 
 class EngineStateError(RuntimeError):
@@ -194,6 +242,7 @@ class RolloutEngine:
                  visible_devices: Sequence[str] | None = None):
         config.validate()
         configure_vllm_logging(config.log_level)  # before the first import of vllm
+        use_node_local_caches()
         self.config, self.on_gpu = config, on_gpu
         self.hf_folder = Path(hf_folder)
         import json
@@ -244,10 +293,13 @@ class RolloutEngine:
                     f"({','.join(visible_devices)}); expected at most that many")
             # The engine process and its workers inherit this at spawn.
             environment["CUDA_VISIBLE_DEVICES"] = ",".join(visible_devices[:config.tensor_parallel_size])
-        # The engine must outlive SIGUSR1: SLURM's pre-emption warning (sbatch
-        # --signal=USR1@N) reaches every process of the job, and the trainer needs the engine
-        # until it has saved.
-        with _environment(environment), _ignoring(signal.SIGUSR1):
+        # The engine must outlive SIGUSR1 and SIGTERM (sbatch --signal=USR1@N, scancel,
+        # pre-emption reach every process of the job): the trainer needs it until it has
+        # saved, and stops it itself (job_signals.py; vLLM's engine core and workers install
+        # SIGTERM handlers, which a blocked mask holds off and an ignored disposition would not). NCCL_CUMEM_ENABLE stays what every rank agreed on
+        # (distributed.agree_nccl_cumem), whatever importing vLLM does to it.
+        with _environment(environment), children_outlive_job_signals(spawn=True), \
+                _restored_after("NCCL_CUMEM_ENABLE"):
             self.llm = self._start_llm(kwargs)
         self._block: shared_memory.SharedMemory | None = None
         self._shared: SharedParameters | None = None
@@ -381,11 +433,21 @@ class RolloutEngine:
             self._block = None
 
     def shutdown(self) -> None:
+        """Stops the engine: SIGINT to its engine-core processes, then vLLM's own shutdown.
+
+        They block SIGTERM (job_signals.py), which is what vLLM's shutdown sends them; its
+        handler takes SIGINT as it takes SIGTERM, so the engine core starts the same clean
+        teardown (its workers exit when it tells them). vLLM's manager then waits up to 5 s
+        for it and kills what is left, as it does without the block."""
         self._release_block()
         if self._shared is not None:
             self._shared.close()
             self._shared = None
-        self.llm.llm_engine.engine_core.shutdown()
+        client = self.llm.llm_engine.engine_core
+        for process in engine_core_processes(client):
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        client.shutdown()
 
     # ---- sleep and wake (GPU memory hand-off; the same states on CPU) ----
 

@@ -150,6 +150,7 @@ VLLM_API: tuple[VllmName, ...] = (
         ("VLLM_WORKER_MULTIPROC_METHOD", "spawn: no inherited process groups"),
         ("VLLM_CPU_KVCACHE_SPACE", "rollout.cpu_kv_cache_gib"),
         ("VLLM_LOGGING_LEVEL", "rollout.engine.log_level"),
+        ("VLLM_CACHE_ROOT", "compile caches on node-local disk, not $HOME"),
     )),
 )
 

@@ -464,11 +464,10 @@ def checkpoint_bytes(config: PrimeConfig, shape: ModelShape, on_gpu: bool) -> in
     """Bytes of one train-state checkpoint: the trained models (policy, and the PRM unless
     algo.prm_mode=none) with their weights and Adam state (plan.optimizer_bytes_per_param: an
     fp32 master copy for 16-bit weights, two fp32 moments). The frozen reference is not saved."""
-    from megatron_prime.plan import model_params, optimizer_bytes_per_param
+    from megatron_prime.plan import train_state_bytes
 
-    element = _param_bytes(config, on_gpu)
     trained = 1 if config.algo.prm_mode == "none" else 2
-    return trained * model_params(shape) * (element + optimizer_bytes_per_param(element))
+    return train_state_bytes(shape, _param_bytes(config, on_gpu), trained)
 
 
 def check_disk(config: PrimeConfig, target: RunTarget,

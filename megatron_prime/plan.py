@@ -237,6 +237,13 @@ def optimizer_bytes_per_param(param_bytes: int) -> int:
     return ADAM_MOMENT_BYTES + (4 if param_bytes < 4 else 0)
 
 
+def train_state_bytes(shape: ModelShape, param_bytes: int, trained_models: int) -> int:
+    """Bytes of one train-state checkpoint: each trained model's weights and its Adam state
+    (``optimizer_bytes_per_param``); the frozen reference is not saved. Sizes the disk a
+    checkpoint interval needs (megatron-prime-doctor) and its save time (the USR1 margin)."""
+    return trained_models * model_params(shape) * (param_bytes + optimizer_bytes_per_param(param_bytes))
+
+
 # ---- activations ----
 
 RSTD_BYTES = 4  # RMSNorm's saved 1/rms, one fp32 per token

@@ -101,17 +101,11 @@ def checkpoint_bytes(prime: PrimeConfig, config_json: Path) -> int:
     state (fp32 moments, plus an fp32 master copy for 16-bit weights); the policy always,
     the PRM unless ``algo.prm_mode=none``. The frozen reference is not saved."""
     from megatron_prime.models.architectures import ModelShape
-    from megatron_prime.plan import (
-        DTYPE_BYTES,
-        load_hf_config,
-        model_params,
-        optimizer_bytes_per_param,
-    )
+    from megatron_prime.plan import DTYPE_BYTES, load_hf_config, train_state_bytes
 
-    params = model_params(ModelShape.from_hf(load_hf_config(str(config_json))))
-    param_bytes = DTYPE_BYTES[prime.precision.dtype]
+    shape = ModelShape.from_hf(load_hf_config(str(config_json)))
     trained_models = 1 if prime.algo.prm_mode == "none" else 2
-    return trained_models * params * (param_bytes + optimizer_bytes_per_param(param_bytes))
+    return train_state_bytes(shape, DTYPE_BYTES[prime.precision.dtype], trained_models)
 
 
 def save_estimate(slurm: SlurmConfig, prime: PrimeConfig) -> tuple[float | None, str]:

@@ -334,10 +334,10 @@ def test_offloaded_reference_gives_the_same_step(toy_inputs, tmp_path):
     for name, extra in (("resident", ()), ("offloaded", ("trainer.offload_reference=true",))):
         run_to_end(train_command(toy_inputs, tmp_path / name, "trainer.steps=1", *extra))
         runs[name] = losses(tmp_path / name)
+    # Exact equality of every logged loss and gradient norm (a seed change moves all of them:
+    # test_resume_after_kill_is_bit_exact compares such numbers across runs as well).
     assert runs["offloaded"] == runs["resident"]
-    with pytest.raises(AssertionError):  # the check can fail: another seed changes the losses
-        run_to_end(train_command(toy_inputs, tmp_path / "seed", "trainer.steps=1", "trainer.seed=7"))
-        assert losses(tmp_path / "seed") == runs["resident"]
+    assert runs["resident"][1]["prm/grad_norm"] > 0 and runs["resident"][1]["policy/grad_norm"] > 0
 
 
 @pytest.mark.slow

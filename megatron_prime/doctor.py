@@ -134,12 +134,9 @@ def _shape_or_fail(name: str, config: PrimeConfig) -> tuple[ModelShape | None, C
 
 
 def _param_bytes(config: PrimeConfig, on_gpu: bool) -> int:
-    from megatron_prime.plan import DTYPE_BYTES
+    from megatron_prime.plan import dtype_bytes
 
-    dtype = config.precision.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if on_gpu else "float32"
-    return DTYPE_BYTES[dtype]
+    return dtype_bytes(config.precision.dtype, on_gpu)
 
 
 def _gb(nbytes: float) -> str:

@@ -237,6 +237,14 @@ def optimizer_bytes_per_param(param_bytes: int) -> int:
     return ADAM_MOMENT_BYTES + (4 if param_bytes < 4 else 0)
 
 
+def dtype_bytes(dtype: str, on_gpu: bool) -> int:
+    """Bytes per weight of ``precision.dtype``; "auto" is bfloat16 on a GPU, float32 on CPU
+    (as models/architectures resolves it)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if on_gpu else "float32"
+    return DTYPE_BYTES[dtype]
+
+
 def train_state_bytes(shape: ModelShape, param_bytes: int, trained_models: int) -> int:
     """Bytes of one train-state checkpoint: each trained model's weights and its Adam state
     (``optimizer_bytes_per_param``); the frozen reference is not saved. Sizes the disk a

@@ -151,6 +151,13 @@ def test_save_time_estimated_from_the_model_size(tmp_path):
     # float32 weights are their own master: 4 + 8 B per parameter, 2 x 107072 x 12
     assert checkpoint_bytes(run_config(tmp_path, f"model.path={model}", "precision.dtype=float32"),
                             model / "config.json") == 2_569_728
+    # precision.dtype=auto (the default) is float32 in a CPU job and bfloat16 on GPUs.
+    auto = run_config(tmp_path, f"model.path={model}", "precision.dtype=auto")
+    assert checkpoint_bytes(auto, model / "config.json", on_gpu=False) == 2_569_728
+    assert checkpoint_bytes(auto, model / "config.json", on_gpu=True) == 2_998_016
+    cpu_job = slurm(seconds_per_step_estimate=10.0, checkpoint_write_gbps=0.001, gpus_per_node=0,
+                    tasks_per_node=2)
+    assert cpu_job.signal_margin(auto).save_seconds == pytest.approx(2.569728)
     # At 0.001 GB/s (1 MB/s) the save takes 2.998016 s; (10 + 2.998016) x 1.5 = 19.497 -> 20.
     margin = slurm(seconds_per_step_estimate=10.0, checkpoint_write_gbps=0.001).signal_margin(prime)
     assert margin.seconds == 20

@@ -96,16 +96,16 @@ def model_config_path(model_path: str) -> Path | None:
     return None
 
 
-def checkpoint_bytes(prime: PrimeConfig, config_json: Path) -> int:
+def checkpoint_bytes(prime: PrimeConfig, config_json: Path, on_gpu: bool = True) -> int:
     """Bytes one train-state checkpoint writes: each trained model's weights and its Adam
     state (fp32 moments, plus an fp32 master copy for 16-bit weights); the policy always,
     the PRM unless ``algo.prm_mode=none``. The frozen reference is not saved."""
     from megatron_prime.models.architectures import ModelShape
-    from megatron_prime.plan import DTYPE_BYTES, load_hf_config, train_state_bytes
+    from megatron_prime.plan import dtype_bytes, load_hf_config, train_state_bytes
 
     shape = ModelShape.from_hf(load_hf_config(str(config_json)))
     trained_models = 1 if prime.algo.prm_mode == "none" else 2
-    return train_state_bytes(shape, DTYPE_BYTES[prime.precision.dtype], trained_models)
+    return train_state_bytes(shape, dtype_bytes(prime.precision.dtype, on_gpu), trained_models)
 
 
 def save_estimate(slurm: SlurmConfig, prime: PrimeConfig) -> tuple[float | None, str]:
@@ -114,7 +114,8 @@ def save_estimate(slurm: SlurmConfig, prime: PrimeConfig) -> tuple[float | None,
     config_json = model_config_path(prime.model.path)
     if config_json is None:
         return None, f"no config.json in model.path={prime.model.path!r} to size the checkpoint"
-    nbytes = checkpoint_bytes(prime, config_json)
+    # precision.dtype "auto" is float32 in a CPU job (gpus_per_node=0), bfloat16 on GPUs.
+    nbytes = checkpoint_bytes(prime, config_json, on_gpu=slurm.gpus_per_node > 0)
     seconds = nbytes / (slurm.checkpoint_write_gbps * 1e9)
     return seconds, (f"{nbytes / 1e9:.3g} GB checkpoint of {config_json} at "
                      f"slurm.checkpoint_write_gbps={slurm.checkpoint_write_gbps:g} GB/s")

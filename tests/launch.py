@@ -26,3 +26,23 @@ def torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> No
 def run_json_worker(script: str, nproc: int, args: list[str], out: Path, timeout: int = 600) -> dict:
     torchrun(script, nproc, [*args, "--out", str(out)], timeout=timeout)
     return json.loads(out.read_text())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (through /proc's task children lists); a process that
+    exits while being walked is skipped."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                kids = [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            queue += kids
+    return found

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from launch import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 
 TRAINER = r'''
@@ -60,24 +62,6 @@ print(json.dumps({"signal": stop.signal_name, "workers": workers, "workers_after
                   "before": before_scores, "after": after_scores, "sandbox": sandbox}), flush=True)
 verifier.close()
 '''
-
-
-def descendants(pid: int) -> list[int]:
-    found, queue = [], [pid]
-    while queue:
-        parent = queue.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                kids = [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            queue += kids
-    return found
 
 
 def sigterm_like_scancel(trainer: subprocess.Popen) -> list[int]:

@@ -192,18 +192,7 @@ import os, signal, time
 from megatron_prime.train import StopRequest
 from megatron_prime.rollout.engine import engine_core_processes
 stop = StopRequest()
-def descendants(pid):
-    found, queue = [], [pid]
-    while queue:
-        parent = queue.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            try:
-                kids = [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            queue += kids
-    return found
+from tests.launch import descendants
 def running(pid):
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"

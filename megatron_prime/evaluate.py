@@ -181,39 +181,17 @@ class ImplicitPRM:
         self.prm = AutoModelForCausalLM.from_pretrained(str(prm_folder), dtype=torch.float32).eval()
         self.reference = AutoModelForCausalLM.from_pretrained(str(reference_folder), dtype=torch.float32).eval()
 
-    @staticmethod
-    @torch.no_grad()
-    def token_log_probs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] log-prob of each token given the ones before it (0 at position 0)."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
-
     def score(self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
         """One score per response of one prompt (0.0 for an empty response)."""
-        from megatron_prime.algo import implicit_process_rewards
+        from megatron_prime.credit import token_implicit_rewards
 
         scores: list[float] = []
-        for start in range(0, len(responses), self.batch_size):
-            chunk = responses[start:start + self.batch_size]
-            length = len(prompt_ids) + max(len(r) for r in chunk)
-            input_ids = torch.zeros(len(chunk), length, dtype=torch.long)
-            attention_mask = torch.zeros(len(chunk), length, dtype=torch.long)
-            response_mask = torch.zeros(len(chunk), length)
-            for row, response in enumerate(chunk):
-                ids = list(prompt_ids) + list(response)
-                input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, :len(ids)] = 1
-                response_mask[row, len(prompt_ids):len(ids)] = 1.0
-            rewards = implicit_process_rewards(self.token_log_probs(self.prm, input_ids, attention_mask),
-                                               self.token_log_probs(self.reference, input_ids, attention_mask),
-                                               response_mask, self.beta)
-            if self.aggregate == "sum":
-                values = rewards.sum(-1)
+        for rewards in token_implicit_rewards(self.prm, self.reference, prompt_ids, responses, self.beta,
+                                              self.batch_size):
+            if rewards.numel() == 0:
+                scores.append(0.0)
             else:
-                values = rewards.masked_fill(response_mask == 0, math.inf).min(-1).values
-                values = torch.where(response_mask.sum(-1) > 0, values, torch.zeros_like(values))
-            scores.extend(values.tolist())
+                scores.append((rewards.sum() if self.aggregate == "sum" else rewards.min()).item())
         return scores
 
 

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -288,7 +287,7 @@ def draw_credit_heatmap(rows: Sequence[tuple[Sequence[str], Sequence[float], str
     One diverging colour scale, centred at 0 and symmetric (-m..m with m the largest |reward|
     over all rows), is shared by all rows and shown in a colour bar, so colours compare across
     responses. Draws on matplotlib's Agg canvas (no pyplot, no display, like plot.py) and
-    writes the PNG atomically.
+    writes the PNG atomically (``plot.save_png``).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -296,6 +295,8 @@ def draw_credit_heatmap(rows: Sequence[tuple[Sequence[str], Sequence[float], str
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+
+    from megatron_prime.plot import save_png
 
     if not rows:
         raise ValueError("draw_credit_heatmap needs at least one row")
@@ -328,9 +329,12 @@ def draw_credit_heatmap(rows: Sequence[tuple[Sequence[str], Sequence[float], str
         boxes = []
         for cell, reward in zip(cells, rewards):
             x0, y0 = cell.column, y + cell.line
-            ax.add_patch(Rectangle((x0, y0), cell.width, 1, facecolor=cmap(norm(float(reward))),
+            shade = float(norm(float(reward)))
+            ax.add_patch(Rectangle((x0, y0), cell.width, 1, facecolor=cmap(shade),
                                    edgecolor="white", linewidth=0.3))
-            ax.text(x0 + 0.05, y0 + 0.72, cell.label, fontsize=FONT_SIZE, family="monospace")
+            # White text on the dark ends of the scale, black elsewhere: readable either way.
+            ax.text(x0 + 0.05, y0 + 0.72, cell.label, fontsize=FONT_SIZE, family="monospace",
+                    color="white" if abs(shade - 0.5) > 0.35 else "black")
             boxes.append((x0, y0, x0 + cell.width, y0 + 1))
         placed.append(boxes)
         y += count + 1
@@ -338,16 +342,7 @@ def draw_credit_heatmap(rows: Sequence[tuple[Sequence[str], Sequence[float], str
     figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar_ax,
                     label="implicit reward β·log(π_prm/π_ref)")
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = save_png(figure, Path(path), DPI)
     # Data -> pixel boxes, with the layout as saved (same dpi, no tight bbox).
     height_px = figure.get_figheight() * DPI
     cell_boxes = []

@@ -466,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> CreditHeatmap:
+def run(args: argparse.Namespace) -> tuple[CreditHeatmap, list[float]]:
+    """Draws the heatmap; returns it and each drawn response's summed implicit reward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not math.isfinite(args.beta) or args.beta <= 0:
@@ -484,23 +485,23 @@ def run(args: argparse.Namespace) -> CreditHeatmap:
     with prm_hf_folder(args.prm) as prm_folder:
         prm = AutoModelForCausalLM.from_pretrained(str(prm_folder), dtype=torch.float32).eval()
     ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).eval()
-    rows = []
+    rows, sums = [], []
     for example in examples:
         response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
         rewards = token_implicit_rewards(prm, ref, example.prompt_ids, [response_ids], args.beta)[0]
-        rows.append(heatmap_row(tokenizer, response_ids, rewards,
-                                f"{example.title}  (sum {rewards.sum().item():+.3f})"))
-    return draw_credit_heatmap(rows, out)
+        sums.append(rewards.sum().item())
+        rows.append(heatmap_row(tokenizer, response_ids, rewards, f"{example.title}  (sum {sums[-1]:+.3f})"))
+    return draw_credit_heatmap(rows, out), sums
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        heatmap = run(args)
+        heatmap, sums = run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"megatron-prime-credit: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"png": str(heatmap.path), "rows": len(heatmap.cell_boxes), "scale": heatmap.scale}))
+    print(json.dumps({"png": str(heatmap.path), "rows": len(sums), "reward_sums": sums, "scale": heatmap.scale}))
     return 0
 
 

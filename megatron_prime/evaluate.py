@@ -75,27 +75,39 @@ class Problem:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def load_benchmark(path: str | Path) -> list[Problem]:
-    """The problems of one benchmark file; EvalInputError naming ``file:line`` for a bad row."""
-    path = Path(path)
+def read_object_rows(path: Path, columns: Sequence[str], not_found: str,
+                     empty: str) -> list[tuple[str, dict[str, Any]]]:
+    """(``file:line``, row) of every row of a jsonl/parquet file, each an object of known
+    ``columns``; EvalInputError with ``not_found`` / ``empty`` or naming the bad row. Unknown
+    columns are refused so that a typo is not read as a missing field."""
     if not path.is_file():
-        raise EvalInputError(f"benchmark file not found: {path}")
+        raise EvalInputError(not_found)
     try:
         rows = list(read_rows(path))
     except (ValueError, ImportError) as error:
         raise EvalInputError(str(error)) from None
     if not rows:
-        raise EvalInputError(f"{path}: empty benchmark file (no rows)")
-    problems = []
+        raise EvalInputError(empty)
+    checked = []
     for line, row in rows:
         where = f"{path}:{line}"
         if isinstance(row, MalformedRow):
             raise EvalInputError(f"{where}: {row}")
         if not isinstance(row, dict):
             raise EvalInputError(f"{where}: a row must be an object, got {type(row).__name__}")
-        unknown = sorted(set(row) - set(KNOWN_COLUMNS))
+        unknown = sorted(set(row) - set(columns))
         if unknown:
-            raise EvalInputError(f"{where}: unknown columns {unknown}; allowed: {list(KNOWN_COLUMNS)}")
+            raise EvalInputError(f"{where}: unknown columns {unknown}; allowed: {list(columns)}")
+        checked.append((where, row))
+    return checked
+
+
+def load_benchmark(path: str | Path) -> list[Problem]:
+    """The problems of one benchmark file; EvalInputError naming ``file:line`` for a bad row."""
+    path = Path(path)
+    problems = []
+    for where, row in read_object_rows(path, KNOWN_COLUMNS, f"benchmark file not found: {path}",
+                                       f"{path}: empty benchmark file (no rows)"):
         question = next((row[c] for c in QUESTION_COLUMNS if row.get(c) is not None), None)
         if not isinstance(question, str) or not question.strip():
             raise EvalInputError(f"{where}: row has no 'question' (or 'problem') text")
@@ -178,7 +190,8 @@ def best_of_n(scores: Sequence[float]) -> int:
 class ImplicitPRM:
     """Response scores from the implicit PRM: r_t = beta * (log pi_prm(y_t|.) - log pi_ref(y_t|.))
     over the response tokens, aggregated by ``sum`` (the PRM's outcome logit, what its
-    cross-entropy trains) or ``min`` (the weakest step). Runs the two models with transformers."""
+    cross-entropy trains) or ``min`` (the weakest step). Runs the two models with transformers;
+    the per-token rewards are ``credit.token_implicit_rewards``, what the credit heatmap shows."""
 
     def __init__(self, prm_folder: str | Path, reference_folder: str | Path, beta: float,
                  aggregate: str = "sum", batch_size: int = 8):
@@ -238,24 +251,9 @@ class StepLabelledSample:
 def load_processbench(path: str | Path) -> list[StepLabelledSample]:
     """Rows in ProcessBench's layout; EvalInputError naming ``file:line`` for a bad row."""
     path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"--processbench {path}: file not found")
-    try:
-        rows = list(read_rows(path))
-    except (ValueError, ImportError) as error:
-        raise EvalInputError(str(error)) from None
-    if not rows:
-        raise EvalInputError(f"{path}: empty file (no rows)")
     samples = []
-    for line, row in rows:
-        where = f"{path}:{line}"
-        if isinstance(row, MalformedRow):
-            raise EvalInputError(f"{where}: {row}")
-        if not isinstance(row, dict):
-            raise EvalInputError(f"{where}: a row must be an object, got {type(row).__name__}")
-        unknown = sorted(set(row) - set(PROCESSBENCH_COLUMNS))
-        if unknown:
-            raise EvalInputError(f"{where}: unknown columns {unknown}; allowed: {list(PROCESSBENCH_COLUMNS)}")
+    for where, row in read_object_rows(path, PROCESSBENCH_COLUMNS, f"--processbench {path}: file not found",
+                                       f"{path}: empty file (no rows)"):
         problem, steps, label = row.get("problem"), row.get("steps"), row.get("label")
         if not isinstance(problem, str) or not problem.strip():
             raise EvalInputError(f"{where}: row has no 'problem' text")

@@ -246,3 +246,36 @@ def test_module_entry_point_exits_2_on_a_missing_file(tiny_models, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and done.stderr.strip() == (
         f"megatron-prime-credit: error: --data {tmp_path / 'none.jsonl'}: file not found")
+
+
+@pytest.mark.slow
+def test_cli_reads_the_prm_of_a_training_checkpoint(tiny_models, tmp_path, capsys):
+    """A step folder's PRM (the HF PRM's weights saved through Megatron) gives the same
+    rewards as the HF folder itself: the in-process conversion is the exporter's."""
+    import os
+
+    from megatron_prime.distributed import free_port
+
+    prm, ref = tiny_models
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "tests/workers/credit_checkpoint_worker.py", "--hf", str(prm),
+                           "--root", str(tmp_path / "ckpt")], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    step = Path(done.stdout.strip().splitlines()[-1])
+    assert step.name == "step_00000003" and (step / "train_state.json").is_file()
+    data = write_rows(tmp_path / "rows.jsonl", [{"prompt": "What is 3 + 4?", "response": "3 + 4 = 7 é"}])
+    args = ["--reference", str(ref), "--data", str(data), "--beta", "0.5"]
+    assert main(["--prm", str(prm), *args, "--out", str(tmp_path / "hf.png")]) == 0
+    from_hf = json.loads(capsys.readouterr().out)
+    env.pop("RANK"), env.pop("WORLD_SIZE")  # the CLI starts its own single-process group
+    done = subprocess.run([sys.executable, "-m", "megatron_prime.credit", "--prm", str(step), *args,
+                           "--out", str(tmp_path / "ckpt.png")], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from_checkpoint = json.loads(done.stdout.strip().splitlines()[-1])
+    assert abs(from_hf["reward_sums"][0]) > 1e-3
+    assert from_checkpoint["reward_sums"] == pytest.approx(from_hf["reward_sums"], abs=1e-4)
+    assert (tmp_path / "ckpt.png").read_bytes()[:4] == b"\x89PNG"

@@ -234,17 +234,30 @@ class StepLabelledSample:
     steps: list[str]
     label: int
     final_answer_correct: bool | None = None
+    where: str = ""  # file:line, for errors
 
     @property
     def response(self) -> str:
         return STEP_SEPARATOR.join(self.steps)
 
-    def step_spans(self) -> list[tuple[int, int]]:
-        """Each step's [start, end) characters in ``response`` (the separators belong to none)."""
-        spans, start = [], 0
-        for step in self.steps:
+    def step_spans(self, tokenizer: Any, decoded: str) -> list[tuple[int, int]]:
+        """Each step's [start, end) characters in ``decoded``, the tokenizer's decoding of
+        ``response`` (the separators belong to no step).
+
+        The decoding is usually the response itself; a tokenizer that normalises text (NFC in
+        Qwen2's and the toy tokenizer) can change it, so each step is looked up, in order, as
+        written or as the tokenizer gives it back. ValueError if a step is not found.
+        """
+        spans, cursor = [], 0
+        for index, step in enumerate(self.steps):
+            start = decoded.find(step, cursor)
+            if start < 0:
+                step = tokenizer.decode(tokenizer(step, add_special_tokens=False)["input_ids"])
+                start = decoded.find(step, cursor)
+            if start < 0:
+                raise ValueError(f"step {index} is not in the tokenizer's decoding of the response")
             spans.append((start, start + len(step)))
-            start += len(step) + len(STEP_SEPARATOR)
+            cursor = start + len(step)
         return spans
 
 
@@ -267,7 +280,7 @@ def load_processbench(path: str | Path) -> list[StepLabelledSample]:
         if final is not None and not isinstance(final, bool):
             raise EvalInputError(f"{where}: 'final_answer_correct' must be true or false, got {final!r}")
         samples.append(StepLabelledSample(str(row.get("id", f"{path.stem}-{len(samples)}")), problem,
-                                          list(steps), label, final))
+                                          list(steps), label, final, where))
     return samples
 
 
@@ -381,7 +394,11 @@ def evaluate_processbench(config: ProcessBenchConfig) -> dict[str, Any]:
         response_ids = tokenizer(sample.response, add_special_tokens=False)["input_ids"]
         rewards = token_implicit_rewards(prm, reference, prompt.token_ids, [response_ids], config.beta,
                                          config.batch_size)[0]
-        steps = token_steps_from_spans(tokenizer, response_ids, sample.step_spans())
+        try:
+            spans = sample.step_spans(tokenizer, tokenizer.decode(response_ids, skip_special_tokens=False))
+        except ValueError as error:
+            raise EvalInputError(f"{sample.where}: {error}") from None
+        steps = token_steps_from_spans(tokenizer, response_ids, spans)
         per_step = step_rewards(rewards, steps, num_steps=len(sample.steps))
         predicted = locate_first_error(per_step, config.locate, config.threshold)
         records.append({"id": sample.id, "label": sample.label, "predicted": predicted,

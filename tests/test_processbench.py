@@ -39,6 +39,22 @@ def test_metrics_on_hand_numbers():
     assert processbench_metrics([-1, 0], [0, -1])["f1"] == 0.0
 
 
+def test_step_spans_follow_a_tokenizer_that_normalises_text():
+    from megatron_prime.evaluate import StepLabelledSample
+    from megatron_prime.toy.tokenizer import build_toy_tokenizer
+
+    tokenizer = build_toy_tokenizer()  # NFC: "e" + combining acute comes back as one "é"
+    sample = StepLabelledSample("x", "p", ["cafe\u0301 = 1", "1 + 1 = 2"], -1)
+    assert sample.response == "cafe\u0301 = 1\n\n1 + 1 = 2"
+    decoded = tokenizer.decode(tokenizer(sample.response, add_special_tokens=False)["input_ids"])
+    assert decoded == "caf\u00e9 = 1\n\n1 + 1 = 2"
+    assert sample.step_spans(tokenizer, decoded) == [(0, 8), (10, 19)]
+    plain = StepLabelledSample("y", "p", ["a", "b = 2"], 0)
+    assert plain.step_spans(tokenizer, plain.response) == [(0, 1), (3, 8)]
+    with pytest.raises(ValueError, match="step 1 is not in the tokenizer's decoding of the response"):
+        plain.step_spans(tokenizer, "a\n\nb = 3")
+
+
 def hand_predictions(prm_folder, ref_folder, beta):
     """Per sample row: (step rewards, predicted first error), computed one sequence at a time
     in float64, tokens assigned to steps from the tokenizer's own character offsets."""

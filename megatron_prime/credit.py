@@ -11,9 +11,10 @@ cumulative step rewards are the q-values at step boundaries.
         --data responses.jsonl --beta 0.05 --out credit.png
 
 ``--data`` rows are ``{"prompt": str, "response": str}`` (a bare question, rendered as the
-trainer renders one) or Eurus-2-RL-Data rows (``prompt`` as chat messages, ``ability``,
-``reward_model``, ``data_source``) with a ``response`` added; an optional ``title`` names the
-row in the picture. ``--prm`` is an HF folder or a training run's ``step_*`` folder, whose
+trainer renders one; optional ``answer``) or Eurus-2-RL-Data rows (``prompt`` as chat
+messages, ``ability``, ``reward_model``, ``data_source``) with a ``response`` added. An
+optional ``title`` names the row in the picture; without one, a row with a math answer is
+titled "correct" or "wrong" by the trainer's math verifier. ``--prm`` is an HF folder or a training run's ``step_*`` folder, whose
 PRM is converted to a temporary HF folder in this process.
 """
 
@@ -166,6 +167,17 @@ def token_steps_from_spans(tokenizer: Any, response_ids: Sequence[int],
     text, token_spans = token_char_spans(tokenizer, response_ids)
     check_spans(spans, len(text))
     return steps_of_token_spans(token_spans, spans)
+
+
+def line_spans(text: str) -> list[tuple[int, int]]:
+    """[start, end) of each non-blank line of ``text``, newline excluded: the steps of a
+    response written one step per line (the running-sum task's ``47 + 8 = 55`` lines)."""
+    spans, start = [], 0
+    for line in text.split("\n"):
+        if line.strip():
+            spans.append((start, start + len(line)))
+        start += len(line) + 1
+    return spans
 
 
 def step_rewards(token_rewards: torch.Tensor | Sequence[float], token_step: Sequence[int],
@@ -396,11 +408,14 @@ def prm_hf_folder(prm: str | Path) -> Iterator[Path]:
 
 @dataclass
 class CreditExample:
-    """One response to draw: its prompt (rendered), its text and a title."""
+    """One response to draw: its prompt (rendered), its text, a title (None: named by its
+    verdict and place) and the math answer it is checked against (None: not checked)."""
 
     prompt_ids: list[int]
     response: str
-    title: str
+    title: str | None
+    where: str
+    ground_truth: str | None = None
 
 
 def load_credit_rows(path: str | Path, tokenizer: Any, limit: int,
@@ -425,21 +440,47 @@ def load_credit_rows(path: str | Path, tokenizer: Any, limit: int,
             raise ValueError(f"{where}: row needs a non-empty 'response' string")
         try:
             if "reward_model" in row:  # a Eurus-2 row: checked as the trainer checks it
-                messages = parse_row(row)[0]
+                messages, ability, ground_truth, _ = parse_row(row)
+                ground_truth = ground_truth if ability == "math" else None
             else:
                 messages = build_prompt_messages(row.get("prompt"), "math")
+                ground_truth = row.get("answer")
         except (MalformedRow, ValueError) as error:
             raise ValueError(f"{where}: {error}") from None
-        title = row.get("title", f"{path.name}:{line}")
-        if not isinstance(title, str):
+        title = row.get("title")
+        if title is not None and not isinstance(title, str):
             raise ValueError(f"{where}: 'title' must be a string, got {type(title).__name__}")
+        if ground_truth is not None and not isinstance(ground_truth, str):
+            raise ValueError(f"{where}: 'answer' must be a string, got {type(ground_truth).__name__}")
         prompt_ids = render_prompt(tokenizer, messages, use_chat_template).token_ids
-        examples.append(CreditExample(prompt_ids, response, title))
+        examples.append(CreditExample(prompt_ids, response, title, f"{path.name}:{line}", ground_truth))
         if len(examples) == limit:
             break
     if not examples:
         raise ValueError(f"--data {path}: no rows")
     return examples
+
+
+def example_titles(examples: Sequence[CreditExample]) -> list[str]:
+    """Each row's title: its own, else "correct" / "wrong" by the trainer's math verifier
+    when it has an answer to check, then where it comes from."""
+    checked = [e for e in examples if e.title is None and e.ground_truth is not None]
+    verdicts: dict[int, float] = {}
+    if checked:
+        from megatron_prime.rewards import MathVerifier, MathVerifierConfig
+
+        with MathVerifier(MathVerifierConfig(num_workers=1)) as verifier:
+            scores = verifier.score_batch([e.response for e in checked], [e.ground_truth for e in checked])
+        verdicts = {id(e): score for e, score in zip(checked, scores)}
+    titles = []
+    for example in examples:
+        if example.title is not None:
+            titles.append(example.title)
+        elif id(example) in verdicts:
+            titles.append(f"{'correct' if verdicts[id(example)] > 0 else 'wrong'} ({example.where})")
+        else:
+            titles.append(example.where)
+    return titles
 
 
 def heatmap_row(tokenizer: Any, response_ids: Sequence[int], rewards: torch.Tensor,
@@ -457,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prm", required=True, help="HF folder of the PRM, or a training run's step_* folder")
     parser.add_argument("--reference", required=True, help="HF folder of the PRM's reference model")
     parser.add_argument("--data", required=True,
-                        help='.jsonl/.parquet rows {"prompt": str, "response": str} or Eurus-2 rows '
-                             "with a 'response'; optional 'title'")
+                        help='.jsonl/.parquet rows {"prompt": str, "response": str, optional "answer"} or '
+                             "Eurus-2 rows with a 'response'; optional 'title' (default: correct/wrong "
+                             "by the math verifier where there is an answer)")
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--limit", type=int, default=4, help="how many rows to draw (the first ones)")
@@ -466,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> tuple[CreditHeatmap, list[float]]:
-    """Draws the heatmap; returns it and each drawn response's summed implicit reward."""
+def run(args: argparse.Namespace) -> tuple[CreditHeatmap, list[float], list[str]]:
+    """Draws the heatmap; returns it, each drawn response's summed implicit reward and title."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not math.isfinite(args.beta) or args.beta <= 0:
@@ -486,22 +528,23 @@ def run(args: argparse.Namespace) -> tuple[CreditHeatmap, list[float]]:
         prm = AutoModelForCausalLM.from_pretrained(str(prm_folder), dtype=torch.float32).eval()
     ref = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).eval()
     rows, sums = [], []
-    for example in examples:
+    for example, title in zip(examples, example_titles(examples)):
         response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
         rewards = token_implicit_rewards(prm, ref, example.prompt_ids, [response_ids], args.beta)[0]
         sums.append(rewards.sum().item())
-        rows.append(heatmap_row(tokenizer, response_ids, rewards, f"{example.title}  (sum {sums[-1]:+.3f})"))
-    return draw_credit_heatmap(rows, out), sums
+        rows.append(heatmap_row(tokenizer, response_ids, rewards, f"{title}  (sum {sums[-1]:+.3f})"))
+    return draw_credit_heatmap(rows, out), sums, [title for _, _, title in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        heatmap, sums = run(args)
+        heatmap, sums, titles = run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"megatron-prime-credit: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"png": str(heatmap.path), "rows": len(sums), "reward_sums": sums, "scale": heatmap.scale}))
+    print(json.dumps({"png": str(heatmap.path), "rows": len(sums), "reward_sums": sums,
+                      "titles": titles, "scale": heatmap.scale}))
     return 0
 
 

@@ -17,6 +17,7 @@ from megatron_prime.credit import (
     NO_STEP,
     draw_credit_heatmap,
     layout_tokens,
+    line_spans,
     locate_first_error,
     main,
     step_rewards,
@@ -121,6 +122,13 @@ def test_hostile_token_ids_do_not_crash():
         assert len(steps) == len(ids) and all(NO_STEP <= s <= 1 for s in steps)
 
 
+def test_line_spans_are_the_non_blank_lines():
+    text = "47 + 8 = 55\n55 - 5 = 50\n\n  \n\\boxed{50}"
+    assert line_spans(text) == [(0, 11), (12, 23), (28, 38)]
+    assert [text[a:b] for a, b in line_spans(text)] == ["47 + 8 = 55", "55 - 5 = 50", "\\boxed{50}"]
+    assert line_spans("") == [] and line_spans("x\n") == [(0, 1)]
+
+
 def test_step_rewards_sum_the_tokens_of_each_step():
     rewards = torch.tensor([0.5, -1.0, 0.25, 2.0, -0.5, 1.0])
     assert step_rewards(rewards, [0, 0, -1, 1, 1, 2]) == [-0.5, 1.5, 1.0]
@@ -204,11 +212,17 @@ def test_cli_draws_a_heatmap_of_the_data_rows(tiny_models, tmp_path, capsys):
         {"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "ability": "math",
          "reward_model": {"ground_truth": "7", "style": "rule"}, "data_source": "toy",
          "response": "3 + 4 = 8 €\n\\boxed{8}"},
+        {"prompt": "What is 3 + 4?", "answer": "7", "response": "\\boxed{7}"},
+        {"prompt": "What is 3 + 4?", "response": "7"},
     ])
     out = tmp_path / "credit.png"
-    assert main(["--prm", str(prm), "--reference", str(ref), "--data", str(data), "--out", str(out)]) == 0
+    assert main(["--prm", str(prm), "--reference", str(ref), "--data", str(data), "--out", str(out),
+                 "--limit", "3"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["rows"] == 2 and out.read_bytes()[:4] == b"\x89PNG"
+    assert printed["rows"] == 3 and out.read_bytes()[:4] == b"\x89PNG"
+    # Titles: the row's own; else the math verifier's verdict against the answer.
+    assert [t.split("  (sum")[0] for t in printed["titles"]] == ["correct", "wrong (rows.jsonl:2)",
+                                                                 "correct (rows.jsonl:3)"]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -60,6 +60,7 @@ setup(
             "megatron-prime-submit=megatron_prime.launch.submit:main",
             "megatron-prime-plan=megatron_prime.plan:main",
             "megatron-prime-eval=megatron_prime.evaluate:main",
+            "megatron-prime-credit=megatron_prime.credit:main",
             "megatron-prime-doctor=megatron_prime.doctor:main",
         ]
     },

@@ -24,6 +24,15 @@ unweighted average over benchmarks, as in PRIME.md's results table; percentages)
 ``outputs.jsonl`` (per problem: prompt, responses, extracted answers, correct flags, and the
 majority / best-of-N choices). Input errors exit with status 2 and a one-line message before
 anything is written.
+
+``--processbench FILE`` scores the implicit PRM itself (``--prm``, ``--reference``, no policy)
+on step-labelled rows in ProcessBench's layout: ``id``, ``problem``, ``steps`` (a list of step
+texts), ``label`` (0-based index of the first wrong step, -1 when all are right), optional
+``final_answer_correct``. The response is the steps joined by a blank line ("\\n\\n"), the
+prompt the problem rendered as a benchmark question is; the predicted first error is
+``credit.locate_first_error`` of the step rewards under ``--locate``. Reported as ProcessBench
+reports it: accuracy on the erroneous samples, on the correct ones, and their F1
+(examples/eval/processbench_sample.jsonl is a small hand-written sample).
 """
 
 from __future__ import annotations
@@ -66,27 +75,39 @@ class Problem:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def load_benchmark(path: str | Path) -> list[Problem]:
-    """The problems of one benchmark file; EvalInputError naming ``file:line`` for a bad row."""
-    path = Path(path)
+def read_object_rows(path: Path, columns: Sequence[str], not_found: str,
+                     empty: str) -> list[tuple[str, dict[str, Any]]]:
+    """(``file:line``, row) of every row of a jsonl/parquet file, each an object of known
+    ``columns``; EvalInputError with ``not_found`` / ``empty`` or naming the bad row. Unknown
+    columns are refused so that a typo is not read as a missing field."""
     if not path.is_file():
-        raise EvalInputError(f"benchmark file not found: {path}")
+        raise EvalInputError(not_found)
     try:
         rows = list(read_rows(path))
     except (ValueError, ImportError) as error:
         raise EvalInputError(str(error)) from None
     if not rows:
-        raise EvalInputError(f"{path}: empty benchmark file (no rows)")
-    problems = []
+        raise EvalInputError(empty)
+    checked = []
     for line, row in rows:
         where = f"{path}:{line}"
         if isinstance(row, MalformedRow):
             raise EvalInputError(f"{where}: {row}")
         if not isinstance(row, dict):
             raise EvalInputError(f"{where}: a row must be an object, got {type(row).__name__}")
-        unknown = sorted(set(row) - set(KNOWN_COLUMNS))
+        unknown = sorted(set(row) - set(columns))
         if unknown:
-            raise EvalInputError(f"{where}: unknown columns {unknown}; allowed: {list(KNOWN_COLUMNS)}")
+            raise EvalInputError(f"{where}: unknown columns {unknown}; allowed: {list(columns)}")
+        checked.append((where, row))
+    return checked
+
+
+def load_benchmark(path: str | Path) -> list[Problem]:
+    """The problems of one benchmark file; EvalInputError naming ``file:line`` for a bad row."""
+    path = Path(path)
+    problems = []
+    for where, row in read_object_rows(path, KNOWN_COLUMNS, f"benchmark file not found: {path}",
+                                       f"{path}: empty benchmark file (no rows)"):
         question = next((row[c] for c in QUESTION_COLUMNS if row.get(c) is not None), None)
         if not isinstance(question, str) or not question.strip():
             raise EvalInputError(f"{where}: row has no 'question' (or 'problem') text")
@@ -169,7 +190,8 @@ def best_of_n(scores: Sequence[float]) -> int:
 class ImplicitPRM:
     """Response scores from the implicit PRM: r_t = beta * (log pi_prm(y_t|.) - log pi_ref(y_t|.))
     over the response tokens, aggregated by ``sum`` (the PRM's outcome logit, what its
-    cross-entropy trains) or ``min`` (the weakest step). Runs the two models with transformers."""
+    cross-entropy trains) or ``min`` (the weakest step). Runs the two models with transformers;
+    the per-token rewards are ``credit.token_implicit_rewards``, what the credit heatmap shows."""
 
     def __init__(self, prm_folder: str | Path, reference_folder: str | Path, beta: float,
                  aggregate: str = "sum", batch_size: int = 8):
@@ -181,40 +203,219 @@ class ImplicitPRM:
         self.prm = AutoModelForCausalLM.from_pretrained(str(prm_folder), dtype=torch.float32).eval()
         self.reference = AutoModelForCausalLM.from_pretrained(str(reference_folder), dtype=torch.float32).eval()
 
-    @staticmethod
-    @torch.no_grad()
-    def token_log_probs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] log-prob of each token given the ones before it (0 at position 0)."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
-
     def score(self, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[float]:
         """One score per response of one prompt (0.0 for an empty response)."""
-        from megatron_prime.algo import implicit_process_rewards
+        from megatron_prime.credit import token_implicit_rewards
 
         scores: list[float] = []
-        for start in range(0, len(responses), self.batch_size):
-            chunk = responses[start:start + self.batch_size]
-            length = len(prompt_ids) + max(len(r) for r in chunk)
-            input_ids = torch.zeros(len(chunk), length, dtype=torch.long)
-            attention_mask = torch.zeros(len(chunk), length, dtype=torch.long)
-            response_mask = torch.zeros(len(chunk), length)
-            for row, response in enumerate(chunk):
-                ids = list(prompt_ids) + list(response)
-                input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, :len(ids)] = 1
-                response_mask[row, len(prompt_ids):len(ids)] = 1.0
-            rewards = implicit_process_rewards(self.token_log_probs(self.prm, input_ids, attention_mask),
-                                               self.token_log_probs(self.reference, input_ids, attention_mask),
-                                               response_mask, self.beta)
-            if self.aggregate == "sum":
-                values = rewards.sum(-1)
+        for rewards in token_implicit_rewards(self.prm, self.reference, prompt_ids, responses, self.beta,
+                                              self.batch_size):
+            if rewards.numel() == 0:
+                scores.append(0.0)
             else:
-                values = rewards.masked_fill(response_mask == 0, math.inf).min(-1).values
-                values = torch.where(response_mask.sum(-1) > 0, values, torch.zeros_like(values))
-            scores.extend(values.tolist())
+                scores.append((rewards.sum() if self.aggregate == "sum" else rewards.min()).item())
         return scores
+
+
+# ---- ProcessBench: where the PRM puts the first error ----
+
+PROCESSBENCH_COLUMNS: tuple[str, ...] = ("id", "generator", "problem", "steps", "label", "final_answer_correct")
+# A ProcessBench response is its steps joined by a blank line, the paragraph break that
+# separates the steps in the dataset's solutions (and the one the Eurus-2 format uses).
+STEP_SEPARATOR = "\n\n"
+
+
+@dataclass
+class StepLabelledSample:
+    """One ProcessBench row: ``label`` is the 0-based index of the first wrong step, -1 if none."""
+
+    id: str
+    problem: str
+    steps: list[str]
+    label: int
+    final_answer_correct: bool | None = None
+    where: str = ""  # file:line, for errors
+
+    @property
+    def response(self) -> str:
+        return STEP_SEPARATOR.join(self.steps)
+
+    def step_spans(self, tokenizer: Any, decoded: str) -> list[tuple[int, int]]:
+        """Each step's [start, end) characters in ``decoded``, the tokenizer's decoding of
+        ``response`` (the separators belong to no step).
+
+        The decoding is usually the response itself; a tokenizer that normalises text (NFC in
+        Qwen2's and the toy tokenizer) can change it, so each step is looked up, in order, as
+        written or as the tokenizer gives it back. ValueError if a step is not found.
+        """
+        spans, cursor = [], 0
+        for index, step in enumerate(self.steps):
+            start = decoded.find(step, cursor)
+            if start < 0:
+                step = tokenizer.decode(tokenizer(step, add_special_tokens=False)["input_ids"])
+                start = decoded.find(step, cursor)
+            if start < 0:
+                raise ValueError(f"step {index} is not in the tokenizer's decoding of the response")
+            spans.append((start, start + len(step)))
+            cursor = start + len(step)
+        return spans
+
+
+def load_processbench(path: str | Path) -> list[StepLabelledSample]:
+    """Rows in ProcessBench's layout; EvalInputError naming ``file:line`` for a bad row."""
+    path = Path(path)
+    samples = []
+    for where, row in read_object_rows(path, PROCESSBENCH_COLUMNS, f"--processbench {path}: file not found",
+                                       f"{path}: empty file (no rows)"):
+        problem, steps, label = row.get("problem"), row.get("steps"), row.get("label")
+        if not isinstance(problem, str) or not problem.strip():
+            raise EvalInputError(f"{where}: row has no 'problem' text")
+        if (not isinstance(steps, list) or not steps
+                or not all(isinstance(step, str) and step.strip() for step in steps)):
+            raise EvalInputError(f"{where}: 'steps' must be a non-empty list of non-empty strings")
+        if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label < len(steps):
+            raise EvalInputError(f"{where}: 'label'={label!r} is invalid: expected -1 (all steps right) or "
+                                 f"the index of the first wrong step, 0..{len(steps) - 1}")
+        final = row.get("final_answer_correct")
+        if final is not None and not isinstance(final, bool):
+            raise EvalInputError(f"{where}: 'final_answer_correct' must be true or false, got {final!r}")
+        samples.append(StepLabelledSample(str(row.get("id", f"{path.stem}-{len(samples)}")), problem,
+                                          list(steps), label, final, where))
+    return samples
+
+
+def processbench_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, Any]:
+    """ProcessBench's report (percent): accuracy on the erroneous samples (predicted index ==
+    label), on the correct ones (predicted -1), F1 = their harmonic mean; and, over the
+    erroneous samples, how often the prediction is the labelled step, an earlier or a later
+    one, or "no error". A measure without samples to count is None."""
+    def percent(hits: int, total: int) -> float | None:
+        return 100.0 * hits / total if total else None
+
+    pairs = list(zip(labels, predictions))
+    erroneous = [(label, predicted) for label, predicted in pairs if label >= 0]
+    correct = [predicted for label, predicted in pairs if label < 0]
+    accuracy_erroneous = percent(sum(p == label for label, p in erroneous), len(erroneous))
+    accuracy_correct = percent(sum(p == -1 for p in correct), len(correct))
+    if accuracy_erroneous is None or accuracy_correct is None:
+        f1 = None
+    elif accuracy_erroneous + accuracy_correct == 0:
+        f1 = 0.0
+    else:
+        f1 = 2 * accuracy_erroneous * accuracy_correct / (accuracy_erroneous + accuracy_correct)
+    placement = {
+        "exact": percent(sum(p == label for label, p in erroneous), len(erroneous)),
+        "earlier": percent(sum(0 <= p < label for label, p in erroneous), len(erroneous)),
+        "later": percent(sum(p > label for label, p in erroneous), len(erroneous)),
+        "no_error": percent(sum(p == -1 for _, p in erroneous), len(erroneous)),
+    }
+    return {"samples": len(pairs), "erroneous_samples": len(erroneous), "correct_samples": len(correct),
+            "accuracy_erroneous": accuracy_erroneous, "accuracy_correct": accuracy_correct, "f1": f1,
+            "erroneous_predicted": placement}
+
+
+def processbench_markdown(name: str, metrics: dict[str, Any]) -> str:
+    """ProcessBench's table (error / correct / F1), then where the predictions fell."""
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    placement = metrics["erroneous_predicted"]
+    return "\n".join([
+        "| data | samples | error acc | correct acc | F1 |", "|---|---|---|---|---|",
+        f"| {name} | {metrics['samples']} | {cell(metrics['accuracy_erroneous'])} | "
+        f"{cell(metrics['accuracy_correct'])} | {cell(metrics['f1'])} |", "",
+        "On erroneous samples, the predicted first error was (percent):", "",
+        "| labelled step | earlier | later | no error |", "|---|---|---|---|",
+        f"| {cell(placement['exact'])} | {cell(placement['earlier'])} | {cell(placement['later'])} | "
+        f"{cell(placement['no_error'])} |"]) + "\n"
+
+
+@dataclass
+class ProcessBenchConfig:
+    data: str
+    prm: str
+    reference: str
+    out_dir: str
+    beta: float = 0.05
+    locate: str = "min_cumulative"
+    threshold: float = 0.0
+    system_prompt: bool = True
+    use_chat_template: bool = True
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        from megatron_prime.credit import LOCATE_RULES
+
+        for name in ("beta", "threshold"):
+            if not math.isfinite(getattr(self, name)):
+                raise EvalInputError(f"--{name}={getattr(self, name)} is invalid: expected a finite number")
+        if self.beta <= 0:
+            raise EvalInputError(f"--beta={self.beta} is invalid: expected > 0")
+        if self.locate not in LOCATE_RULES:
+            raise EvalInputError(f"--locate={self.locate!r} is invalid: expected one of {list(LOCATE_RULES)}")
+        if not (Path(self.reference) / "config.json").is_file():
+            raise EvalInputError(f"--reference {self.reference}: not an HF folder (no config.json)")
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise EvalInputError(f"--out-dir {self.out_dir} exists and is not a folder")
+
+
+def evaluate_processbench(config: ProcessBenchConfig) -> dict[str, Any]:
+    """Scores every sample's steps with the implicit PRM, locates the first error
+    (``credit.locate_first_error``) and writes results.json, results.md and outputs.jsonl
+    (per sample: label, prediction, step rewards) to ``out_dir``. The prompt is the problem
+    rendered as a benchmark question is (``problem_messages``); the response is the steps
+    joined by STEP_SEPARATOR, tokenized with the reference's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_prime.credit import (
+        locate_first_error,
+        prm_hf_folder,
+        step_rewards,
+        token_implicit_rewards,
+        token_steps_from_spans,
+    )
+
+    config.validate()
+    samples = load_processbench(config.data)
+    tokenizer = AutoTokenizer.from_pretrained(config.reference)
+    try:
+        with prm_hf_folder(config.prm) as folder:
+            prm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    except (ValueError, FileNotFoundError) as error:
+        raise EvalInputError(str(error)) from None
+    reference = AutoModelForCausalLM.from_pretrained(config.reference, dtype=torch.float32).eval()
+    if prm.config.vocab_size != reference.config.vocab_size:
+        raise EvalInputError(f"--prm and --reference must share a vocabulary; vocab sizes: "
+                             f"{prm.config.vocab_size} and {reference.config.vocab_size}")
+    records = []
+    for sample in samples:
+        prompt = render_prompt(tokenizer, problem_messages(sample.problem, config.system_prompt),
+                               config.use_chat_template)
+        response_ids = tokenizer(sample.response, add_special_tokens=False)["input_ids"]
+        rewards = token_implicit_rewards(prm, reference, prompt.token_ids, [response_ids], config.beta,
+                                         config.batch_size)[0]
+        try:
+            spans = sample.step_spans(tokenizer, tokenizer.decode(response_ids, skip_special_tokens=False))
+        except ValueError as error:
+            raise EvalInputError(f"{sample.where}: {error}") from None
+        steps = token_steps_from_spans(tokenizer, response_ids, spans)
+        per_step = step_rewards(rewards, steps, num_steps=len(sample.steps))
+        predicted = locate_first_error(per_step, config.locate, config.threshold)
+        records.append({"id": sample.id, "label": sample.label, "predicted": predicted,
+                        "step_rewards": per_step, "final_answer_correct": sample.final_answer_correct})
+    metrics = processbench_metrics([r["label"] for r in records], [r["predicted"] for r in records])
+    name = Path(config.data).stem
+    result = {"data": str(config.data), "prm": str(config.prm), "reference": str(config.reference),
+              "beta": config.beta, "locate": config.locate, "threshold": config.threshold,
+              "step_separator": STEP_SEPARATOR, **metrics}
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "results.md").write_text(processbench_markdown(name, metrics))
+    with (out_dir / "outputs.jsonl").open("w", encoding="utf-8") as file:
+        for record in records:
+            file.write(json.dumps(record) + "\n")
+    return result
 
 
 # ---- the evaluation ----
@@ -440,9 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-prime-eval",
         description="Evaluate an HF policy on math benchmarks (greedy pass@1; pass@k, majority vote "
                     "and implicit-PRM best-of-N with --n/--temperature).")
-    parser.add_argument("--model", required=True, help="HF folder of the policy")
-    parser.add_argument("--benchmarks", required=True, nargs="+",
-                        help=".jsonl/.parquet files with question (or problem), answer, optional source")
+    parser.add_argument("--model", default=None, help="HF folder of the policy (required unless --processbench)")
+    parser.add_argument("--benchmarks", default=None, nargs="+",
+                        help=".jsonl/.parquet files with question (or problem), answer, optional source "
+                             "(required unless --processbench)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--n", type=int, default=None,
                         help="samples per problem (default 1 = greedy; with --prm: the largest --ks)")
@@ -461,6 +663,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--prm-aggregate", default="sum", choices=PRM_AGGREGATES)
     parser.add_argument("--verifier-workers", type=int, default=2)
+    parser.add_argument("--processbench", default=None, metavar="FILE",
+                        help="score --prm on step-labelled rows in ProcessBench's layout (id, problem, "
+                             "steps, label) instead of sampling a policy; needs --prm and --reference")
+    parser.add_argument("--locate", default="min_cumulative", choices=("min_cumulative", "threshold"),
+                        help="with --processbench: how the first error is read from the step rewards")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="with --processbench: see credit.locate_first_error")
     return parser
 
 
@@ -477,10 +686,27 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       prm_aggregate=args.prm_aggregate, verifier_workers=args.verifier_workers)
 
 
+def processbench_config_from_args(args: argparse.Namespace) -> ProcessBenchConfig:
+    if args.model is not None or args.benchmarks is not None:
+        raise EvalInputError("--processbench scores a PRM, not a policy: leave out --model and --benchmarks")
+    if args.prm is None or args.reference is None:
+        raise EvalInputError("--processbench needs --prm and --reference")
+    return ProcessBenchConfig(data=args.processbench, prm=args.prm, reference=args.reference,
+                              out_dir=args.out_dir, beta=args.beta, locate=args.locate,
+                              threshold=args.threshold, system_prompt=not args.no_system_prompt,
+                              use_chat_template=not args.no_chat_template)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.processbench is None and (args.model is None or args.benchmarks is None):
+        parser.error("the following arguments are required: --model, --benchmarks (or --processbench)")
     try:
-        evaluate(config_from_args(args))
+        if args.processbench is not None:
+            evaluate_processbench(processbench_config_from_args(args))
+        else:
+            evaluate(config_from_args(args))
     except EvalInputError as error:
         print(f"megatron-prime-eval: error: {error}", file=sys.stderr)
         return 2

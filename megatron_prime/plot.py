@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.monitor import read_metrics
@@ -70,12 +71,17 @@ def plot_curves(metrics_file: str | Path, png: str | Path,
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
 
+    return save_png(figure, png, DPI)
+
+
+def save_png(figure: Any, png: Path, dpi: int) -> Path:
+    """Writes ``figure`` to ``png`` (parents made) through a temporary file and a rename: a
+    viewer refreshing curves.png during a run never sees half a file."""
     png.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename: a viewer refreshing curves.png during a run never sees half a file.
     fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        figure.savefig(tmp, format="png", dpi=DPI)
+        figure.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, png)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

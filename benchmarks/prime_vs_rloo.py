@@ -259,12 +259,16 @@ def wrong_responses(work: Path, protocol: dict, sft: Path, chain_length: int) ->
 
 def localization(run_result: dict, responses: list[dict], sft: Path, beta: float, rule: str) -> dict[str, Any]:
     """How often the run's final PRM puts the lowest cumulative implicit reward on the labelled
-    first wrong line; with chance (a uniformly drawn line) and the untrained PRM's rate."""
-    from transformers import AutoTokenizer
+    first wrong line; with chance (a uniformly drawn line) and the rate of always naming the
+    first line. (The untrained PRM is the reference itself: every reward 0, the rule answers
+    "no error" and locates nothing.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_prime.checkpoint.train_state import find_latest_checkpoint
     from megatron_prime.credit import (
-        load_scoring_models,
         locate_first_error,
+        prm_hf_folder,
         step_rewards,
         token_implicit_rewards,
         token_steps_from_spans,
@@ -273,19 +277,26 @@ def localization(run_result: dict, responses: list[dict], sft: Path, beta: float
     if not responses:
         return {"responses": 0}
     tokenizer = AutoTokenizer.from_pretrained(str(sft))
-    prm, reference = load_scoring_models(run_result["checkpoint"], str(sft))
-    hits = untrained_hits = 0
+    reference = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32).eval()
+    step_folder = find_latest_checkpoint(run_result["checkpoint"])
+    if step_folder is None:
+        raise SystemExit(f"no checkpoint under {run_result['checkpoint']}: the PRM cannot be read")
+    with prm_hf_folder(step_folder) as folder:
+        prm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    hits = first_line_hits = 0
     chance = 0.0
     for item in responses:
         rewards = token_implicit_rewards(prm, reference, item["prompt_ids"], [item["response_ids"]], beta)[0]
-        steps = token_steps_from_spans(tokenizer, item["response_ids"], [tuple(s) for s in item["spans"]])
-        per_step = step_rewards(rewards, steps)
+        spans = [tuple(span) for span in item["spans"]]
+        steps = token_steps_from_spans(tokenizer, item["response_ids"], spans)
+        per_step = step_rewards(rewards, steps, num_steps=len(spans))
+        # The rule answers -1 ("no error") when the sum never drops below 0; that is a miss.
         hits += locate_first_error(per_step, rule=rule) == item["first_wrong"]
-        untrained_hits += locate_first_error([0.0] * len(per_step), rule=rule) == item["first_wrong"]
-        chance += 1.0 / len(per_step)
+        first_line_hits += item["first_wrong"] == 0
+        chance += 1.0 / len(spans)
     count = len(responses)
     return {"responses": count, "rate": hits / count, "chance": chance / count,
-            "untrained_rate": untrained_hits / count}
+            "first_line_rate": first_line_hits / count}
 
 
 # ---- the report ----
@@ -326,7 +337,7 @@ def report(protocol: dict, sha: str, results: dict[str, dict], selection: dict |
         lines.append(f"\nK = {chain_length}: target training accuracy {target:.3f} (a0 {a0:.3f})")
         lines.append(f"{'method':13s} {'runs':>4s} {'steps to target':>24s} {'seconds to target':>24s} "
                      f"{'final train acc':>22s} {'held-out start':>14s} {'held-out final':>22s} "
-                     f"{'PRM locates 1st error':>30s}")
+                     f"{'PRM locates 1st error':>44s}")
         per_method: dict[str, Any] = {}
         for method in protocol["methods"]:
             runs = [r for name, r in at_k.items() if f"_{method}_lr" in name]
@@ -353,11 +364,12 @@ def report(protocol: dict, sha: str, results: dict[str, dict], selection: dict |
             second_text = spread([s for s in seconds if s is not None], 0) + f" {len(reached)}/{len(reach)}"
             if located:
                 rate = spread([x["rate"] for x in located], 2)
-                where = f"{rate} ch {statistics.fmean(x['chance'] for x in located):.2f}"
+                where = (f"{rate} chance {statistics.fmean(x['chance'] for x in located):.2f} "
+                         f"line-1 {statistics.fmean(x['first_line_rate'] for x in located):.2f}")
             else:
                 where = "n/a"
             lines.append(f"{method:13s} {len(runs):4d} {reach_text:>24s} {second_text:>24s} "
-                         f"{spread(final):>22s} {spread(start):>14s} {spread(end):>22s} {where:>30s}")
+                         f"{spread(final):>22s} {spread(start):>14s} {spread(end):>22s} {where:>44s}")
             per_method[method] = {"steps_to_target": reach, "seconds_to_target": seconds,
                                   "final_train_accuracy": final, "held_out_start": start,
                                   "held_out_final": end, "localization": located}

@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {"PRIME": "before", "RLOO": "none"}
+METHODS = {"PRIME": "before", "RLOO": "outcome_only"}
 TRAIL = 5  # steps in the trailing mean that decides "reached the target"
 
 

@@ -142,8 +142,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     (the whitening of advantages, batch_norm's scale of process rewards) and every metric is
     over the whole step's batch, all ranks' rows, through sums (and maxima) all-reduced over
     the DP group; the losses are normalised by global counts (losses.py). One exception:
-    with ``ppo_mini_batches > 1`` each rank cuts its own rows, so a mini-batch's rows depend
-    on the layout (as in verl).
+    with ``ppo_mini_batches > 1`` or ``prm_mini_batches > 1`` each rank cuts its own rows,
+    so a mini-batch's rows depend on the layout (as in verl).
 
     ``temperature`` is the rollout's sampling temperature: the policy's log-prob passes (old
     log-probs, the PPO loss) divide the logits by it, so PPO's ratio is that of the

@@ -4,7 +4,7 @@ Both trainers get the same tiny Qwen2 (the toy task's random-weight model), the 
 prompts rendered the same way, the same math-verifier reward, n samples per prompt, the
 same response length, learning rate, micro-batch and number of optimizer steps:
 
-- megatron_prime: ``python -m megatron_prime.train ... algo.prm_mode=none`` (RLOO on outcome
+- megatron_prime: ``python -m megatron_prime.train ... algo.prm_mode=outcome_only`` (RLOO on outcome
   rewards with PPO clipping; rollouts in a vLLM CPU engine process; phases read from its
   ``metrics.jsonl``);
 - TRL: ``RLOOTrainer`` (CPU, ``use_cpu=True``, ``report_to=[]``) in a subprocess of this
@@ -189,7 +189,7 @@ def megatron_prime_command(settings: Settings, model: Path, data: Path, run_dir:
         sys.executable, "-m", "megatron_prime.train",
         f"model.path={model}", f"data.paths=[{data}]", f"logging.run_dir={run_dir}",
         f"trainer.steps={settings.steps}", "trainer.device=cpu", f"trainer.seed={settings.seed}",
-        "algo.prm_mode=none", f"algo.num_samples_per_prompt={n}", f"rollout.sampling.n={n}",
+        "algo.prm_mode=outcome_only", f"algo.num_samples_per_prompt={n}", f"rollout.sampling.n={n}",
         "rollout.sampling.temperature=1.0", "rollout.sampling.top_p=1.0",
         f"rollout.sampling.max_new_tokens={settings.max_new_tokens}",
         f"rollout.engine.max_model_len={settings.max_model_len}",
@@ -199,6 +199,8 @@ def megatron_prime_command(settings: Settings, model: Path, data: Path, run_dir:
         "rollout.batch.filter.low=0.0", "rollout.batch.filter.high=1.0",
         f"algo.micro_batch_size={settings.micro_batch_size}", "algo.ppo_epochs=1",
         "algo.ppo_mini_batches=1",
+        # TRL keeps responses cut at the length limit: so does this side.
+        "rollout.batch.filter_truncated=false",
         # "1.0e-06", not "1e-06": YAML 1.1 reads a float without a dot as a string.
         f"policy_optimizer.lr={settings.learning_rate:.6e}", "policy_optimizer.weight_decay=0.0",
         "policy_optimizer.clip_grad=1.0",
@@ -528,7 +530,7 @@ DIFFERENCES = [
     "continuous batching; the policy's weights are pushed into it each step = 'weight sync'); "
     "TRL here samples with HF transformers generate() on the training model in-process "
     "(TRL's vLLM path needs a vLLM server or colocated GPU vLLM, not set up on CPU).",
-    "log-probs: with prm_mode=none megatron_prime runs only the old-policy pass (no reference "
+    "log-probs: with prm_mode=outcome_only megatron_prime runs only the old-policy pass (no reference "
     "model is built: only the implicit PRM reads it); TRL with beta=0 likewise runs only the "
     "old-policy pass.",
     "loss: megatron_prime's PPO loss clips per-token ratios, token-mean; TRL's RLOO loss "
@@ -675,7 +677,7 @@ def main(argv: list[str] | None = None) -> None:
     load_after = _load()
 
     lines = [
-        f"# benchmarks/vs_trl.py: megatron_prime (prm_mode=none) vs TRL {trl_result['trl']} RLOOTrainer, "
+        f"# benchmarks/vs_trl.py: megatron_prime (prm_mode=outcome_only) vs TRL {trl_result['trl']} RLOOTrainer, "
         f"measured side by side in one run",
         f"# command: {command_line}",
         f"# git commit: {_git_commit()}",

@@ -250,7 +250,7 @@ def plan_request(config: PrimeConfig, target: RunTarget, gpu_bytes: int) -> tupl
         prm_fp8=fp8 and "prm" in precision.fp8_roles,
         reference_fp8=fp8 and "reference" in precision.fp8_roles,
         offload_reference=config.trainer.offload_reference,
-        with_prm=config.algo.prm_mode != "none",
+        with_prm=config.algo.uses_prm, prm_trains=config.algo.trains_prm,
         vllm_memory_fraction=engine.gpu_memory_utilization,
         vllm_tensor_parallel_size=engine.tensor_parallel_size,
         vllm_sleep_mode=engine.enable_sleep_mode)
@@ -458,12 +458,12 @@ def check_folders(config: PrimeConfig) -> CheckResult:
 
 
 def checkpoint_bytes(config: PrimeConfig, shape: ModelShape, on_gpu: bool) -> int:
-    """Bytes of one train-state checkpoint: the trained models (policy, and the PRM unless
-    algo.prm_mode=none) with their weights and Adam state (plan.optimizer_bytes_per_param: an
+    """Bytes of one train-state checkpoint: the trained models (policy, and the PRM in
+    algo.prm_mode before or after) with their weights and Adam state (plan.optimizer_bytes_per_param: an
     fp32 master copy for 16-bit weights, two fp32 moments). The frozen reference is not saved."""
     from megatron_prime.plan import train_state_bytes
 
-    trained = 1 if config.algo.prm_mode == "none" else 2
+    trained = 2 if config.algo.trains_prm else 1
     return train_state_bytes(shape, _param_bytes(config, on_gpu), trained)
 
 

@@ -453,7 +453,10 @@ class Options:
     reference_fp8: bool = False  # forward only
     offload_reference: bool = False
     offload_prm: bool = False
-    with_prm: bool = True  # algo.prm_mode != "none"
+    with_prm: bool = True  # algo.prm_mode != "outcome_only": a PRM scores the batch
+    # algo.prm_mode before/after: the PRM has gradients, Adam state and an update phase;
+    # frozen: its weights only, like the reference.
+    prm_trains: bool = True
     vllm_memory_fraction: float = RolloutConfig().gpu_memory_utilization
     vllm_tensor_parallel_size: int = RolloutConfig().tensor_parallel_size
     vllm_sleep_mode: bool = RolloutConfig().enable_sleep_mode
@@ -661,12 +664,16 @@ def _stage_components(shape: ModelShape, work: Workload, options: Options,
                                        layout.dp).items():
         put(name, nbytes, everywhere)
     put("policy activations", acts.training_peak, {"policy update"})
-    if options.with_prm:
+    if options.with_prm and options.prm_trains:
         prm_phases = {"PRM update"} if options.offload_prm else everywhere
         for name, nbytes in _trained_state("PRM", params, options.prm_fp8, options,
                                            layout.dp).items():
             put(name, nbytes, prm_phases)
         put("PRM activations", acts.training_peak, {"PRM update"})
+    elif options.with_prm:  # frozen: forward only, its weights stay on the GPU
+        put("PRM weights (frozen)", params.total * options.param_bytes, everywhere)
+        if options.prm_fp8:
+            put("PRM FP8 weight copy", params.layer_matrices * FP8_WEIGHT_BYTES, everywhere)
     ref_phases = {"reference forward"} if options.offload_reference else everywhere
     put("reference weights", params.total * options.param_bytes, ref_phases)
     if options.reference_fp8:
@@ -700,7 +707,7 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
         components = _stage_components(shape, work, options, layout, stage, num_microbatches,
                                        vllm)
         totals = {phase: sum(c.get(phase, 0) for c in components.values()) for phase in PHASES
-                  if options.with_prm or phase != "PRM update"}
+                  if (options.with_prm and options.prm_trains) or phase != "PRM update"}
         peak_phase = max(totals, key=lambda phase: totals[phase])
         candidates.append((totals[peak_phase], stage, components, totals, peak_phase))
         resident = max(resident, trainer_resident_bytes(components, options))
@@ -864,7 +871,7 @@ def _memory_savers(shape: ModelShape, cluster: Cluster, work: Workload,
         add("--sequence-parallel", sequence_parallel=True)
     if not options.offload_reference:
         add("--offload-reference", offload_reference=True)
-    if options.with_prm and not options.offload_prm:
+    if options.with_prm and options.prm_trains and not options.offload_prm:
         add("--offload-prm", offload_prm=True)
     if not options.vllm_sleep_mode:
         add("--vllm-sleep-mode", vllm_sleep_mode=True)
@@ -960,7 +967,7 @@ def _options_line(options: Options, cluster: Cluster) -> list[str]:
         f"(distributed optimizer {'on' if options.distributed_optimizer else 'off'}), recompute "
         f"{recompute}, sequence parallel {'on' if options.sequence_parallel else 'off'}, "
         f"{options.attention} attention; FP8: {', '.join(fp8) or 'none'}; "
-        f"CPU offload: {', '.join(offload) or 'none'}; PRM: {'yes' if options.with_prm else 'no'}",
+        f"CPU offload: {', '.join(offload) or 'none'}; PRM: {('yes' if options.prm_trains else 'frozen') if options.with_prm else 'no'}",
         f"vLLM: {options.vllm_memory_fraction:.2f} x {cluster.gpu_memory_gb:.1f} GB per GPU, "
         f"TP {options.vllm_tensor_parallel_size}, sleep mode "
         f"{'on' if options.vllm_sleep_mode else 'off'}, {options.vllm_overhead_gib:.1f} GiB "
@@ -1185,7 +1192,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="reference weights in host memory outside its forward")
     trainer.add_argument("--offload-prm", action="store_true",
                          help="PRM weights, grads and optimizer in host memory outside its phase")
-    trainer.add_argument("--no-prm", action="store_true", help="algo.prm_mode=none")
+    trainer.add_argument("--no-prm", action="store_true", help="algo.prm_mode=outcome_only")
+    trainer.add_argument("--frozen-prm", action="store_true",
+                         help="algo.prm_mode=frozen: PRM weights only, no update")
     vllm = parser.add_argument_group("vLLM (rollout.engine)")
     vllm.add_argument("--vllm-memory-fraction", type=float,
                       default=defaults_o.vllm_memory_fraction, help="gpu_memory_utilization")
@@ -1213,7 +1222,7 @@ def request_from_args(args: argparse.Namespace) -> tuple[Cluster, Workload, Opti
         attention=args.attention, param_dtype=args.param_dtype, policy_fp8=args.policy_fp8,
         prm_fp8=args.prm_fp8, reference_fp8=args.reference_fp8,
         offload_reference=args.offload_reference, offload_prm=args.offload_prm,
-        with_prm=not args.no_prm, vllm_memory_fraction=args.vllm_memory_fraction,
+        with_prm=not args.no_prm, prm_trains=not args.frozen_prm, vllm_memory_fraction=args.vllm_memory_fraction,
         vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
         vllm_sleep_mode=args.vllm_sleep_mode, vllm_overhead_gib=args.vllm_overhead_gib,
         vllm_asleep_gib=args.vllm_asleep_gib, vllm_min_sequences=args.vllm_min_sequences)

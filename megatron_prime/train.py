@@ -64,7 +64,13 @@ from megatron_prime.rollout.engine import (
     SamplingConfig,
     hosts_engine,
 )
-from megatron_prime.update import AlgoConfig, PhaseTimer, PrimeModels, prime_update
+from megatron_prime.update import (
+    AlgoConfig,
+    PhaseTimer,
+    PrimeModels,
+    check_mini_batches,
+    prime_update,
+)
 from megatron_prime.rollout.validation import ValidationConfig, greedy, run_validation
 
 
@@ -135,9 +141,10 @@ class PrimeConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     # Held-out greedy pass@1 during training (val/accuracy).
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    # PRIME.md: policy lr 5e-7, PRM lr 1e-6, constant, grad clip 1.0, no weight decay.
+    # PRIME.md: policy lr 5e-7, grad clip 1.0; PRM lr 1e-6, grad clip 10; constant, no weight
+    # decay. Unused (no PRM optimizer) in algo.prm_mode frozen and outcome_only.
     policy_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    prm_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6))
+    prm_optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6, clip_grad=10.0))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -194,9 +201,10 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
 
     distributed_optimizer = config.policy_optimizer.use_distributed_optimizer
 
-    def build(role: str, loader: Any) -> BuiltModel:
+    def build(role: str, loader: Any, frozen: bool = False) -> BuiltModel:
         model = build_model(hf_config, role, config.parallel, config.precision,
-                            use_distributed_optimizer=distributed_optimizer, initialize_weights=False)
+                            use_distributed_optimizer=distributed_optimizer, initialize_weights=False,
+                            frozen=frozen)
         loader(model)
         return model
 
@@ -212,7 +220,7 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
 
     policy = build("policy", load_weights)
     reference = prm = prm_optimizer = None
-    if config.algo.prm_mode != "none":  # outcome-only RLOO never reads the reference
+    if config.algo.uses_prm:  # outcome-only RLOO never reads the reference
         prm_loader = loader_of("prm_path") if config.model.prm_path else load_weights
         # The PRM's own starting point unless set: implicit rewards start at exactly 0.
         reference_loader = (loader_of("reference_path") if config.model.reference_path
@@ -220,8 +228,11 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
         reference = build("reference", reference_loader)
         if config.trainer.offload_reference:
             move_to(reference, torch.device("cpu"))
-        prm = build("prm", prm_loader)
-        prm_optimizer = build_optimizer(prm, config.prm_optimizer)
+        # A frozen PRM (algo.prm_mode=frozen) is built like the reference: forward only, with
+        # no gradient buffers and no optimizer.
+        prm = build("prm", prm_loader, frozen=not config.algo.trains_prm)
+        if config.algo.trains_prm:
+            prm_optimizer = build_optimizer(prm, config.prm_optimizer)
     models = PrimeModels(policy=policy, reference=reference,
                          policy_optimizer=build_optimizer(policy, config.policy_optimizer),
                          prm=prm, prm_optimizer=prm_optimizer,
@@ -312,6 +323,8 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
                                    tokenizer)[:config.validation.max_prompts]
     val_sampling = greedy(config.rollout.sampling, config.validation.max_new_tokens)
     check_batch_config(config.rollout.batch, distributed.dp_world_size(), len(records))
+    check_mini_batches(config.algo, config.rollout.batch.prompts_per_step // distributed.dp_world_size()
+                       * config.algo.num_samples_per_prompt)
     # Code prompts need a working sandbox: every rank fails here, in one line naming what is
     # missing (SandboxUnavailable), rather than the reward rank at step 1.
     needs_code = any(reward_kind(record.ability, record.data_source) == "code"
@@ -324,7 +337,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     schedulers: dict[str, Any] = {}
     optimizers = {"policy": models.policy_optimizer}
     trained = {"policy": models.policy}
-    if models.prm is not None:
+    if models.prm_optimizer is not None:  # a frozen PRM is reloaded from model.prm_path
         optimizers["prm"], trained["prm"] = models.prm_optimizer, models.prm
 
     start_step, guard, wandb_run_id = 0, NonFiniteGuard(config.trainer.max_consecutive_skips), None

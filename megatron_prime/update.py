@@ -23,6 +23,7 @@ from megatron_prime.algo import (
     implicit_process_rewards,
     log_ratio_error,
     masked_sum,
+    prm_group_ranking_agreement,
     prm_pairwise_agreement,
     sequence_log_ratio,
 )
@@ -31,7 +32,10 @@ from megatron_prime.losses import StepBatch, ppo_loss, prm_loss
 from megatron_prime.models.builder import BuiltModel, resident
 from megatron_prime.models.fp8 import calibrate, fp8_off, needs_calibration, runs_fp8
 from megatron_prime.models.optimizer import train_step
-from megatron_prime.models.schedule import TokenBatch, forward_only
+from megatron_prime.models.schedule import TokenBatch, TokenOutputs, forward_only
+
+
+PRM_MODES: tuple[str, ...] = ("before", "after", "frozen", "outcome_only")
 
 
 @dataclass
@@ -40,9 +44,14 @@ class AlgoConfig:
 
     beta: float = 0.05
     num_samples_per_prompt: int = 4
-    # "before": update the PRM on the batch, then score it; "after": score, then update;
-    # "none": outcome-only RLOO (no PRM at all), the comparison baseline.
+    # "before": update the PRM on the batch, then score it with the updated PRM (reference);
+    # "after": score with the PRM as it is, then update it;
+    # "frozen": score with the PRM as loaded, never update it (no PRM optimizer): an ablation;
+    # "outcome_only": RLOO on the outcome rewards alone, no PRM and no reference: the baseline.
     prm_mode: str = "before"
+    # PRM optimizer steps per step: the rows on each rank are cut into this many mini-batches,
+    # one step each (reference: 4, i.e. 64 of 256 responses per step).
+    prm_mini_batches: int = 4
     process_reward_normalization: str = "batch_norm"
     micro_batch_size: int = 4
     # PPO updates per step: the responses are cut into ppo_mini_batches optimizer steps,
@@ -58,21 +67,36 @@ class AlgoConfig:
         require_positive_int("algo.num_samples_per_prompt", self.num_samples_per_prompt)
         require(self.num_samples_per_prompt >= 2, "algo.num_samples_per_prompt",
                  self.num_samples_per_prompt, ">= 2 (leave-one-out baselines)")
-        require_choice("algo.prm_mode", self.prm_mode, ("before", "after", "none"))
+        if self.prm_mode == "none":
+            raise ValueError("algo.prm_mode='none' was renamed to 'outcome_only' (RLOO on outcome "
+                             "rewards, no PRM, no reference); 'frozen' scores with a PRM that is "
+                             "never updated")
+        require_choice("algo.prm_mode", self.prm_mode, PRM_MODES)
         require_choice("algo.process_reward_normalization", self.process_reward_normalization,
                        ("none", "batch_norm"))
         require_positive_int("algo.micro_batch_size", self.micro_batch_size)
         require_positive_int("algo.ppo_epochs", self.ppo_epochs)
         require_positive_int("algo.ppo_mini_batches", self.ppo_mini_batches)
+        require_positive_int("algo.prm_mini_batches", self.prm_mini_batches)
+
+    @property
+    def uses_prm(self) -> bool:
+        """The PRM and the reference score the batch (every mode but outcome_only)."""
+        return self.prm_mode != "outcome_only"
+
+    @property
+    def trains_prm(self) -> bool:
+        """The PRM is updated and has an optimizer ("before" and "after")."""
+        return self.prm_mode in ("before", "after")
 
 
 @dataclass
 class PrimeModels:
     policy: BuiltModel
-    reference: BuiltModel | None  # None for outcome-only RLOO (algo.prm_mode=none)
+    reference: BuiltModel | None  # None for outcome-only RLOO (algo.prm_mode=outcome_only)
     policy_optimizer: MegatronOptimizer
     prm: BuiltModel | None = None
-    prm_optimizer: MegatronOptimizer | None = None
+    prm_optimizer: MegatronOptimizer | None = None  # None unless the PRM trains
     # The reference lives in host memory between its forward passes (trainer.offload_reference).
     reference_offloaded: bool = False
     # Set once the scoring models in delayed-scaling FP8 had their calibration pass in this
@@ -118,8 +142,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     (the whitening of advantages, batch_norm's scale of process rewards) and every metric is
     over the whole step's batch, all ranks' rows, through sums (and maxima) all-reduced over
     the DP group; the losses are normalised by global counts (losses.py). One exception:
-    with ``ppo_mini_batches > 1`` each rank cuts its own rows, so a mini-batch's rows depend
-    on the layout (as in verl).
+    with ``ppo_mini_batches > 1`` or ``prm_mini_batches > 1`` each rank cuts its own rows,
+    so a mini-batch's rows depend on the layout (as in verl).
 
     ``temperature`` is the rollout's sampling temperature: the policy's log-prob passes (old
     log-probs, the PPO loss) divide the logits by it, so PPO's ratio is that of the
@@ -157,7 +181,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     timer = PhaseTimer()
     mbs = config.micro_batch_size
 
-    check_fp8 = (config.prm_mode != "none" and measure_fp8_error
+    check_fp8 = (config.uses_prm and measure_fp8_error
                  and (runs_fp8(models.prm) or runs_fp8(models.reference)))
     # The scoring models' log-probs with FP8 off, where they run FP8 and this step checks it.
     exact: dict[str, Tensor] = {}
@@ -165,10 +189,10 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     # Step 6: old-policy and reference log-probs (forward-only, vocab-parallel). Only the
     # implicit PRM reads the reference (PRIME has no KL term): outcome-only RLOO skips it.
     with timer("logprobs"):
-        if config.prm_mode != "none":
+        if config.uses_prm:
             _calibrate_fp8_once(models, step, mbs)
         step = step.with_fields(old_logprobs=forward_only(models.policy, step, mbs, temperature).logprobs)
-        if config.prm_mode != "none":
+        if config.uses_prm:
             if models.reference is None:
                 raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
             with resident(models.reference, models.reference_offloaded):
@@ -184,11 +208,12 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
         batch_metrics.mean("rollout/logprob_diff_mean", gap.sum(), mask.sum())
         batch_metrics.maximum("rollout/logprob_diff_max", gap.max())
 
-    # Step 7: the implicit PRM, updated before or after it scores the batch.
+    # Step 7: the implicit PRM, updated before or after it scores the batch (or never).
     process_rewards = None
-    if config.prm_mode != "none":
-        if models.prm is None or models.prm_optimizer is None:
-            raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs a PRM model and optimizer")
+    if config.uses_prm:
+        if models.prm is None or (config.trains_prm and models.prm_optimizer is None):
+            raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs a PRM model"
+                             + (" and optimizer" if config.trains_prm else ""))
         prm = models.prm
 
         def scored_by_prm(step: StepBatch) -> StepBatch:
@@ -199,12 +224,32 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
                         exact["prm"] = forward_only(prm, step, mbs).logprobs
                 return step.with_fields(prm_logprobs=forward_only(prm, step, mbs).logprobs)
 
-        if config.prm_mode == "after":
+        if config.prm_mode in ("after", "frozen"):
             step = scored_by_prm(step)
-        with timer("prm_update"):
-            prm_step = train_step(models.prm, models.prm_optimizer, step, mbs, prm_loss(config.beta))
-        if prm_step.skip_reason:
-            skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
+            # Whether the PRM verifies responses it has not been trained on: its loss on this
+            # batch before this step's updates, from the scoring pass, by prm_loss's formula.
+            loss_sum, responses, sums = prm_loss(config.beta)(
+                TokenOutputs(step.require("prm_logprobs"), torch.zeros_like(mask)), step)
+            batch_metrics.mean("prm/loss_before_update", loss_sum, responses.double())
+            batch_metrics.mean("prm/accuracy_before_update", sums["accuracy"], responses.double())
+        if config.trains_prm:
+            prm_metrics: dict[str, list[float]] = {}
+            for start, end in row_bounds(step.batch_size, config.prm_mini_batches, "algo.prm_mini_batches"):
+                mini_batch = step.map_tensors(lambda t, a=start, b=end: t[a:b])
+                with timer("prm_update"):
+                    prm_step = train_step(prm, models.prm_optimizer, mini_batch, mbs, prm_loss(config.beta))
+                if prm_step.skip_reason:
+                    skip_reasons.append(f"PRM update skipped: {prm_step.skip_reason}")
+                for name, value in {**prm_step.metrics, "grad_norm": prm_step.grad_norm}.items():
+                    prm_metrics.setdefault(name, []).append(value)
+            # Means over the step's PRM updates; each is global over DP (forward_backward).
+            metrics.update({f"prm/{name}": sum(values) / len(values) for name, values in prm_metrics.items()
+                            if name in ("loss", "accuracy", "grad_norm")})
+            if config.prm_mode == "before":
+                # Each mini-batch's loss at its own forward pass, before its own optimizer step
+                # (after the step's earlier mini-batches' steps): the mean over mini-batches.
+                metrics["prm/loss_before_update"] = metrics["prm/loss"]
+                metrics["prm/accuracy_before_update"] = metrics["prm/accuracy"]
         if config.prm_mode == "before":
             step = scored_by_prm(step)
         prm_logprobs, ref = step.require("prm_logprobs"), step.require("ref_logprobs")
@@ -221,14 +266,14 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
                                                    config.process_reward_normalization,
                                                    reduce_max=distributed.dp_max)
         # How often the scoring PRM ranks a correct response above a wrong one of the same
-        # prompt, over all groups of the step (weighted pair counts summed over ranks).
-        agreeing, pairs = prm_pairwise_agreement(
-            config.beta * sequence_log_ratio(prm_logprobs, ref, mask), outcomes, n)
+        # prompt: over all informative pairs of the step (pair-weighted), and as the mean over
+        # groups with both outcomes of each group's fraction (every such prompt weighs the same).
+        sequence_scores = config.beta * sequence_log_ratio(prm_logprobs, ref, mask)
+        agreeing, pairs = prm_pairwise_agreement(sequence_scores, outcomes, n)
         batch_metrics.mean("prm/ranking_accuracy", agreeing, pairs, if_empty=0.5)
+        group_fractions, groups = prm_group_ranking_agreement(sequence_scores, outcomes, n)
+        batch_metrics.mean("prm/group_ranking_accuracy", group_fractions, groups, if_empty=0.5)
         batch_metrics.mean("reward/process_mean", masked_sum(process_rewards, mask), mask.sum())
-        metrics.update({"prm/loss": prm_step.metrics["loss"],
-                        "prm/accuracy": prm_step.metrics["accuracy"],
-                        "prm/grad_norm": prm_step.grad_norm})
 
     # Step 8: advantages (RLOO on outcomes + leave-one-out process returns), whitened with the
     # mean and variance of the whole step batch.
@@ -237,14 +282,9 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
 
     # Step 9: PPO update of the policy, in ppo_epochs x ppo_mini_batches optimizer steps.
     policy_batch = step.with_fields(advantages=advantages)
-    if config.ppo_mini_batches > step.batch_size:
-        raise ValueError(f"algo.ppo_mini_batches={config.ppo_mini_batches} is more than the "
-                         f"{step.batch_size} responses on this rank")
-    # Row bounds: host arithmetic on a host tensor, no device involved.
-    bounds = torch.linspace(0, step.batch_size, config.ppo_mini_batches + 1).round().long().tolist()
     policy_metrics: dict[str, list[float]] = {}
     for _ in range(config.ppo_epochs):
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in row_bounds(step.batch_size, config.ppo_mini_batches, "algo.ppo_mini_batches"):
             mini_batch = policy_batch.map_tensors(lambda t, a=start, b=end: t[a:b])
             with timer("policy_update"):
                 policy_step = train_step(models.policy, models.policy_optimizer, mini_batch,
@@ -261,6 +301,32 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     metrics.update(batch_metrics.read())
     metrics.update({f"time/{name}": seconds for name, seconds in timer.seconds.items()})
     return UpdateResult(metrics, skip_reasons)
+
+
+def check_mini_batches(config: AlgoConfig, rows_per_rank: int) -> None:
+    """At start-up: a full step's rows on a rank can be cut into the configured mini-batches
+    (a step that kept fewer prompts is checked again by ``row_bounds``)."""
+    counts = [("algo.ppo_mini_batches", config.ppo_mini_batches)]
+    if config.trains_prm:
+        counts.append(("algo.prm_mini_batches", config.prm_mini_batches))
+    for key, value in counts:
+        require(value <= rows_per_rank, key, value,
+                f"at most the {rows_per_rank} responses a data-parallel rank trains on per step "
+                f"(rollout.batch.prompts_per_step / data-parallel size x algo.num_samples_per_prompt)")
+
+
+def row_bounds(rows: int, mini_batches: int, key: str) -> list[tuple[int, int]]:
+    """``[start, end)`` rows of each of ``mini_batches`` near-equal cuts of this rank's rows.
+
+    Each rank cuts its own rows (as verl's mini-batches do); every rank holds as many rows
+    (collect.py trains all replicas on the same number of prompts), so all take the same
+    number of optimizer steps. Host arithmetic on a host tensor, no device involved.
+    """
+    if mini_batches > rows:
+        raise ValueError(f"{key}={mini_batches} is more than the {rows} responses on this rank; "
+                         f"expected at most {rows}")
+    bounds = torch.linspace(0, rows, mini_batches + 1).round().long().tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _calibrate_fp8_once(models: PrimeModels, batch: StepBatch, micro_batch_size: int) -> None:

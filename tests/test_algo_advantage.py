@@ -30,7 +30,8 @@ def _mask(lengths, seq_len, offsets=None):
 # --- plain per-sample reference ------------------------------------------------------------
 
 
-def loop_prime_advantages(outcome, process, mask, n, outcome_coef, process_coef, gamma, whiten):
+def loop_prime_advantages(outcome, process, mask, n, outcome_coef, process_coef, gamma, whiten,
+                          process_baseline):
     """Straight from PRIME.md, one response at a time, in Python floats."""
     batch, seq_len = len(mask), len(mask[0])
     positions = [[t for t in range(seq_len) if mask[i][t]] for i in range(batch)]
@@ -42,10 +43,13 @@ def loop_prime_advantages(outcome, process, mask, n, outcome_coef, process_coef,
             outcome_adv = outcome[i] - sum(outcome[j] for j in others) / (n - 1)
             combined[i][positions[i][-1]] += outcome_coef * outcome_adv
         if process is not None:
-            averages = {j: (sum(process[j][t] for t in positions[j]) / len(positions[j]) if positions[j] else 0.0) for j in others}
-            baseline = sum(averages.values()) / (n - 1)
+            averages = {j: (sum(process[j][t] for t in positions[j]) / len(positions[j]) if positions[j] else 0.0) for j in group}
             for t in positions[i]:
-                combined[i][t] += process_coef * (process[i][t] - baseline)
+                if process_baseline == "paper":  # r_it - mean_{j != i} m_j
+                    value = process[i][t] - sum(averages[j] for j in others) / (n - 1)
+                else:  # the PRIME code: r_it * n/(n-1) - sum_j m_j / (n-1)
+                    value = process[i][t] * n / (n - 1) - sum(averages.values()) / (n - 1)
+                combined[i][t] += process_coef * value
     returns = [[0.0] * seq_len for _ in range(batch)]
     for i in range(batch):
         running = 0.0
@@ -102,7 +106,7 @@ def test_process_rloo_by_hand():
             [1.0, 1.0, 1.0, 1.0, 0.0],  # mean 1
         ]
     )
-    # Sum of response means = 8; baseline_i = (8 - mean_i) / 3 -> 2, 7/3, 4/3, 7/3.
+    # The paper's form. Sum of response means = 8; baseline_i = (8 - mean_i) / 3 -> 2, 7/3, 4/3, 7/3.
     expected = torch.tensor(
         [
             [-1.0, 0.0, 1.0, 0.0, 0.0],
@@ -111,7 +115,70 @@ def test_process_rloo_by_hand():
             [-4 / 3, -4 / 3, -4 / 3, -4 / 3, 0.0],
         ]
     )
-    torch.testing.assert_close(process_rloo_rewards(rewards, mask, N), expected)
+    torch.testing.assert_close(process_rloo_rewards(rewards, mask, N, "paper"), expected)
+
+
+# n = 3, lengths 2, 4, 1 after a left offset, padding holding 9s that must be ignored.
+SMALL_N = 3
+SMALL_MASK = _mask([2, 4, 1], 6, offsets=[1, 0, 2])
+SMALL_REWARDS = torch.tensor(
+    [
+        [9.0, 1.0, 3.0, 9.0, 9.0, 9.0],  # mean 2
+        [0.0, 0.0, 0.0, 4.0, 9.0, 9.0],  # mean 1
+        [9.0, 9.0, 3.0, 9.0, 9.0, 9.0],  # mean 3
+    ],
+    dtype=torch.float64,
+)
+
+
+def test_process_baseline_prime_code_by_hand():
+    # Sum of response means 2 + 1 + 3 = 6: every token gets r * 3/2 - 6/2 = 1.5 r - 3.
+    expected = torch.tensor(
+        [
+            [0.0, -1.5, 1.5, 0.0, 0.0, 0.0],
+            [-3.0, -3.0, -3.0, 3.0, 0.0, 0.0],
+            [0.0, 0.0, 1.5, 0.0, 0.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    got = process_rloo_rewards(SMALL_REWARDS, SMALL_MASK, SMALL_N, "prime_code")
+    torch.testing.assert_close(got, expected)
+    # prime_code is the default.
+    torch.testing.assert_close(process_rloo_rewards(SMALL_REWARDS, SMALL_MASK, SMALL_N), expected)
+
+
+def test_process_baseline_paper_by_hand():
+    # Leave-one-out means: row 0 (1 + 3) / 2 = 2, row 1 (2 + 3) / 2 = 2.5, row 2 (2 + 1) / 2 = 1.5.
+    expected = torch.tensor(
+        [
+            [0.0, -1.0, 1.0, 0.0, 0.0, 0.0],
+            [-2.5, -2.5, -2.5, 1.5, 0.0, 0.0],
+            [0.0, 0.0, 1.5, 0.0, 0.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(process_rloo_rewards(SMALL_REWARDS, SMALL_MASK, SMALL_N, "paper"), expected)
+
+
+def test_process_baselines_differ_by_own_deviation_and_share_first_token_return():
+    code = process_rloo_rewards(SMALL_REWARDS, SMALL_MASK, SMALL_N, "prime_code")
+    paper = process_rloo_rewards(SMALL_REWARDS, SMALL_MASK, SMALL_N, "paper")
+    means = torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64)
+    # (r_it - m_i) / (n - 1) on response tokens, 0 elsewhere: row 0 [-0.5, 0.5], row 1
+    # [-0.5 x3, 1.5], row 2 [0].
+    difference = (SMALL_REWARDS - means.unsqueeze(-1)) / (SMALL_N - 1) * SMALL_MASK
+    torch.testing.assert_close(code - paper, difference)
+    assert difference.abs().sum() > 0  # the forms really differ on this group
+    # The return at each response's first token is the same: 0, -6, 1.5.
+    code_returns = discounted_returns(code, SMALL_MASK)
+    paper_returns = discounted_returns(paper, SMALL_MASK)
+    first = [1, 0, 2]
+    for row, position in enumerate(first):
+        assert code_returns[row, position].item() == pytest.approx([0.0, -6.0, 1.5][row])
+        assert paper_returns[row, position].item() == pytest.approx(code_returns[row, position].item())
+    # ... and not at later tokens (row 1, second token: -3 vs -3.5).
+    assert code_returns[1, 1].item() == pytest.approx(-3.0)
+    assert paper_returns[1, 1].item() == pytest.approx(-3.5)
 
 
 def test_discounted_returns_by_hand():
@@ -145,9 +212,9 @@ def test_prime_advantages_by_hand_unwhitened():
             [1.0, 1.0, 1.0, 1.0, 0.0],
         ]
     )
-    config = AdvantageConfig(outcome_coef=3.0, process_coef=0.5, whiten=False)
+    config = AdvantageConfig(outcome_coef=3.0, process_coef=0.5, whiten=False, process_baseline="paper")
     advantages, returns = compute_prime_advantages(outcome, process, mask, N, config)
-    # Row 0 combined: 0.5 * [-1, 0, 1] + 3 * [0, 0, 2/3] = [-0.5, 0, 2.5] -> returns [2, 2.5, 2.5].
+    # The paper's process baseline (test_process_rloo_by_hand). Row 0 combined: 0.5 * [-1, 0, 1] + 3 * [0, 0, 2/3] = [-0.5, 0, 2.5] -> returns [2, 2.5, 2.5].
     # Row 2 combined: 0.5 * 8/3 + 3 * (-2/3) = -2/3.
     # Row 3 combined: 0.5 * -4/3 each, + 2 on the last -> [-2/3, -2/3, -2/3, 4/3] -> [-2/3, 0, 2/3, 4/3].
     torch.testing.assert_close(returns[0, :3], torch.tensor([2.0, 2.5, 2.5]))
@@ -172,11 +239,12 @@ def test_all_equal_outcomes_give_zero_outcome_advantage():
 # --- batched vs per-sample loop ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("process_baseline", ["prime_code", "paper"])
 @pytest.mark.parametrize(
     "outcome_coef,process_coef,gamma,whiten",
     [(5.0, 5.0, 1.0, True), (5.0, 5.0, 1.0, False), (1.0, 2.0, 0.9, True), (5.0, 0.0, 1.0, True)],
 )
-def test_prime_advantages_match_loop(outcome_coef, process_coef, gamma, whiten):
+def test_prime_advantages_match_loop(outcome_coef, process_coef, gamma, whiten, process_baseline):
     rng = random.Random(7)
     num_prompts, seq_len = 3, 9
     lengths = [rng.randint(1, seq_len - 1) for _ in range(num_prompts * N)]
@@ -185,10 +253,12 @@ def test_prime_advantages_match_loop(outcome_coef, process_coef, gamma, whiten):
     mask = _mask(lengths, seq_len, offsets)
     outcome = torch.tensor([float(rng.random() < 0.5) for _ in lengths], dtype=torch.float64)
     process = torch.randn(num_prompts * N, seq_len, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    config = AdvantageConfig(outcome_coef=outcome_coef, process_coef=process_coef, gamma=gamma, whiten=whiten)
+    config = AdvantageConfig(outcome_coef=outcome_coef, process_coef=process_coef, gamma=gamma, whiten=whiten,
+                             process_baseline=process_baseline)
     advantages, returns = compute_prime_advantages(outcome, process, mask, N, config)
     loop_adv, loop_ret = loop_prime_advantages(
-        outcome.tolist(), process.tolist(), mask.tolist(), N, outcome_coef, process_coef, gamma, whiten
+        outcome.tolist(), process.tolist(), mask.tolist(), N, outcome_coef, process_coef, gamma, whiten,
+        process_baseline
     )
     torch.testing.assert_close(returns.double(), torch.tensor(loop_ret, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(advantages.double(), torch.tensor(loop_adv, dtype=torch.float64), rtol=1e-4, atol=1e-4)
@@ -199,6 +269,8 @@ def test_bad_config_and_layout_name_the_problem():
         AdvantageConfig(gamma=1.5)
     with pytest.raises(ValueError, match="outcome_coef=-1"):
         AdvantageConfig(outcome_coef=-1)
+    with pytest.raises(ValueError, match=r"algo.advantage.process_baseline='verl'.*'prime_code', 'paper'"):
+        AdvantageConfig(process_baseline="verl")
     with pytest.raises(ValueError, match="num_samples_per_prompt=1"):
         outcome_rloo_rewards(torch.ones(4), torch.ones(4, 3), 1)
     with pytest.raises(ValueError, match="batch size 6 is not a multiple"):

@@ -60,3 +60,43 @@ def test_bad_inputs_name_the_problem():
         accuracy_band_filter(torch.ones(6), N)
     with pytest.raises(ValueError, match=r"shape \(2, 4\)"):
         accuracy_band_filter(torch.ones(2, 4), N)
+
+
+def test_truncated_prompts_are_dropped_before_the_band():
+    scores = torch.tensor(
+        [
+            1, 0, 0, 0,  # 0.25, one response cut at the length limit -> dropped
+            1, 1, 0, 0,  # 0.5, none cut -> kept
+            0, 0, 0, 0,  # 0.0, two cut -> dropped (also outside the band; counted as truncated)
+            1, 1, 1, 0,  # 0.75, none cut -> kept
+        ],
+        dtype=torch.float32,
+    )  # fmt: skip
+    truncated = torch.tensor(
+        [0, 0, 0, 1,  0, 0, 0, 0,  1, 0, 1, 0,  0, 0, 0, 0], dtype=torch.bool
+    )  # fmt: skip
+    result = accuracy_band_filter(scores, N, truncated=truncated)
+    assert result.keep_prompt.tolist() == [False, True, False, True]
+    assert (result.num_kept, result.num_prompts, result.num_truncated_dropped) == (2, 4, 2)
+    assert result.keep_response.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    # Without the flags the band alone keeps prompts 0, 1 and 3.
+    assert accuracy_band_filter(scores, N).keep_prompt.tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match=r"truncated must have the shape of scores \(16,\)"):
+        accuracy_band_filter(scores, N, truncated=truncated[:8])
+
+
+def test_collect_filters_groups_with_a_truncated_response():
+    from megatron_prime.rollout.collect import BatchConfig, ScoredGroup, filter_groups
+
+    groups = [
+        ScoredGroup([1], [[2], [3]], [1.0, 0.0], truncated=[False, True]),  # 0.5 but cut -> dropped
+        ScoredGroup([4], [[5], [6]], [0.0, 1.0], truncated=[False, False]),  # 0.5 -> kept
+        ScoredGroup([7], [[8], [9]], [1.0, 1.0], truncated=[False, False]),  # 1.0 -> band drops it
+        ScoredGroup([10], [[11], [12]], [0.0, 1.0]),  # no flags sent: nothing cut -> kept
+    ]
+    kept, verdict = filter_groups(groups, 2, BatchConfig())
+    assert kept == [groups[1], groups[3]]
+    assert (verdict.num_kept, verdict.num_truncated_dropped) == (2, 1)
+    kept, verdict = filter_groups(groups, 2, BatchConfig(filter_truncated=False))
+    assert kept == [groups[0], groups[1], groups[3]]
+    assert verdict.num_truncated_dropped == 0

@@ -13,6 +13,7 @@ import torch
 from megatron_prime.algo import (
     implicit_process_rewards,
     prm_cross_entropy_loss,
+    prm_group_ranking_agreement,
     prm_pairwise_accuracy,
     sequence_log_ratio,
 )
@@ -172,6 +173,26 @@ def test_pairwise_accuracy_by_hand():
     assert prm_pairwise_accuracy(scores, fractional, N).item() == pytest.approx(0.5 / 3.5)
     # No informative pair anywhere -> chance, never NaN.
     assert prm_pairwise_accuracy(torch.randn(4), torch.ones(4), N).item() == 0.5
+
+
+def test_group_ranking_accuracy_by_hand():
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    scores = torch.tensor([2.0, 1.0, 3.0, 0.0, 5.0, 0.0, 1.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    # Group 0 (1 right, 3 wrong): (0,1) right, (0,2) wrong, (0,3) right -> 2/3.
+    # Group 1 (2 right, 2 wrong): (0,2), (0,3), (1,3) right, (1,2) wrong (0 < 1) -> 3/4.
+    # Group 2 all right: left out.
+    fractions, groups = prm_group_ranking_agreement(scores, labels, N)
+    assert fractions.item() == pytest.approx(2 / 3 + 3 / 4)
+    assert groups.item() == 2  # mean (2/3 + 3/4) / 2 = 17/24
+    # The pair-weighted accuracy of the same batch is (2 + 3) / (3 + 4) = 5/7, not 17/24.
+    assert prm_pairwise_accuracy(scores, labels, N).item() == pytest.approx(5 / 7)
+    # A tie counts half: group 0 with s_2 = s_0 -> (1 + 0.5 + 1) / 3.
+    tied = scores.clone()
+    tied[2] = 2.0
+    assert prm_group_ranking_agreement(tied, labels, N)[0].item() == pytest.approx(2.5 / 3 + 3 / 4)
+    # No group with both outcomes: nothing summed (the trainer reports chance, 0.5).
+    fractions, groups = prm_group_ranking_agreement(torch.randn(4), torch.zeros(4), N)
+    assert (fractions.item(), groups.item()) == (0.0, 0.0)
 
 
 # --- batched vs per-sample loop ------------------------------------------------------------

@@ -241,8 +241,10 @@ def test_checkpoint_size_is_policy_and_prm_with_adam_state(tmp_path):
     shape = doctor.load_model_shape(config)
     # bf16 weights 2 + fp32 master 4 + two fp32 moments 8 = 14 bytes, policy and PRM.
     assert doctor.checkpoint_bytes(config, shape, on_gpu=True) == 2 * model_params(shape) * 14
-    rloo = eurus_config(tmp_path, "algo.prm_mode=none")
+    rloo = eurus_config(tmp_path, "algo.prm_mode=outcome_only")
     assert doctor.checkpoint_bytes(rloo, shape, on_gpu=True) == model_params(shape) * 14
+    frozen = eurus_config(tmp_path, "algo.prm_mode=frozen")
+    assert doctor.checkpoint_bytes(frozen, shape, on_gpu=True) == model_params(shape) * 14
 
 
 def test_disk_fails_when_the_checkpoints_do_not_fit(tmp_path):

@@ -71,6 +71,8 @@ def launch_job(layout: str, toy: dict[str, Path], folder: Path, timeout: int = 6
         "rollout.batch.prompts_per_step=2", "rollout.batch.oversample_factor=1",
         "rollout.batch.filter.low=0.0", "rollout.batch.filter.high=1.0",
         "rollout.sampling.n=2", "algo.num_samples_per_prompt=2", "algo.micro_batch_size=2",
+        # DP=2: one prompt x 2 samples per rank, so at most 2 PRM mini-batches.
+        "algo.prm_mini_batches=2",
         "rollout.sampling.max_new_tokens=8", "rollout.engine.max_model_len=128",
         f"validation.paths=[{toy['val']}]", "validation.every=1", "validation.before_train=true",
         "validation.max_new_tokens=8",

@@ -47,6 +47,8 @@ def _overrides(toy_inputs: dict[str, Path], run_dir: Path) -> list[str]:
         f"logging.run_dir={run_dir}", f"trainer.steps={STEPS}",
         "checkpoint.save_every=1", "checkpoint.keep_last=2",
         "rollout.batch.prompts_per_step=2", "rollout.batch.oversample_factor=1",
+        # The random-weight model rarely stops before max_new_tokens: keep its cut responses.
+        "rollout.batch.filter_truncated=false",
         "rollout.batch.filter.low=0.0", "rollout.batch.filter.high=1.0",
         "rollout.sampling.max_new_tokens=8", "rollout.engine.max_model_len=64",
         "algo.micro_batch_size=8", "logging.wandb_mode=disabled", "logging.progress_bar=false",

@@ -516,6 +516,22 @@ def test_vllm_replicates_kv_heads_beyond_its_tp():
     assert vllm_weight_params(shape, 4) == 2 * layer + 2 * 128 * 64 + 64  # vocab 500 -> 128/rank
 
 
+def test_frozen_prm_holds_its_weights_only():
+    """algo.prm_mode=frozen: the PRM's bf16 weights (2 B/param, like the reference), no
+    gradients, Adam state or update phase; a trained PRM's state is bigger by all of those."""
+    from megatron_prime.plan import Cluster, Layout, Options, Workload, plan_layout, stage_params
+
+    shape = preset_shape("eurus-2-7b")
+    layout = Layout(4, 1, 2)
+    trained = plan_layout(shape, Cluster(), Workload(), Options(), layout)
+    frozen = plan_layout(shape, Cluster(), Workload(), Options(prm_trains=False), layout)
+    params = stage_params(shape, 4, 1, 0)
+    assert frozen.components["PRM weights (frozen)"]["rollout"] == params.total * 2
+    assert not any(name.startswith("PRM") and name != "PRM weights (frozen)" for name in frozen.components)
+    assert "PRM update" not in frozen.phase_totals and "PRM update" in trained.phase_totals
+    assert frozen.phase_totals["policy update"] < trained.phase_totals["policy update"]
+
+
 def test_sleep_mode_peak_is_the_max_of_phases_not_the_sum():
     from megatron_prime.plan import GIB, Cluster, Layout, Options, Workload, plan_layout
 

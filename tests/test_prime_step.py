@@ -4,6 +4,8 @@ same metrics and updated weights at TP=2, PP=2 and DP=2 as at TP=1/PP=1/DP=1 (gl
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from launch import run_json_worker
@@ -26,11 +28,13 @@ def run(layout: str, prm_mode: str, tmp_path_factory) -> dict:
 
 
 def run_global(dp: int, tmp_path_factory) -> dict:
-    """The 4 prompts x 4 responses batch, at DP=dp (TP=PP=1); Adam eps 1e-6 (see worker)."""
+    """The 4 prompts x 4 responses batch, at DP=dp (TP=PP=1); Adam eps 1e-6 (see worker);
+    one PRM mini-batch (with more, each rank cuts its own rows and the layouts differ)."""
     if ("global", dp) not in _cache:
         out = tmp_path_factory.mktemp(f"step_global_dp{dp}") / "result.json"
         _cache["global", dp] = run_json_worker(
-            "tests/workers/step_worker.py", dp, ["--batch", "global", "--adam-eps", "1e-6"], out)
+            "tests/workers/step_worker.py", dp,
+            ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1"], out)
     return _cache["global", dp]
 
 
@@ -63,7 +67,7 @@ def test_prime_update_moves_policy_and_prm(tmp_path_factory):
 
 
 def test_outcome_only_mode_leaves_the_prm_untouched(tmp_path_factory):
-    result = run("tp1pp1", "none", tmp_path_factory)
+    result = run("tp1pp1", "outcome_only", tmp_path_factory)
     assert not any(name.startswith("prm/") for name in result["metrics"])
     _, model = make_hf_model("qwen2")
     for name, tensor in model.state_dict().items():
@@ -119,3 +123,44 @@ def test_step_keeps_its_tensors_on_the_training_device(tmp_path_factory):
         assert seen["devices"] == [result["expected_device"]], loss
         assert fields <= set(seen["fields"]), loss
     assert result["host_copies"] == []
+
+
+def test_prm_metrics_before_any_update_by_hand(tmp_path_factory):
+    """The PRM starts as the reference, so before its first update every implicit score is
+    0: the cross-entropy is ln 2 for each response and "correct" is never predicted, so the
+    accuracy is the share of wrong responses, 2 of 4 ([1, 0, 1, 0]); every (correct, wrong)
+    pair is a tie, so both ranking accuracies are 0.5 in the scoring modes that score with
+    the untouched PRM (after, frozen)."""
+    for mode in ("after", "frozen"):
+        metrics = run("tp1pp1", mode, tmp_path_factory)["metrics"]
+        assert metrics["prm/loss_before_update"] == pytest.approx(math.log(2), abs=1e-6), mode
+        assert metrics["prm/accuracy_before_update"] == pytest.approx(0.5), mode
+        assert metrics["prm/ranking_accuracy"] == pytest.approx(0.5), mode
+        assert metrics["prm/group_ranking_accuracy"] == pytest.approx(0.5), mode
+    after = run("tp1pp1", "after", tmp_path_factory)["metrics"]
+    # "after": 4 PRM steps of one row each; the first sees the untouched PRM (ln 2 on its
+    # row), the later ones a PRM already moved by the earlier rows.
+    assert after["prm/loss"] != pytest.approx(math.log(2), abs=1e-4)
+    # "before": each mini-batch's loss at its own forward pass, averaged: prm/loss itself.
+    before = run("tp1pp1", "before", tmp_path_factory)["metrics"]
+    assert before["prm/loss_before_update"] == before["prm/loss"]
+    assert before["prm/accuracy_before_update"] == before["prm/accuracy"]
+
+
+def test_frozen_prm_scores_but_never_moves(tmp_path_factory):
+    result = run("tp1pp1", "frozen", tmp_path_factory)
+    _, model = make_hf_model("qwen2")
+    for name, tensor in model.state_dict().items():
+        assert result["prm"][name][1] == pytest.approx(float(tensor.double().abs().sum()), rel=1e-7)
+    # Scored, not updated: no update metrics; the process rewards are all 0 (PRM = reference).
+    assert "prm/loss" not in result["metrics"] and "prm/grad_norm" not in result["metrics"]
+    assert result["metrics"]["reward/process_mean"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_global_batch_prm_loss_before_update_is_the_dp_mean(tmp_path_factory):
+    """DP=2 reports the same before-update loss as DP=1 (a global mean, not rank 0's), and with
+    one PRM mini-batch in "before" mode it is the PRM update's own loss."""
+    one, two = run_global(1, tmp_path_factory), run_global(2, tmp_path_factory)
+    assert one["metrics"]["prm/loss_before_update"] == pytest.approx(math.log(2), abs=1e-6)
+    assert two["metrics"]["prm/loss_before_update"] == pytest.approx(math.log(2), abs=1e-6)
+    assert two["metrics"]["prm/accuracy_before_update"] == pytest.approx(1 - 7 / 16)

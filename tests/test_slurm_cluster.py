@@ -100,7 +100,9 @@ def submit_dir(tmp_path_factory) -> Path:
         "checkpoint": {"save_every": 0, "keep_last": 2},
         "rollout": {"batch": {"prompts_per_step": 4, "oversample_factor": 2,
                               # A random-weight model solves nothing: keep every prompt.
-                              "filter": {"low": 0.0, "high": 1.0}},
+                              "filter": {"low": 0.0, "high": 1.0},
+                              # ...and it rarely samples EOS: keep its cut responses.
+                              "filter_truncated": False},
                     "sampling": {"max_new_tokens": 24}, "engine": {"max_model_len": 96}},
         "algo": {"micro_batch_size": 8},
         "policy_optimizer": {"lr": 1e-3},

@@ -146,7 +146,10 @@ def test_save_time_estimated_from_the_model_size(tmp_path):
     # policy + PRM, bf16 weights (2 B) + fp32 master and Adam moments (12 B): 2 x 107072 x 14
     assert checkpoint_bytes(prime, model / "config.json") == 2_998_016
     # outcome-only (no PRM trained): one model
-    assert checkpoint_bytes(run_config(tmp_path, f"model.path={model}", "algo.prm_mode=none"),
+    assert checkpoint_bytes(run_config(tmp_path, f"model.path={model}", "algo.prm_mode=outcome_only"),
+                            model / "config.json") == 1_499_008
+    # a frozen PRM is never saved (it is reloaded from model.prm_path): one model too
+    assert checkpoint_bytes(run_config(tmp_path, f"model.path={model}", "algo.prm_mode=frozen"),
                             model / "config.json") == 1_499_008
     # float32 weights are their own master: 4 + 8 B per parameter, 2 x 107072 x 12
     assert checkpoint_bytes(run_config(tmp_path, f"model.path={model}", "precision.dtype=float32"),

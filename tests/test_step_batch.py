@@ -75,3 +75,28 @@ def test_with_fields_detaches():
     step = StepBatch(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
     grad = torch.ones(1, 2, requires_grad=True) * 2
     assert not step.with_fields(advantages=grad).advantages.requires_grad
+
+
+def test_prm_loss_sums_by_hand():
+    """The PRM loss adapter (also what prm/loss_before_update reads from a scoring pass):
+    beta * sum_t log(pi_psi / pi_ref) is the logit of "correct"."""
+    import math
+
+    from megatron_prime.losses import prm_loss
+    from megatron_prime.models.schedule import TokenOutputs
+
+    # Position 0 is never scored; rows' scored log ratios sum to 2, -2 and 4 (a padding row
+    # with no response tokens adds nothing).
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0],
+                         [0.0, 0.0, 0.0, 0.0]])
+    ref = torch.full((4, 4), -1.0)
+    prm = ref + torch.tensor([[9.0, 1.0, 1.0, 9.0], [0.0, -1.0, -0.5, -0.5], [0.0, 4.0, 0.0, 0.0],
+                              [5.0, 5.0, 5.0, 5.0]])
+    batch = StepBatch(input_ids=torch.zeros(4, 4, dtype=torch.long), response_mask=mask,
+                      outcome_rewards=torch.tensor([1.0, 1.0, 0.0, 1.0]), ref_logprobs=ref)
+    loss_sum, units, sums = prm_loss(0.5)(TokenOutputs(prm, torch.zeros(4, 4)), batch)
+    # Logits 1, -1, 2 with labels 1, 1, 0: -log sigmoid(1) - log sigmoid(-1) - log(1 - sigmoid(2)).
+    expected = math.log1p(math.exp(-1)) + math.log1p(math.exp(1)) + math.log1p(math.exp(2))
+    assert loss_sum.item() == pytest.approx(expected, rel=1e-6)
+    assert units.item() == 3
+    assert sums["accuracy"].item() == 1.0  # only row 0 is on the right side of 0

@@ -25,8 +25,11 @@ from launch import REPO
 TINY_RUN = [
     "trainer.steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=3",
     "rollout.batch.prompts_per_step=4", "rollout.batch.oversample_factor=2",
-    # A random-weight model solves nothing: keep every prompt so the updates are real.
+    # A random-weight model solves nothing: keep every prompt so the updates are real. It
+    # rarely samples EOS either: most responses stop at max_new_tokens, and the truncation
+    # filter would drop nearly every prompt.
     "rollout.batch.filter.low=0.0", "rollout.batch.filter.high=1.0",
+    "rollout.batch.filter_truncated=false",
     "rollout.sampling.max_new_tokens=24", "rollout.engine.max_model_len=96",
     "algo.micro_batch_size=8", "policy_optimizer.lr=1e-3", "prm_optimizer.lr=1e-3",
     "logging.wandb_mode=disabled",
@@ -177,6 +180,8 @@ def run_failing(command: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(("override", "message"), [
     ("algo.beta=-1", "algo.beta=-1.0 is invalid: expected a float > 0"),
     ("algo.prm_mode=sometimes", "algo.prm_mode='sometimes' is invalid"),
+    ("algo.prm_mode=none", "algo.prm_mode='none' was renamed to 'outcome_only'"),
+    ("algo.advantage.process_baseline=verl", "algo.advantage.process_baseline='verl' is not allowed"),
     ("rollout.sampling.n=3", "rollout.sampling.n=3 is invalid: expected equal to algo.num_samples_per_prompt=4"),
     ("trainer.steps=0", "trainer.steps=0 is invalid"),
     ("trainer.stpes=3", "trainer.stpes is not a known key"),
@@ -192,6 +197,22 @@ def test_bad_config_value_is_named_and_nothing_is_written(toy_inputs, tmp_path, 
         main(train_command(toy_inputs, run_dir, override)[3:])
     assert message in str(error.value)
     assert not run_dir.exists()
+
+
+def test_mini_batches_must_fit_the_rows_of_a_rank():
+    from megatron_prime.update import AlgoConfig, check_mini_batches, row_bounds
+
+    # 2 prompts x 4 samples on a rank: 8 rows; 4 PRM mini-batches of 2 rows each.
+    check_mini_batches(AlgoConfig(), 8)
+    assert row_bounds(8, 4, "algo.prm_mini_batches") == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert row_bounds(6, 4, "algo.prm_mini_batches") == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    with pytest.raises(ValueError, match=r"algo.prm_mini_batches=4 is invalid: expected at most the 2 "
+                                         r"responses a data-parallel rank trains on"):
+        check_mini_batches(AlgoConfig(num_samples_per_prompt=2), 2)
+    # A frozen PRM takes no optimizer steps: its mini-batch count is not checked.
+    check_mini_batches(AlgoConfig(prm_mode="frozen"), 2)
+    with pytest.raises(ValueError, match=r"algo.prm_mini_batches=4 is more than the 3 responses on this rank"):
+        row_bounds(3, 4, "algo.prm_mini_batches")
 
 
 @pytest.mark.slow

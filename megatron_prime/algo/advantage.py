@@ -24,6 +24,10 @@ from megatron_prime.algo.masked import (
 )
 
 
+# The two forms of the process rewards' leave-one-out baseline (process_rloo_rewards).
+PROCESS_BASELINES: tuple[str, ...] = ("prime_code", "paper")
+
+
 @dataclass(frozen=True)
 class AdvantageConfig:
     """How reward sources combine into advantages. Defaults are the PRIME reference run."""
@@ -32,8 +36,14 @@ class AdvantageConfig:
     process_coef: float = 5.0  # weight of the implicit process rewards after leave-one-out
     gamma: float = 1.0  # discount of the reverse-cumulative return; the reference uses 1
     whiten: bool = True  # zero-mean, unit-variance advantages over the batch's response tokens
+    # The process rewards' leave-one-out form (see process_rloo_rewards): "prime_code", the
+    # PRIME code behind Eurus-2-7B-PRIME, or "paper", the PRIME paper's wording.
+    process_baseline: str = "prime_code"
 
     def __post_init__(self) -> None:
+        if self.process_baseline not in PROCESS_BASELINES:
+            raise ValueError(f"algo.advantage.process_baseline={self.process_baseline!r} is not "
+                             f"allowed; expected one of {PROCESS_BASELINES}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"AdvantageConfig.gamma={self.gamma} is not allowed; need 0 < gamma <= 1")
         for name in ("outcome_coef", "process_coef"):
@@ -66,20 +76,38 @@ def outcome_rloo_rewards(
 
 
 def process_rloo_rewards(
-    process_rewards: torch.Tensor, response_mask: torch.Tensor, num_samples_per_prompt: int
+    process_rewards: torch.Tensor, response_mask: torch.Tensor, num_samples_per_prompt: int,
+    process_baseline: str = "prime_code",
 ) -> torch.Tensor:
-    """Token rewards minus the leave-one-out mean of the other responses' average reward.
+    """Token rewards of each response, leave-one-out baselined within its group of n.
 
-    Token t of response i gets ``r_it - mean_{j != i} mean_t'(r_jt')``: the baseline is the
-    response-averaged implicit reward of the other n - 1 responses, so long and short responses
-    weigh the same in it. (The verl recipe instead scales r_it by n/(n-1) and subtracts the
-    mean over all n; the two agree only for one-token rewards. We follow the paper.)
+    With ``m_j`` the mean implicit reward over response j's tokens (long and short responses
+    weigh the same in the baseline), token t of response i gets, in PRIME.md's terms:
+
+    - ``"paper"``, the paper's wording: ``r_it - mean_{j != i} m_j``, the response-averaged
+      reward of the other n - 1 responses subtracted from every token reward;
+    - ``"prime_code"``, what the PRIME code computed for the published runs (PRIME-RL/PRIME
+      ``training/verl`` and verl-recipe ``prime/``, ``compute_rloo_advantage_return``):
+      ``r_it * n/(n-1) - (sum_j m_j)/(n-1)``, the sum over all n responses, i included.
+
+    Their difference is ``(r_it - m_i)/(n-1)`` per token: it sums to 0 over response i's
+    tokens, so the two give the same return at the first response token (with gamma = 1)
+    and differ at every later one, where "prime_code" weighs the token's own reward by
+    n/(n-1). Outcome rewards sit on one token, where the two forms coincide.
     """
     check_same_shape(process_rewards=process_rewards, response_mask=response_mask)
     check_groups(response_mask.shape[0], num_samples_per_prompt, min_samples=2)
+    n = num_samples_per_prompt
+    if process_baseline not in PROCESS_BASELINES:
+        raise ValueError(f"process_baseline={process_baseline!r} is not allowed; expected one of "
+                         f"{PROCESS_BASELINES}")
     response_average = masked_mean(process_rewards, response_mask, dim=-1)
-    baseline = leave_one_out_mean(response_average, num_samples_per_prompt)
-    return (process_rewards - baseline.unsqueeze(-1)) * response_mask.to(process_rewards.dtype)
+    if process_baseline == "paper":
+        baselined = process_rewards - leave_one_out_mean(response_average, n).unsqueeze(-1)
+    else:
+        group_sum = response_average.view(-1, n).sum(dim=-1, keepdim=True).expand(-1, n).reshape(-1)
+        baselined = process_rewards * (n / (n - 1)) - (group_sum / (n - 1)).unsqueeze(-1)
+    return baselined * response_mask.to(process_rewards.dtype)
 
 
 def discounted_returns(token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
@@ -129,7 +157,8 @@ def compute_prime_advantages(
     if config.outcome_coef != 0:
         combined = combined + config.outcome_coef * outcome_rloo_rewards(outcome_rewards, mask, num_samples_per_prompt)
     if process_rewards is not None and config.process_coef != 0:
-        process = process_rloo_rewards(process_rewards.to(torch.float32), mask, num_samples_per_prompt)
+        process = process_rloo_rewards(process_rewards.to(torch.float32), mask, num_samples_per_prompt,
+                                       config.process_baseline)
         combined = combined + config.process_coef * process
     returns = discounted_returns(combined, mask, config.gamma)
     advantages = masked_whiten(returns, mask, reduce_sum=reduce_sum) if config.whiten else returns

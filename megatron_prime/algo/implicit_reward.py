@@ -155,3 +155,34 @@ def prm_pairwise_agreement(
     agreement = torch.where(score_diff > 0, 1.0, torch.where(score_diff == 0, 0.5, 0.0))
     weight = label_diff * better
     return (agreement * weight).sum(), weight.sum()
+
+
+def prm_group_ranking_agreement(
+    sequence_scores: torch.Tensor, outcome_labels: torch.Tensor, num_samples_per_prompt: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over groups of each group's ranking accuracy, and the number of groups summed.
+
+    A group's accuracy is the fraction (by the pair weights of ``prm_pairwise_agreement``) of
+    its (better, worse) pairs that the scores order right, ties half. Only groups whose labels
+    are not all equal count: with 0/1 labels, the groups holding both a correct and a wrong
+    response. Their mean weighs every such prompt the same, where the pair-weighted
+    ``prm_pairwise_accuracy`` weighs a 2-right-2-wrong group (4 pairs) above a 1-3 one
+    (3 pairs). Float64 sums, so that shards of a batch can be added before dividing.
+    """
+    if sequence_scores.shape != outcome_labels.shape or sequence_scores.dim() != 1:
+        raise ValueError(
+            f"sequence_scores and outcome_labels must both be [batch], got "
+            f"{tuple(sequence_scores.shape)} and {tuple(outcome_labels.shape)}"
+        )
+    n = num_samples_per_prompt
+    check_groups(sequence_scores.shape[0], n, min_samples=2)
+    scores = sequence_scores.detach().double().view(-1, n)
+    labels = outcome_labels.detach().double().view(-1, n)
+    score_diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # [P, n, n], entry [i, j] = s_i - s_j
+    label_diff = labels.unsqueeze(-1) - labels.unsqueeze(-2)
+    weight = label_diff * (label_diff > 0)  # each unordered pair once, label_i > label_j
+    agreement = torch.where(score_diff > 0, 1.0, torch.where(score_diff == 0, 0.5, 0.0))
+    agreeing, total = (agreement * weight).sum(dim=(-1, -2)), weight.sum(dim=(-1, -2))
+    informative = total > 0
+    fractions = torch.where(informative, agreeing / total.clamp(min=1e-12), 0.0)
+    return fractions.sum(), informative.sum().double()

@@ -99,12 +99,13 @@ def model_config_path(model_path: str) -> Path | None:
 def checkpoint_bytes(prime: PrimeConfig, config_json: Path, on_gpu: bool = True) -> int:
     """Bytes one train-state checkpoint writes: each trained model's weights and its Adam
     state (fp32 moments, plus an fp32 master copy for 16-bit weights); the policy always,
-    the PRM unless ``algo.prm_mode=none``. The frozen reference is not saved."""
+    the PRM when it trains (``algo.prm_mode`` before or after). The frozen reference and a
+    frozen PRM are not saved."""
     from megatron_prime.models.architectures import ModelShape
     from megatron_prime.plan import dtype_bytes, load_hf_config, train_state_bytes
 
     shape = ModelShape.from_hf(load_hf_config(str(config_json)))
-    trained_models = 1 if prime.algo.prm_mode == "none" else 2
+    trained_models = 2 if prime.algo.trains_prm else 1
     return train_state_bytes(shape, dtype_bytes(prime.precision.dtype, on_gpu), trained_models)
 
 

@@ -50,10 +50,13 @@ class BuiltModel:
     # What this model's kernels need: every batch it sees is padded to a multiple of this many
     # tokens (FP8, sequence parallelism; models/architectures.sequence_length_multiple).
     sequence_length_multiple: int = 1
+    # Forward only, no gradients or DDP buffers: the reference always, a PRM in
+    # algo.prm_mode=frozen.
+    frozen: bool = False
 
     @property
     def trainable(self) -> bool:
-        return self.role != "reference"
+        return not self.frozen
 
     def gpt_chunks(self) -> list[GPTModel]:
         """The bare GPTModels, without the DDP wrapper."""
@@ -76,8 +79,10 @@ def build_model(
     use_distributed_optimizer: bool = False,
     initialize_weights: bool = True,
     device: torch.device | None = None,
+    frozen: bool = False,
 ) -> BuiltModel:
     """Creates this rank's part of the model. Weights are random until loaded (checkpoint/);
+    the reference, or any role with ``frozen=True``, is built for forward passes only;
     ``initialize_weights=False`` leaves them uninitialised for a caller that loads them next.
     ``device=torch.device("meta")`` builds it without memory (shapes only), for a converter
     that materialises one layer at a time."""
@@ -99,7 +104,8 @@ def build_model(
         for vp_stage in range(num_chunks):
             chunks.append(_build_chunk(config, spec, vocab, shape, vp_stage, parallel,
                                        initialize_weights, device))
-    built = _wrap(chunks, role, config, shape, vocab, use_distributed_optimizer)
+    built = _wrap(chunks, role, config, shape, vocab, use_distributed_optimizer,
+                  frozen or role == "reference")
     built.layer_spec = "transformer_engine" if use_transformer_engine else "local"
     built.sequence_length_multiple = sequence_length_multiple(parallel, precision, shape_alignment=1)
     return built
@@ -131,8 +137,8 @@ def _build_chunk(config: Any, spec: Any, vocab: int, shape: ModelShape, vp_stage
 
 
 def _wrap(chunks: list[torch.nn.Module], role: str, config: Any, shape: ModelShape, vocab: int,
-          use_distributed_optimizer: bool) -> BuiltModel:
-    if role == "reference":
+          use_distributed_optimizer: bool, frozen: bool) -> BuiltModel:
+    if frozen:
         for chunk in chunks:
             chunk.requires_grad_(False)
             chunk.eval()
@@ -153,7 +159,8 @@ def _wrap(chunks: list[torch.nn.Module], role: str, config: Any, shape: ModelSha
             )
             for index, chunk in enumerate(chunks)
         ]
-    return BuiltModel(role=role, chunks=chunks, config=config, shape=shape, padded_vocab_size=vocab)
+    return BuiltModel(role=role, chunks=chunks, config=config, shape=shape, padded_vocab_size=vocab,
+                      frozen=frozen)
 
 
 def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prime import distributed
-from megatron_prime.algo import AccuracyFilterConfig, accuracy_band_filter
+from megatron_prime.algo import AccuracyFilterConfig, FilterResult, accuracy_band_filter
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.data import PromptRecord, PromptSampler, render_prompt
 from megatron_prime.losses import ROLLOUT_LOGPROBS
@@ -40,11 +40,16 @@ class BatchConfig:
     # Rounds of sampling before the step trains on whatever was kept.
     max_rounds: int = 4
     filter: AccuracyFilterConfig = field(default_factory=AccuracyFilterConfig)
+    # Drop every prompt any of whose n responses stopped at rollout.sampling.max_new_tokens,
+    # before the accuracy band (the PRIME reference's truncation filter, on in its run).
+    filter_truncated: bool = True
 
     def validate(self) -> None:
         require_positive_int("rollout.batch.prompts_per_step", self.prompts_per_step)
         require_positive_int("rollout.batch.oversample_factor", self.oversample_factor)
         require_positive_int("rollout.batch.max_rounds", self.max_rounds)
+        require(isinstance(self.filter_truncated, bool), "rollout.batch.filter_truncated",
+                self.filter_truncated, "true or false")
 
     @property
     def prompts_per_round(self) -> int:
@@ -61,6 +66,11 @@ class ScoredGroup:
     # The sampler's log-prob of each response token: the trainer compares them with its own
     # (rollout/logprob_diff_*), which shows a stale or broken weight sync at once.
     response_logprobs: list[list[float]] = field(default_factory=list)
+    # Whether each response stopped at the length limit (finish_reason "length"); empty: none.
+    truncated: list[bool] = field(default_factory=list)
+
+    def truncated_flags(self) -> list[bool]:
+        return self.truncated or [False] * len(self.response_token_ids)
 
 
 @dataclass
@@ -91,16 +101,31 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
         [prompts[r.prompt_index].data_source for r in rollouts],
     )
     groups = [ScoredGroup(prompt_ids[i], [r.response_token_ids for r in rollouts[i * n:(i + 1) * n]],
-                          scores[i * n:(i + 1) * n], [r.logprobs for r in rollouts[i * n:(i + 1) * n]])
+                          scores[i * n:(i + 1) * n], [r.logprobs for r in rollouts[i * n:(i + 1) * n]],
+                          [r.finish_reason == "length" for r in rollouts[i * n:(i + 1) * n]])
               for i in range(len(prompts))]
     lengths = [len(r.response_token_ids) for r in rollouts]
+    # "correct" for the length split: full reward (math right, every code test passed).
+    passed = [score >= 1.0 for score in scores]
     stats = {"responses": float(len(rollouts)), "correct": float(sum(scores)),
              "response_tokens": float(sum(lengths)),
+             "passed_responses": float(sum(passed)),
+             "passed_response_tokens": float(sum(length for length, ok in zip(lengths, passed) if ok)),
              "truncated": float(sum(r.finish_reason == "length" for r in rollouts)),
              "generate_seconds": seconds,
              # responses scored 0 because their scoring raised (RewardRegistry logs each reason)
              "verifier_errors": float(len(rewards.last_failures))}
     return groups, stats
+
+
+def filter_groups(groups: list[ScoredGroup], n: int, config: BatchConfig) -> tuple[list[ScoredGroup], FilterResult]:
+    """The groups that survive the truncation filter (if on) and then the accuracy band."""
+    scores = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)
+    truncated = None
+    if config.filter_truncated:
+        truncated = torch.tensor([t for g in groups for t in g.truncated_flags()], dtype=torch.bool)
+    verdict = accuracy_band_filter(scores, n, config.filter, truncated)
+    return [g for g, keep in zip(groups, verdict.keep_prompt.tolist()) if keep], verdict
 
 
 def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenizer: Any,
@@ -119,7 +144,9 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
     target = config.prompts_per_step // distributed.dp_world_size()
     kept: list[ScoredGroup] = []
     totals = {"prompts": 0.0, "responses": 0.0, "correct": 0.0, "response_tokens": 0.0,
-              "truncated": 0.0, "generate_seconds": 0.0, "kept_prompts": 0.0, "verifier_errors": 0.0}
+              "passed_responses": 0.0, "passed_response_tokens": 0.0, "truncated": 0.0,
+              "truncated_prompts_dropped": 0.0, "generate_seconds": 0.0, "kept_prompts": 0.0,
+              "verifier_errors": 0.0}
     for round_index in range(config.max_rounds):
         prompts = sampler.next_batch()
         result = None
@@ -128,14 +155,13 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
             round_sampling = replace(sampling, seed=sampling_seed(seed, step, round_index, distributed.dp_rank()))
             result = sample_and_score(engine, tokenizer, prompts, round_sampling, rewards, use_chat_template)
         groups, stats = distributed.broadcast_in_replica(result)
-        scores = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)
-        verdict = accuracy_band_filter(scores, n, config.filter)
-        round_kept = [g for g, keep in zip(groups, verdict.keep_prompt.tolist()) if keep]
+        round_kept, verdict = filter_groups(groups, n, config)
         kept.extend(round_kept)
         for name, value in stats.items():
             totals[name] += value
         totals["prompts"] += len(groups)
         totals["kept_prompts"] += len(round_kept)
+        totals["truncated_prompts_dropped"] += verdict.num_truncated_dropped
         # Every replica must stop after the same round with at least `target` groups. Over the
         # host group: replicas whose engine finished first wait here while others generate.
         fewest = torch.tensor([len(kept)], dtype=torch.int64)
@@ -157,6 +183,7 @@ def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int
     dist.all_reduce(summed, group=distributed.dp_host_group())
     total = dict(zip(names, summed.tolist()))
     responses = max(total["responses"], 1.0)
+    wrong = total["responses"] - total["passed_responses"]
     generate_seconds = max(total["generate_seconds"] / distributed.dp_world_size(), 1e-9)
     return {
         # The policy's accuracy on everything it sampled this step, before filtering.
@@ -165,7 +192,13 @@ def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int
         "rollout/prompts_trained": float(prompts_trained),
         "rollout/rounds": float(rounds),
         "rollout/response_length": total["response_tokens"] / responses,
+        # Mean length of the responses with full reward and of the others (0 when none).
+        "rollout/response_length_correct": total["passed_response_tokens"] / max(total["passed_responses"], 1.0),
+        "rollout/response_length_wrong": ((total["response_tokens"] - total["passed_response_tokens"])
+                                          / max(wrong, 1.0)),
+        # Of all sampled responses; and the prompts the truncation filter dropped this step.
         "rollout/truncated_fraction": total["truncated"] / responses,
+        "rollout/truncated_prompts_dropped": total["truncated_prompts_dropped"],
         "reward/verifier_error_fraction": total["verifier_errors"] / responses,
         "rollout/generate_tokens_per_s": total["response_tokens"] / generate_seconds,
     }

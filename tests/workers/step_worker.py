@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--prm-mode", default="before")
+    # Default: AlgoConfig's (4 PRM steps, one row each of the single batch). The DP=1 vs DP=2
+    # comparison needs 1: each rank cuts its own rows, so mini-batches differ across layouts.
+    parser.add_argument("--prm-mini-batches", type=int, default=AlgoConfig().prm_mini_batches)
     parser.add_argument("--batch", choices=("single", "global"), default="single")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--adam-eps", type=float, default=1e-8)
@@ -135,7 +138,10 @@ def main() -> None:
     parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
     hf_config, hf_model = make_hf_model("qwen2")
     distributed.init_distributed(parallel)
-    built = {role: build_model(hf_config, role, parallel) for role in ("policy", "prm", "reference")}
+    # algo.prm_mode=frozen builds the PRM as train.build_prime_models does: forward only.
+    built = {role: build_model(hf_config, role, parallel,
+                               frozen=role == "prm" and args.prm_mode == "frozen")
+             for role in ("policy", "prm", "reference")}
     for model in built.values():
         load_hf_weights(model, hf_model.state_dict())
     # Adam's first step moves a weight by lr * g / (|g| + eps): for gradients of rounding-noise
@@ -147,7 +153,8 @@ def main() -> None:
     models = PrimeModels(
         policy=built["policy"], reference=built["reference"], prm=built["prm"],
         policy_optimizer=build_optimizer(built["policy"], optimizer_config),
-        prm_optimizer=build_optimizer(built["prm"], optimizer_config),
+        prm_optimizer=(build_optimizer(built["prm"], optimizer_config)
+                       if args.prm_mode in ("before", "after") else None),
     )
     if args.batch == "single":
         batch, outcomes = make_batch(hf_config.vocab_size), torch.tensor([1.0, 0.0, 1.0, 0.0])
@@ -165,7 +172,8 @@ def main() -> None:
     recorder = HostCopyRecorder()
     with recorder:
         metrics = prime_update(models, batch, outcomes,
-                               AlgoConfig(prm_mode=args.prm_mode, micro_batch_size=2),
+                               AlgoConfig(prm_mode=args.prm_mode, micro_batch_size=2,
+                                          prm_mini_batches=args.prm_mini_batches),
                                temperature=args.temperature).metrics
     result = {"metrics": metrics, "policy": weight_sums(models.policy),
               "prm": weight_sums(models.prm), "expected_device": str(distributed.device()),

@@ -20,6 +20,7 @@ from megatron_prime.toy import (
     step_line_spans,
     write_jsonl,
 )
+from megatron_prime.toy.arithmetic import Problem, needs_carry
 from megatron_prime.toy.running_sum import MAX_STEPS, make_rl_rows, make_sft_rows
 
 CHAIN = Chain(47, (8, -5, 13, -9, 6, 7))
@@ -61,13 +62,23 @@ def test_generator_ranges_and_determinism():
     values = [v for c in chains for v in (c.start, *c.values)]
     deltas = [d for c in chains for d in c.deltas]
     assert min(values) == 0 and max(values) == 99
-    assert {abs(d) for d in deltas} == set(range(1, 10))
-    # Both signs are drawn about equally often (forced only near 0 and 99).
+    assert {abs(d) for d in deltas} == set(range(1, 20))
+    # By default no step carries or borrows in a digit column.
+    steps = [Problem(v, "+" if d > 0 else "-", abs(d)) for c in chains
+             for v, d in zip((c.start, *c.values), c.deltas)]
+    assert not any(map(needs_carry, steps))
+    # Both signs are drawn about equally often.
     assert 0.4 < sum(d > 0 for d in deltas) / len(deltas) < 0.6
     mixed = make_chains(600, seed=0, num_steps=(1, 4, 8))
     assert {c.num_steps for c in mixed} == {1, 4, 8}
-    small = make_chains(500, seed=1, num_steps=3, max_delta=2, max_value=5)
+    small = make_chains(500, seed=1, num_steps=3, max_delta=2, max_value=5, carry=True)
     assert all(0 <= v <= 5 for c in small for v in (c.start, *c.values))
+    with_carries = make_chains(500, seed=1, num_steps=4, max_delta=9, carry=True)
+    steps = [Problem(v, "+" if d > 0 else "-", abs(d)) for c in with_carries
+             for v, d in zip((c.start, *c.values), c.deltas)]
+    assert 0.3 < sum(map(needs_carry, steps)) / len(steps) < 0.7  # about 0.45 for one digit
+    nines = make_chains(300, seed=1, num_steps=8, max_delta=5, max_value=9)
+    assert all(0 <= v <= 9 for c in nines for v in c.values)
 
 
 def test_generator_refuses_bad_arguments():
@@ -75,8 +86,10 @@ def test_generator_refuses_bad_arguments():
         make_chains(3, seed=0, num_steps=0)
     with pytest.raises(ValueError, match=rf"num_steps=\[4, {MAX_STEPS + 1}\] is invalid"):
         make_chains(3, seed=0, num_steps=[4, MAX_STEPS + 1])
-    with pytest.raises(ValueError, match="max_value=10 is invalid: expected an integer >= 2 \\* max_delta = 18"):
-        make_chains(3, seed=0, num_steps=2, max_value=10)
+    with pytest.raises(ValueError, match="max_value=0 is invalid: expected an integer >= 1"):
+        make_chains(3, seed=0, num_steps=2, max_value=0, carry=True)
+    with pytest.raises(ValueError, match="max_value=50 is invalid: expected 9, 99, 999, ... when carry=False"):
+        make_chains(3, seed=0, num_steps=2, max_value=50)
     with pytest.raises(ValueError, match="num=0 is invalid"):
         make_rl_rows(0, seed=0, num_steps=4)
 

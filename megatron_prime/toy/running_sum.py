@@ -26,10 +26,12 @@ a step line costs 7-9 tokens (digits are single tokens). The prompt's words ("St
 and is not extended for this task.
 
 Values stay in ``[0, max_value]`` (default 0..99, two digits at most) and deltas are
-``1..max_delta`` (default 9) in magnitude: one step is "add or subtract one digit, with a
-carry or borrow"; the sign is drawn among those that keep the value in range. Chains are
-drawn from ``random.Random(seed)``: SFT and RL data made with the same seed hold the same
-chains, so use different seeds.
+``1..max_delta`` (default 19) in magnitude; by default no step needs a carry or borrow in
+any digit column (``carry=False``), for the reason ``arithmetic.make_problems`` gives: a
+model of the default job's size learns column-wise sums in a few hundred SFT steps, and
+carries take many times more. Each step is then one of the arithmetic toy's problems, and a
+chain of K of them is K chances to slip. Chains are drawn from ``random.Random(seed)``: SFT
+and RL data made with the same seed hold the same chains, so use different seeds.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.data.templates import MATH_SUFFIX
-from megatron_prime.toy.arithmetic import BOXED_OPEN, EQUALS, OPERATOR_PHRASES
+from megatron_prime.toy.arithmetic import BOXED_OPEN, EQUALS, OPERATOR_PHRASES, Problem, needs_carry
 
 DATA_SOURCE = "toy_running_sum"
 LINE_SEPARATOR = "\n"
@@ -111,34 +113,46 @@ class Chain:
         return LINE_SEPARATOR.join((*self.step_lines, f"{BOXED_OPEN}{self.answer}}}"))
 
 
-def _random_chain(rng: random.Random, num_steps: int, max_delta: int, max_value: int) -> Chain:
+def _allowed(value: int, delta: int, max_value: int, carry: bool) -> bool:
+    if not 0 <= value + delta <= max_value:
+        return False
+    return carry or not needs_carry(Problem(value, "+" if delta > 0 else "-", abs(delta)))
+
+
+def _random_chain(rng: random.Random, num_steps: int, max_delta: int, max_value: int,
+                  carry: bool) -> Chain:
     value = start = rng.randint(0, max_value)
     deltas = []
-    for _ in range(num_steps):
+    while len(deltas) < num_steps:
         magnitude = rng.randint(1, max_delta)
-        signs = [s for s in (1, -1) if 0 <= value + s * magnitude <= max_value]
-        delta = rng.choice(signs) * magnitude
-        deltas.append(delta)
-        value += delta
+        signs = [s for s in (1, -1) if _allowed(value, s * magnitude, max_value, carry)]
+        # Redraw when neither sign is allowed; magnitude 1 always allows one (+1 or -1 needs
+        # no carry unless the units are 9, resp. 0), so this ends.
+        if signs:
+            deltas.append(rng.choice(signs) * magnitude)
+            value += deltas[-1]
     return Chain(start, tuple(deltas))
 
 
-def make_chains(num: int, seed: int, num_steps: int | Sequence[int], max_delta: int = 9,
-                max_value: int = 99) -> list[Chain]:
+def make_chains(num: int, seed: int, num_steps: int | Sequence[int], max_delta: int = 19,
+                max_value: int = 99, carry: bool = False) -> list[Chain]:
     """``num`` chains of ``num_steps`` steps (or, for a sequence, a length drawn uniformly
-    from it per chain); start uniform in [0, max_value], |delta| uniform in [1, max_delta],
-    the sign uniform among those keeping the value in [0, max_value]."""
+    from it per chain); start uniform in [0, max_value], |delta| uniform in [1, max_delta]
+    among those with an allowed sign, the sign uniform among the allowed: those keeping the
+    value in [0, max_value] and, unless ``carry``, needing no carry or borrow."""
     require_positive_int("num", num)
     lengths = (num_steps,) if isinstance(num_steps, int) else tuple(num_steps)
     require(bool(lengths) and all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_STEPS
                                   for k in lengths),
             "num_steps", num_steps, f"an integer in 1..{MAX_STEPS}, or a non-empty sequence of them")
     require_positive_int("max_delta", max_delta)
-    # Both signs must not be out of range at once: 0..max_value is wider than 2 * max_delta.
-    require(isinstance(max_value, int) and max_value >= 2 * max_delta, "max_value", max_value,
-            f"an integer >= 2 * max_delta = {2 * max_delta}")
+    require_positive_int("max_value", max_value)
+    # Without carries, a value of all nines can always step by -1; a bound like 10 could
+    # leave no allowed step (10 + m is out, 10 - m borrows).
+    require(carry or set(str(max_value)) == {"9"}, "max_value", max_value,
+            "9, 99, 999, ... when carry=False")
     rng = random.Random(seed)
-    return [_random_chain(rng, rng.choice(lengths), max_delta, max_value) for _ in range(num)]
+    return [_random_chain(rng, rng.choice(lengths), max_delta, max_value, carry) for _ in range(num)]
 
 
 def rl_row(chain: Chain) -> dict[str, Any]:
@@ -157,14 +171,14 @@ def sft_row(chain: Chain) -> dict[str, Any]:
                          {"role": "assistant", "content": chain.solution}]}
 
 
-def make_rl_rows(num: int, seed: int, num_steps: int | Sequence[int], max_delta: int = 9,
-                 max_value: int = 99) -> list[dict[str, Any]]:
-    return [rl_row(c) for c in make_chains(num, seed, num_steps, max_delta, max_value)]
+def make_rl_rows(num: int, seed: int, num_steps: int | Sequence[int], max_delta: int = 19,
+                 max_value: int = 99, carry: bool = False) -> list[dict[str, Any]]:
+    return [rl_row(c) for c in make_chains(num, seed, num_steps, max_delta, max_value, carry)]
 
 
-def make_sft_rows(num: int, seed: int, num_steps: int | Sequence[int], max_delta: int = 9,
-                  max_value: int = 99) -> list[dict[str, Any]]:
-    return [sft_row(c) for c in make_chains(num, seed, num_steps, max_delta, max_value)]
+def make_sft_rows(num: int, seed: int, num_steps: int | Sequence[int], max_delta: int = 19,
+                  max_value: int = 99, carry: bool = False) -> list[dict[str, Any]]:
+    return [sft_row(c) for c in make_chains(num, seed, num_steps, max_delta, max_value, carry)]
 
 
 def parse_chain(prompt_text: str) -> Chain:

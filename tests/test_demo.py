@@ -27,7 +27,9 @@ def test_default_job_shortened_raises_accuracy(tmp_path):
     assert [m["step"] for m in metrics] == list(range(1, 61))
     accuracy = [m["reward/accuracy"] for m in metrics]
     first, last = sum(accuracy[:10]) / 10, sum(accuracy[-10:]) / 10
-    # Measured on this seed: 0.21 -> 0.41 (256 sampled responses per step).
+    # The 0.08 margin is the arithmetic task's (measured there: 0.21 -> 0.41, 256 sampled
+    # responses per step); on running sums it is not yet measured (benchmarks/results/
+    # running_sum_sft_cpu.txt has the SFT model's accuracy by SFT steps).
     assert last > first + 0.08, f"accuracy {first:.3f} -> {last:.3f}: {accuracy}"
     assert f"accuracy over the first 10 steps {first:.3f} -> last 10 steps {last:.3f}" in done.stdout
     # The SFT started from random weights and learned the format; PRIME logged PRM metrics.

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--sft-steps", default="1,2,3,4,5,6,7,8", help="chain lengths of the SFT data")
     parser.add_argument("--num-sft", type=int, default=4000)
     parser.add_argument("--eval-ks", default="1,4,8")
+    parser.add_argument("--resume", default="", help="continue from this SFT output folder ...")
+    parser.add_argument("--resume-steps", type=int, default=0, help="... which had this many SFT steps")
     parser.add_argument("--num-eval", type=int, default=200)
     args = parser.parse_args()
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
@@ -75,8 +77,9 @@ def main() -> None:
     params = sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(base / "model.safetensors").values())
     lengths = [int(k) for k in args.sft_steps.split(",")]
     data = write_jsonl(make_sft_rows(args.num_sft, seed=1, num_steps=lengths), out / "sft.jsonl")
-    model, seconds = base, 0.0
-    for segment in range(1, args.segments + 1):
+    model, seconds = (Path(args.resume) if args.resume else base), 0.0
+    done = args.resume_steps // args.segment
+    for segment in range(done + 1, done + args.segments + 1):
         config = SFTConfig(model=str(model), data=[str(data)], output=str(out / f"sft_{segment}"),
                            steps=args.segment, global_batch_size=args.batch, micro_batch_size=args.batch,
                            log_every=50, seed=segment, optimizer=OptimizerConfig(lr=args.lr, clip_grad=1.0))
@@ -84,7 +87,8 @@ def main() -> None:
         seconds += result["train_seconds"]
         model = Path(config.output)
         row = {"params": params, "hidden": args.hidden, "layers": args.layers, "lr": args.lr,
-               "sft_steps": segment * args.segment, "train_seconds": round(seconds), "loss": result["loss_last"]}
+               "sft_steps": segment * args.segment, "train_seconds": round(seconds),
+               "resumed_from": args.resume_steps, "loss": result["loss_last"]}
         for k in (int(k) for k in args.eval_ks.split(",")):
             for name, temperature in (("t1", 1.0), ("greedy", 0.0)):
                 for key, value in evaluate(model, k, args.num_eval, temperature).items():

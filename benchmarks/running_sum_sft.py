@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from megatron_prime.config import OptimizerConfig
 from megatron_prime.rewards import extract_last_boxed
@@ -74,7 +75,7 @@ def main() -> None:
     base = write_toy_model(out / "base", hidden_size=args.hidden, num_layers=args.layers,
                            num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
                            intermediate_size=args.intermediate)
-    params = sum(t.numel() for t in __import__("safetensors.torch").torch.load_file(base / "model.safetensors").values())
+    params = sum(t.numel() for t in load_file(base / "model.safetensors").values())
     lengths = [int(k) for k in args.sft_steps.split(",")]
     data = write_jsonl(make_sft_rows(args.num_sft, seed=1, num_steps=lengths), out / "sft.jsonl")
     model, seconds = (Path(args.resume) if args.resume else base), 0.0

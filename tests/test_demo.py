@@ -57,7 +57,8 @@ def prm_best_of_n_beats_random_choice(run, step, tmp_path, env) -> None:
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Problems the run never trained on (the demo's RL prompts use seed + 2 = 2).
-    rows = [{"question": c.question, "answer": str(c.answer)} for c in make_chains(48, seed=1234, num_steps=4)]
+    rows = [{"question": c.question, "answer": str(c.answer)}
+            for c in make_chains(48, seed=1234, num_steps=4)]
     bench = write_jsonl(rows, tmp_path / "held_out.jsonl")
     out = tmp_path / "bon"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "eval.py"), "--model", str(run / "sft"),

@@ -88,7 +88,8 @@ def test_generator_refuses_bad_arguments():
         make_chains(3, seed=0, num_steps=[4, MAX_STEPS + 1])
     with pytest.raises(ValueError, match="max_value=0 is invalid: expected an integer >= 1"):
         make_chains(3, seed=0, num_steps=2, max_value=0, carry=True)
-    with pytest.raises(ValueError, match="max_value=50 is invalid: expected 9, 99, 999, ... when carry=False"):
+    with pytest.raises(ValueError,
+                       match="max_value=50 is invalid: expected 9, 99, 999, ... when carry=False"):
         make_chains(3, seed=0, num_steps=2, max_value=50)
     with pytest.raises(ValueError, match="num=0 is invalid"):
         make_rl_rows(0, seed=0, num_steps=4)
@@ -191,8 +192,8 @@ def test_step_line_spans():
     assert spans[0] == (0, 11) and spans[1] == (12, 23)
     text = "\n  47 + 8 = 55  \n\n55 - 5 = 50\n\\boxed{50}\n60 + 7 = 67"
     assert [text[a:b] for a, b in step_line_spans(text)] == ["47 + 8 = 55", "55 - 5 = 50"]
-    assert step_line_spans("\\boxed{3}") == [] and step_line_spans("") == [] and step_line_spans("  \n ") == []
-    assert step_line_spans(None) == []
+    for no_steps in ("\\boxed{3}", "", "  \n ", None):
+        assert step_line_spans(no_steps) == []
     # Spans follow the response's own characters (no normalisation shifts them).
     text = "é + 1 = x\n12 - 3 = 9"
     assert [text[a:b] for a, b in step_line_spans(text)] == ["é + 1 = x", "12 - 3 = 9"]

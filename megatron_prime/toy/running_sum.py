@@ -247,6 +247,8 @@ def first_wrong_step(chain: Chain, response: str) -> int | None:
             return k
         start, stop = span
         # Compare only as many characters as could match, so a huge line costs no more.
-        if stop - start > 4 * len(expected) or "".join(response[start:stop].split()) != "".join(expected.split()):
+        if stop - start > 4 * len(expected):
+            return k
+        if "".join(response[start:stop].split()) != "".join(expected.split()):
             return k
     return None

@@ -99,23 +99,24 @@ def split_file(work: Path, protocol: dict, split: str, chain_length: int) -> Pat
 
 
 def sft_model(work: Path, protocol: dict) -> Path:
-    """The one SFT model every run starts from (the default job's SFT settings), made once."""
+    """The one SFT model every run starts from (the default job's model and SFT settings,
+    on chains of every protocol length), made once."""
     from megatron_prime.config import config_to_dict
     from megatron_prime.demo import DemoConfig
-    from megatron_prime.toy import write_jsonl, write_toy_model
-    from megatron_prime.toy.running_sum import make_sft_rows
+    from megatron_prime.toy import write_jsonl
 
     output = work / "sft"
     if (output / "config.json").exists():
         return output
     task = protocol["task"]
-    demo = DemoConfig(task=task["name"])
+    demo = DemoConfig(task=task["name"], seed=protocol["model"]["seed"],
+                      sft_num_steps=list(task["sft_chain_lengths"]))
     base = work / "base"
     if not base.exists():
-        write_toy_model(base, seed=protocol["model"]["seed"], num_layers=demo.model_layers)
-    data = write_jsonl(make_sft_rows(task["sft_examples"], seed=task["sft_seed"],
-                                     num_steps=task["sft_chain_lengths"]), work / "sft.jsonl")
-    sft = demo.sft_config()
+        demo.write_base_model(base)
+    data = write_jsonl(demo.sft_rows(task["sft_examples"], seed=task["sft_seed"]), work / "sft.jsonl")
+    sft = demo.sft
+    sft.steps = task["sft_steps"]
     sft.model, sft.data, sft.output = str(base), [str(data)], str(output)
     (work / "sft.yaml").write_text(yaml.safe_dump(config_to_dict(sft)))
     if run_command([sys.executable, "-m", "megatron_prime.sft", str(work / "sft.yaml")],
@@ -170,6 +171,12 @@ def choose_rates(protocol: dict, results: dict[str, dict]) -> dict[str, float] |
     return chosen
 
 
+def max_new_tokens(protocol: dict, chain_length: int) -> int:
+    from megatron_prime.demo import max_response_tokens
+
+    return protocol["run"]["max_new_tokens_factor"] * max_response_tokens(chain_length)
+
+
 def train(run: Run, protocol: dict, work: Path, sft: Path) -> dict[str, Any]:
     """One training run in its own process; its metrics, or the failure."""
     from megatron_prime.config import config_to_dict
@@ -187,7 +194,8 @@ def train(run: Run, protocol: dict, work: Path, sft: Path) -> dict[str, Any]:
     prime.trainer.steps, prime.trainer.seed = settings["steps"], run.seed
     prime.rollout.batch.prompts_per_step = settings["prompts_per_step"]
     prime.algo.num_samples_per_prompt = prime.rollout.sampling.n = settings["samples_per_prompt"]
-    prime.rollout.sampling.max_new_tokens = 24 + settings["max_new_tokens_per_step"] * run.chain_length
+    prime.rollout.sampling.max_new_tokens = max_new_tokens(protocol, run.chain_length)
+    prime.rollout.engine.max_model_len = settings["max_model_len"]
     prime.policy_optimizer.lr = prime.prm_optimizer.lr = run.learning_rate
     for key, value in protocol["methods"][run.method].items():
         section, name = key.split(".")
@@ -234,7 +242,7 @@ def wrong_responses(work: Path, protocol: dict, sft: Path, chain_length: int) ->
     model = AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32).eval()
     torch.manual_seed(settings["sampling_seed"])
     rows = [json.loads(line) for line in split_file(work, protocol, "held_out", chain_length).open()]
-    max_new = 24 + protocol["run"]["max_new_tokens_per_step"] * chain_length
+    max_new = max_new_tokens(protocol, chain_length)
     found: list[dict[str, Any]] = []
     for row in rows:
         prompt = render_prompt(tokenizer, row["prompt"], use_chat_template=False)

@@ -167,6 +167,56 @@ def max_response_tokens(num_steps: int) -> int:
     return 9 * num_steps + 4 + 1
 
 
+def draw_credit(config: DemoConfig, checkpoint: Path, png: Path, num_prompts: int = 32) -> Path:
+    """The trained PRM's per-token implicit rewards beta * log(pi_psi / pi_ref) on the SFT
+    model's samples of unseen chains: two right responses and two wrong ones, each wrong one
+    titled with its first wrong line, so a user sees whether the reward drops where the
+    arithmetic goes wrong (megatron_prime/credit.py draws it; the reference is the SFT model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_prime.credit import (
+        draw_credit_heatmap,
+        heatmap_row,
+        prm_hf_folder,
+        token_implicit_rewards,
+    )
+    from megatron_prime.data.render import render_prompt
+    from megatron_prime.toy.running_sum import first_wrong_step, parse_chain
+
+    sft = config.sft.output
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    reference = AutoModelForCausalLM.from_pretrained(sft, dtype=torch.float32).eval()
+    with prm_hf_folder(checkpoint) as folder:
+        prm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    torch.manual_seed(config.seed)
+    right: list[tuple] = []
+    wrong: list[tuple] = []
+    for row in config.rl_rows(num_prompts, seed=config.seed + 3):  # prompts PRIME never saw
+        if len(right) >= 2 and len(wrong) >= 2:
+            break
+        prompt = render_prompt(tokenizer, row["prompt"], use_chat_template=False)
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([prompt.token_ids]), do_sample=True, temperature=1.0,
+                                     top_k=0, max_new_tokens=config.prime.rollout.sampling.max_new_tokens,
+                                     eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
+        response = [t for t in out[0, len(prompt.token_ids):].tolist() if t != tokenizer.pad_token_id]
+        if tokenizer.eos_token_id in response:
+            response = response[:response.index(tokenizer.eos_token_id)]
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        first_wrong = first_wrong_step(parse_chain(row["prompt"][-1]["content"]), text)
+        bucket = right if first_wrong is None else wrong
+        if len(bucket) < 2:
+            title = "right" if first_wrong is None else f"wrong: first wrong line {first_wrong + 1}"
+            bucket.append((prompt.token_ids, response, title))
+    rows = []
+    for prompt_ids, response, title in right + wrong:
+        rewards = token_implicit_rewards(prm, reference, prompt_ids, [response], config.prime.algo.beta)[0]
+        rows.append(heatmap_row(tokenizer, response, rewards, f"{title} (sum {rewards.sum().item():+.3f})"))
+    return draw_credit_heatmap(rows, png).path
+
+
 def run_demo(config: DemoConfig) -> dict[str, float]:
     """Runs the whole job in this process; returns the accuracy before and after PRIME."""
     from megatron_prime.plot import plot_curves
@@ -203,17 +253,14 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     window = max(1, min(10, len(accuracy) // 3))
     first, last = sum(accuracy[:window]) / window, sum(accuracy[-window:]) / window
     png = plot_curves(Path(prime.logging.run_dir) / "metrics.jsonl", folder / "curves.png", smooth=3)
-    # ---- CREDIT HEATMAP (issue 20): drawn here, after training ----
-    # megatron_prime/credit.py (written separately) draws a per-token heatmap PNG of the
-    # implicit process rewards for sampled responses, right and wrong, from the final
-    # checkpoint: Path(prime.logging.run_dir) / "checkpoints" / f"step_{prime.trainer.steps:08d}",
-    # with the SFT model (config.sft.output) as the reference and held-out prompts from
-    # config.rl_rows(n, seed=config.seed + 3); for running_sum, toy.running_sum's
-    # step_line_spans / first_wrong_step mark each response's steps and its first wrong one.
-    # Its PNG path is to be printed like the curves' ("[demo] heatmap: ...").
+    heatmap = None
+    if config.task == "running_sum" and result.checkpoint is not None:
+        heatmap = draw_credit(config, result.checkpoint, folder / "credit.png")
     print(f"[demo] outcome accuracy over the first {window} steps {first:.3f} -> last {window} "
           f"steps {last:.3f} ({time.perf_counter() - start:.0f} s in all)", flush=True)
     print(f"[demo] curves: {png}", flush=True)
+    if heatmap is not None:
+        print(f"[demo] implicit process rewards per token: {heatmap}", flush=True)
     return {"accuracy_first": first, "accuracy_last": last, "seconds": time.perf_counter() - start}
 
 

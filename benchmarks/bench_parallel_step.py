@@ -40,6 +40,9 @@ def run_layout(nproc: int, layout: list[str], model: Path, data: Path, run_dir: 
                f"trainer.steps={args.steps}", "checkpoint.save_every=0", "trainer.device=cpu",
                f"rollout.batch.prompts_per_step={args.prompts}", "rollout.batch.oversample_factor=1",
                "rollout.batch.filter.low=0.0", "rollout.batch.filter.high=1.0",
+               # A random model rarely stops before the limit: the truncation filter would
+               # drop every prompt, and the timed step would train on nothing.
+               "rollout.batch.filter_truncated=false",
                f"rollout.sampling.max_new_tokens={args.response}", "rollout.engine.max_model_len=160",
                "algo.micro_batch_size=8", "logging.wandb_mode=disabled", *layout]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}

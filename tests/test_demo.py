@@ -19,18 +19,17 @@ def test_default_job_shortened_raises_accuracy(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
     command = [sys.executable, "-m", "megatron_prime.demo", f"work_dir={tmp_path}",
-               "prime.trainer.steps=60"]
+               "prime.trainer.steps=40"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     (run,) = tmp_path.iterdir()
     metrics = [json.loads(line) for line in (run / "prime" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 61))
+    assert [m["step"] for m in metrics] == list(range(1, 41))
     accuracy = [m["reward/accuracy"] for m in metrics]
     first, last = sum(accuracy[:10]) / 10, sum(accuracy[-10:]) / 10
-    # The 0.08 margin is the arithmetic task's (measured there: 0.21 -> 0.41, 256 sampled
-    # responses per step); on running sums it is not yet measured (benchmarks/results/
-    # running_sum_sft_cpu.txt has the SFT model's accuracy by SFT steps).
-    assert last > first + 0.08, f"accuracy {first:.3f} -> {last:.3f}: {accuracy}"
+    # Measured on this seed (PRIME from the default job's SFT model, run alone from it):
+    # 0.31 over steps 1-10 -> 0.54 over steps 31-40 (0.69 by steps 51-60).
+    assert last > first + 0.15, f"accuracy {first:.3f} -> {last:.3f}: {accuracy}"
     assert f"accuracy over the first 10 steps {first:.3f} -> last 10 steps {last:.3f}" in done.stdout
     # The SFT started from random weights and learned the format; PRIME logged PRM metrics.
     assert all(0.0 <= m["prm/accuracy"] <= 1.0 for m in metrics if "prm/accuracy" in m)
@@ -40,7 +39,7 @@ def test_default_job_shortened_raises_accuracy(tmp_path):
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 0
     assert list((run / "prime" / "wandb").glob("offline-run-*"))
-    step = run / "prime" / "checkpoints" / "step_00000060"
+    step = run / "prime" / "checkpoints" / "step_00000040"
     assert (step / "train_state.json").is_file()
     prm_best_of_n_beats_random_choice(run, step, tmp_path, env)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -29,12 +30,67 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 BENCHMARKS = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHMARKS))
-
-from prime_vs_rloo import REPO, prepare, run, train_run  # noqa: E402
-
+REPO = BENCHMARKS.parent
 AGGREGATES = ("sum", "min")
+
+
+def demo_config(seed: int = 0):
+    """The arithmetic default job this benchmark's recorded results were made with (the
+    0.86M-parameter model, 150 SFT steps on 2000 solutions); the default job has since moved
+    to running sums."""
+    from megatron_prime.demo import DemoConfig
+
+    demo = DemoConfig(seed=seed, task="arithmetic", num_sft_examples=2000, model_hidden_size=128,
+                      model_intermediate_size=384)
+    demo.sft.steps = 150
+    return demo
+
+
+def run(command: list[str], log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    with log.open("w") as out:
+        done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed; last lines of {log}:\n"
+                         + "\n".join(log.read_text().splitlines()[-30:]))
+
+
+def prepare(work: Path, seed: int) -> tuple[Path, Path, Path]:
+    """The SFT model, training prompts and held-out prompts."""
+    from megatron_prime.config import config_to_dict
+    from megatron_prime.toy import write_jsonl
+
+    demo = demo_config(seed)
+    base = demo.write_base_model(work / "base")
+    sft_data = write_jsonl(demo.sft_rows(demo.num_sft_examples, seed=seed + 1), work / "sft.jsonl")
+    rl_data = write_jsonl(demo.rl_rows(demo.num_rl_prompts, seed=seed + 2), work / "rl.jsonl")
+    held_out = write_jsonl(demo.rl_rows(200, seed=seed + 3), work / "held_out.jsonl")
+    sft = demo.sft
+    sft.model, sft.data, sft.output = str(base), [str(sft_data)], str(work / "sft")
+    (work / "sft.yaml").write_text(yaml.safe_dump(config_to_dict(sft)))
+    run([sys.executable, "-m", "megatron_prime.sft", str(work / "sft.yaml")], work / "sft.log")
+    return Path(sft.output), rl_data, held_out
+
+
+def train_run(work: Path, seed: int, steps: int, sft: Path, rl_data: Path, held_out: Path) -> list[dict]:
+    """One PRIME run with the arithmetic default job's settings."""
+    from megatron_prime.config import config_to_dict
+    from megatron_prime.monitor import read_metrics
+
+    prime = demo_config(seed).prime
+    prime.model.path, prime.data.paths = str(sft), [str(rl_data)]
+    prime.trainer.steps, prime.trainer.seed = steps, seed
+    prime.data.shuffle_seed = seed
+    prime.logging.run_dir = str(work / f"prime_seed{seed}")
+    prime.logging.wandb_mode = "disabled"
+    prime.validation.paths, prime.validation.before_train = [str(held_out)], True
+    config = work / f"prime_seed{seed}.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(prime)))
+    run([sys.executable, "-m", "megatron_prime.train", str(config)], config.with_suffix(".log"))
+    return read_metrics(Path(prime.logging.run_dir) / "metrics.jsonl")
 
 
 def benchmark_file(held_out: Path, path: Path, problems: int) -> Path:
@@ -106,7 +162,6 @@ def main() -> None:
                                 saved["problems"], saved["seeds"], sorted({1, 4, saved["n"]}))))
         return
 
-    from megatron_prime.demo import DemoConfig
     from megatron_prime.evaluate import EvalConfig, evaluate
 
     start = time.perf_counter()
@@ -114,13 +169,13 @@ def main() -> None:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         sft, rl_data, held_out = prepare(work, seed=0)
-        history = train_run(work, "PRIME", 0, args.steps, sft, rl_data, held_out)
+        history = train_run(work, 0, args.steps, sft, rl_data, held_out)
         step = work / "prime_seed0" / "checkpoints" / f"step_{args.steps:08d}"
         prm = export(step, "prm", work / "prm_hf", work / "export_prm.log")
         policy = export(step, "policy", work / "policy_hf", work / "export_policy.log")
         bench = benchmark_file(held_out, work / "toy_arithmetic.jsonl", args.problems)
-        beta = DemoConfig().prime.algo.beta
-        max_new_tokens = DemoConfig().prime.rollout.sampling.max_new_tokens
+        beta = demo_config().prime.algo.beta
+        max_new_tokens = demo_config().prime.rollout.sampling.max_new_tokens
 
         # results[generator][aggregate][seed] = the evaluator's average row
         results: dict[str, dict[str, dict[int, dict[str, float]]]] = {}

@@ -169,7 +169,7 @@ def max_response_tokens(num_steps: int) -> int:
 
 def draw_credit(config: DemoConfig, checkpoint: Path, png: Path, num_prompts: int = 32) -> Path:
     """The trained PRM's per-token implicit rewards beta * log(pi_psi / pi_ref) on the SFT
-    model's samples of unseen chains: two right responses and two wrong ones, each wrong one
+    model's samples of unseen problems: two right responses and two wrong ones, a wrong chain
     titled with its first wrong line, so a user sees whether the reward drops where the
     arithmetic goes wrong (megatron_prime/credit.py draws it; the reference is the SFT model)."""
     import torch
@@ -182,6 +182,7 @@ def draw_credit(config: DemoConfig, checkpoint: Path, png: Path, num_prompts: in
         token_implicit_rewards,
     )
     from megatron_prime.data.render import render_prompt
+    from megatron_prime.rewards.math_verifier import extract_last_boxed
     from megatron_prime.toy.running_sum import first_wrong_step, parse_chain
 
     sft = config.sft.output
@@ -205,10 +206,15 @@ def draw_credit(config: DemoConfig, checkpoint: Path, png: Path, num_prompts: in
         if tokenizer.eos_token_id in response:
             response = response[:response.index(tokenizer.eos_token_id)]
         text = tokenizer.decode(response, skip_special_tokens=True)
-        first_wrong = first_wrong_step(parse_chain(row["prompt"][-1]["content"]), text)
-        bucket = right if first_wrong is None else wrong
-        if len(bucket) < 2:
+        if config.task == "running_sum":
+            first_wrong = first_wrong_step(parse_chain(row["prompt"][-1]["content"]), text)
             title = "right" if first_wrong is None else f"wrong: first wrong line {first_wrong + 1}"
+            is_right = first_wrong is None
+        else:  # one-step sums: the boxed integer against the answer
+            is_right = extract_last_boxed(text) == row["reward_model"]["ground_truth"]
+            title = "right" if is_right else "wrong"
+        bucket = right if is_right else wrong
+        if len(bucket) < 2:
             bucket.append((prompt.token_ids, response, title))
     rows = []
     for prompt_ids, response, title in right + wrong:
@@ -254,7 +260,7 @@ def run_demo(config: DemoConfig) -> dict[str, float]:
     first, last = sum(accuracy[:window]) / window, sum(accuracy[-window:]) / window
     png = plot_curves(Path(prime.logging.run_dir) / "metrics.jsonl", folder / "curves.png", smooth=3)
     heatmap = None
-    if config.task == "running_sum" and result.checkpoint is not None:
+    if result.checkpoint is not None:
         heatmap = draw_credit(config, result.checkpoint, folder / "credit.png")
     print(f"[demo] outcome accuracy over the first {window} steps {first:.3f} -> last {window} "
           f"steps {last:.3f} ({time.perf_counter() - start:.0f} s in all)", flush=True)

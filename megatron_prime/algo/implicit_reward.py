@@ -130,15 +130,12 @@ def prm_pairwise_accuracy(
     return accuracy.to(sequence_scores.dtype)
 
 
-def prm_pairwise_agreement(
+def _agreement_per_group(
     sequence_scores: torch.Tensor, outcome_labels: torch.Tensor, num_samples_per_prompt: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two float64 sums behind ``prm_pairwise_accuracy``: the weight of the pairs the PRM
-    orders right (ties count half) and the weight of all informative pairs.
-
-    Sums, not their ratio, so that shards of a batch (data-parallel ranks) can be added up
-    first and the accuracy is over every group of the step, whatever the layout.
-    """
+    """Per group (float64, ``[num_prompts]``): the weight of the (better, worse) pairs the
+    scores order right, ties half, and the weight of all such pairs. A pair's weight is its
+    label difference (1 for a right and a wrong response); each unordered pair counts once."""
     if sequence_scores.shape != outcome_labels.shape or sequence_scores.dim() != 1:
         raise ValueError(
             f"sequence_scores and outcome_labels must both be [batch], got "
@@ -150,11 +147,22 @@ def prm_pairwise_agreement(
     labels = outcome_labels.detach().double().view(-1, n)
     score_diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # [P, n, n], entry [i, j] = s_i - s_j
     label_diff = labels.unsqueeze(-1) - labels.unsqueeze(-2)
-    # Keep each unordered pair once, oriented so that label_i > label_j.
-    better = label_diff > 0
+    weight = label_diff * (label_diff > 0)  # oriented so that label_i > label_j
     agreement = torch.where(score_diff > 0, 1.0, torch.where(score_diff == 0, 0.5, 0.0))
-    weight = label_diff * better
-    return (agreement * weight).sum(), weight.sum()
+    return (agreement * weight).sum(dim=(-1, -2)), weight.sum(dim=(-1, -2))
+
+
+def prm_pairwise_agreement(
+    sequence_scores: torch.Tensor, outcome_labels: torch.Tensor, num_samples_per_prompt: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two float64 sums behind ``prm_pairwise_accuracy``: the weight of the pairs the PRM
+    orders right (ties count half) and the weight of all informative pairs.
+
+    Sums, not their ratio, so that shards of a batch (data-parallel ranks) can be added up
+    first and the accuracy is over every group of the step, whatever the layout.
+    """
+    agreeing, total = _agreement_per_group(sequence_scores, outcome_labels, num_samples_per_prompt)
+    return agreeing.sum(), total.sum()
 
 
 def prm_group_ranking_agreement(
@@ -169,20 +177,7 @@ def prm_group_ranking_agreement(
     ``prm_pairwise_accuracy`` weighs a 2-right-2-wrong group (4 pairs) above a 1-3 one
     (3 pairs). Float64 sums, so that shards of a batch can be added before dividing.
     """
-    if sequence_scores.shape != outcome_labels.shape or sequence_scores.dim() != 1:
-        raise ValueError(
-            f"sequence_scores and outcome_labels must both be [batch], got "
-            f"{tuple(sequence_scores.shape)} and {tuple(outcome_labels.shape)}"
-        )
-    n = num_samples_per_prompt
-    check_groups(sequence_scores.shape[0], n, min_samples=2)
-    scores = sequence_scores.detach().double().view(-1, n)
-    labels = outcome_labels.detach().double().view(-1, n)
-    score_diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # [P, n, n], entry [i, j] = s_i - s_j
-    label_diff = labels.unsqueeze(-1) - labels.unsqueeze(-2)
-    weight = label_diff * (label_diff > 0)  # each unordered pair once, label_i > label_j
-    agreement = torch.where(score_diff > 0, 1.0, torch.where(score_diff == 0, 0.5, 0.0))
-    agreeing, total = (agreement * weight).sum(dim=(-1, -2)), weight.sum(dim=(-1, -2))
+    agreeing, total = _agreement_per_group(sequence_scores, outcome_labels, num_samples_per_prompt)
     informative = total > 0
     fractions = torch.where(informative, agreeing / total.clamp(min=1e-12), 0.0)
     return fractions.sum(), informative.sum().double()

@@ -338,8 +338,8 @@ def report(protocol: dict, sha: str, results: dict[str, dict], selection: dict |
     main = {name: r for name, r in results.items() if name.startswith("main_")}
     for chain_length in sorted({int(name.split("_")[1][1:]) for name in main}):
         at_k = {name: r for name, r in main.items() if f"_K{chain_length}_" in name}
-        firsts = [r["steps"][1]["reward/accuracy"] for r in at_k.values()
-                  if r["status"] == "ok" and len(r["steps"]) > 1 and "reward/accuracy" in r["steps"][1]]
+        firsts = [s["reward/accuracy"] for r in at_k.values() if r["status"] == "ok"
+                  for s in r["steps"] if s["step"] == 1 and "reward/accuracy" in s]
         a0 = statistics.fmean(firsts) if firsts else 0.0
         target = min(measures["target_cap"], a0 + measures["target_gain"])
         lines.append(f"\nK = {chain_length}: target training accuracy {target:.3f} (a0 {a0:.3f})")

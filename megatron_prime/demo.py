@@ -69,11 +69,6 @@ def _default_prime() -> PrimeConfig:
     batch.prompts_per_step, batch.oversample_factor, batch.max_rounds = 16, 2, 2
     prime.rollout.sampling.max_new_tokens = 48
     prime.rollout.engine.max_model_len = 128
-    # All of a round's prompts in one vLLM step: 32 prompts x 4 samples x ~35 tokens (K=4)
-    # passes vLLM's CPU default of 4096 tokens per step, and a chunked prefill makes vLLM
-    # rewind the seeded per-request sampler, which a CPU generator cannot ("CPU Generator
-    # does not use offset": the engine dies on the first rollout). 16384 covers K=8 too.
-    prime.rollout.engine.extra_engine_args = {"max_num_batched_tokens": 16384}
     prime.algo.micro_batch_size = 16
     # Two PPO updates per step (the second one off-policy, so the clip is active).
     prime.algo.ppo_mini_batches = 2

@@ -171,6 +171,10 @@ def state_error(name):
 state_error("dummy")
 engine.weights_written()  # as after a sync (the dummy weights are the weights here)
 errors["ready_samples"] = len(engine.generate([[5]], few))
+# A seeded round past vLLM's CPU token budget per step (30 x 4 x 40 = 4800 > 4096 prompt
+# tokens): with chunked prefill vLLM would rewind a CPU generator and die (engine.py).
+large = engine.generate([[5 + i % 7] * 40 for i in range(30)], SamplingConfig(n=4, max_new_tokens=4, seed=3))
+errors["large_round"] = [len(large), sorted({len(r.response_token_ids) for r in large})]
 engine.sleep()
 state_error("asleep")
 try:
@@ -227,6 +231,7 @@ print(json.dumps(errors))
     assert errors["n"].startswith("sampling.n=0 is invalid")
     assert "before the trainer's weights were loaded" in errors["dummy"]
     assert errors["ready_samples"] == 1 and errors["woken_samples"] == 1
+    assert errors["large_round"][0] == 120 and max(errors["large_round"][1]) <= 4, errors["large_round"]
     assert "on a sleeping engine" in errors["asleep"]
     assert "load_weights on a sleeping engine" in errors["load_asleep"]
     assert "wake_kv_cache before the weights were loaded" in errors["kv_first"]

@@ -230,6 +230,28 @@ class EngineStateError(RuntimeError):
     """The engine was asked to do something its sleep/weight state does not allow."""
 
 
+# vLLM's CPU default token budget per engine step (EngineArgs: 4096 x world size).
+CPU_TOKENS_PER_STEP = 4096
+
+
+def cpu_scheduler_arguments(config: RolloutConfig) -> dict[str, Any]:
+    """Scheduler settings a CPU engine needs: no chunked prefill.
+
+    When a round's prompts pass the step's token budget, vLLM splits a prefill over several
+    steps and then rewinds the seeded per-request sampler of the unfinished one with
+    ``Generator.set_offset``, which only CUDA generators have: the CPU engine dies with "CPU
+    Generator does not use offset" on the first large round (every rollout request carries a
+    seed). Without chunking a prompt is prefilled whole, so the budget must hold the longest
+    one. vLLM warns that this model "does not officially support disabling chunked prefill";
+    the engine-vs-trainer log-prob tests (test_rollout_bridge) check the outputs stay right.
+    GPU engines keep chunked prefill (CUDA generators rewind). ``extra_engine_args`` can
+    still override both keys.
+    """
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(CPU_TOKENS_PER_STEP * config.tensor_parallel_size,
+                                          config.max_model_len)}
+
+
 class RolloutEngine:
     """A vLLM engine owned by this rank (see ``hosts_engine``).
 
@@ -282,6 +304,8 @@ class RolloutEngine:
 
             kwargs.update(quantization=SHARED_WEIGHTS_METHOD,
                           hf_overrides={"quantization_config": {"quant_method": SHARED_WEIGHTS_METHOD}})
+        if not on_gpu:
+            kwargs.update(cpu_scheduler_arguments(config))
         kwargs.update(config.extra_engine_args)
         # The spawned engine must not take this process's launcher variables as its own.
         environment: dict[str, str | None] = dict.fromkeys(_LAUNCHER_VARIABLES)

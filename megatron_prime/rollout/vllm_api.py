@@ -66,6 +66,7 @@ LLM_KEYWORDS = (
     "model", "load_format", "dtype", "max_model_len", "tensor_parallel_size", "seed",
     "enforce_eager", "worker_extension_cls", "logprobs_mode", "gpu_memory_utilization",
     "enable_sleep_mode", "quantization", "hf_overrides", "skip_tokenizer_init",
+    "enable_chunked_prefill", "max_num_batched_tokens",
 )
 
 VLLM_API: tuple[VllmName, ...] = (

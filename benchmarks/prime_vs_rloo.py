@@ -323,6 +323,29 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{statistics.fmean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
+def tuning_table(protocol: dict, results: dict[str, dict]) -> list[str]:
+    """The tuning phase as it ran: final validation greedy pass@1 per method, rate and seed
+    (what the selection read), so the chosen rate can be checked by eye."""
+    tuning = protocol["tuning"]
+    lines = [f"tuning at K = {tuning['chain_length']} (final validation greedy pass@1 per seed "
+             f"{tuning['seeds']}; '-' = not run yet, 'failed' counts as 0):"]
+    for method in tuning["methods"]:
+        cells = []
+        for lr in tuning["learning_rates"]:
+            values = []
+            for seed in tuning["seeds"]:
+                result = results.get(Run("tune", tuning["chain_length"], method, lr, seed).name)
+                if result is None:
+                    values.append("-")
+                elif result["status"] != "ok":
+                    values.append("failed")
+                else:
+                    values.append(f"{result.get('val_final') or 0.0:.3f}")
+            cells.append(f"lr {lr:g}: {'/'.join(values)}")
+        lines.append(f"  {method:13s} " + "   ".join(cells))
+    return lines
+
+
 def report(protocol: dict, sha: str, results: dict[str, dict], selection: dict | None,
            out: Path) -> str:
     measures = protocol["measures"]
@@ -333,6 +356,7 @@ def report(protocol: dict, sha: str, results: dict[str, dict], selection: dict |
     failed = [name for name, r in results.items() if r["status"] != "ok"]
     if failed:
         lines.append(f"# failed runs (counted as not reaching the target, accuracy 0): {failed}")
+    lines.extend(tuning_table(protocol, results))
     lines.append(f"tuning selection: {selection if selection else 'incomplete'}")
     summary: dict[str, Any] = {"protocol_sha256": sha, "selection": selection, "per_k": {}}
     main = {name: r for name, r in results.items() if name.startswith("main_")}

@@ -125,6 +125,11 @@ class PrecisionConfig:
     # flash attention) and Megatron's local spec on CPU; "local" forces Megatron's own layers
     # on GPU too (a GPU without Transformer Engine; no FP8).
     layer_spec: str = "auto"
+    # The local spec's core attention (CPU, a GPU without Transformer Engine, or
+    # layer_spec=local): "sdpa" is torch's fused scaled-dot-product kernel (flash or
+    # memory-efficient attention on CUDA; models/attention.py), "unfused" Megatron's own
+    # DotProductAttention (the [b, heads, s, s] scores in memory; kept for comparison).
+    local_attention: str = "sdpa"
 
     def validate(self) -> None:
         require_choice("precision.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -134,6 +139,7 @@ class PrecisionConfig:
         require_choice("precision.fp8_amax_compute_algo", self.fp8_amax_compute_algo,
                        ("max", "most_recent"))
         require_choice("precision.layer_spec", self.layer_spec, ("auto", "local"))
+        require_choice("precision.local_attention", self.local_attention, ("sdpa", "unfused"))
         require(isinstance(self.fp8_roles, list)
                 and all(role in ("policy", "prm", "reference") for role in self.fp8_roles)
                 and len(set(self.fp8_roles)) == len(self.fp8_roles), "precision.fp8_roles",

@@ -244,7 +244,8 @@ def plan_request(config: PrimeConfig, target: RunTarget, gpu_bytes: int) -> tupl
         distributed_optimizer=config.policy_optimizer.use_distributed_optimizer,
         recompute=parallel.recompute_granularity, recompute_num_layers=parallel.recompute_num_layers,
         sequence_parallel=parallel.sequence_parallel,
-        attention="unfused" if precision.layer_spec == "local" else "flash",
+        # layer_spec=auto plans for TE on the GPU cluster; local layers with their attention.
+        attention="flash" if precision.layer_spec == "auto" else precision.local_attention,
         param_dtype="bfloat16" if precision.dtype == "auto" else precision.dtype,
         policy_fp8=fp8 and "policy" in precision.fp8_roles,
         prm_fp8=fp8 and "prm" in precision.fp8_roles,

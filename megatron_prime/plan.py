@@ -258,6 +258,10 @@ RSTD_BYTES = 4  # RMSNorm's saved 1/rms, one fp32 per token
 INPUT_ID_BYTES = 8  # int64 token ids, saved by the embedding lookup
 
 
+# The layer implementations the activation model knows (ActivationShape.attention).
+ATTENTION_KINDS: tuple[str, ...] = ("flash", "sdpa", "unfused")
+
+
 @dataclass(frozen=True)
 class ActivationShape:
     """What sets the size of the activations of one micro-batch."""
@@ -267,8 +271,10 @@ class ActivationShape:
     tp: int
     sequence_parallel: bool
     # "flash": Transformer Engine's layers (GPU): flash attention, fused LayerNorm-linear, fused
-    # SwiGLU. "unfused": Megatron's local layers (the CPU path; a GPU without TE): the s x s
-    # softmax is stored and GQA's K/V are expanded to every head before the matmuls.
+    # SwiGLU. "unfused": Megatron's local layers with its own DotProductAttention: the s x s
+    # softmax is stored and GQA's K/V are expanded to every head before the matmuls. "sdpa":
+    # the local layers with torch's fused attention (the local spec's default, on CPU or a GPU
+    # without TE; models/attention.py): norms and MLP as "unfused", attention as "flash".
     attention: str
     dtype_bytes: int
 
@@ -304,7 +310,8 @@ def layer_activation_bytes(shape: ModelShape, act: ActivationShape,
     f = shape.ffn_hidden_size
     e = act.dtype_bytes
     unfused = act.attention == "unfused"
-    replicated = 2 * _norm_bytes_per_token(h, e, unfused) / (act.tp if act.sequence_parallel else 1)
+    local_layers = act.attention in ("unfused", "sdpa")
+    replicated = 2 * _norm_bytes_per_token(h, e, local_layers) / (act.tp if act.sequence_parallel else 1)
 
     expanded = unfused and not checkpoint_core_attention
     if expanded and shape.num_query_groups < shape.num_attention_heads:
@@ -312,7 +319,7 @@ def layer_activation_bytes(shape: ModelShape, act: ActivationShape,
     else:
         attention = q + kv + (q + 2 * kv)  # q, k, the qkv storage behind v
     attention += q  # linear_proj's input
-    mlp = (5 if unfused else 3) * f
+    mlp = (5 if local_layers else 3) * f
     sharded_bytes = (attention + mlp) * e
     if unfused and not checkpoint_core_attention:
         sharded_bytes += shape.num_attention_heads * act.seq_length * (4 + (e if e < 4 else 0))
@@ -323,9 +330,9 @@ def layer_activation_bytes(shape: ModelShape, act: ActivationShape,
     return math.ceil(act.tokens * per_token) + rope
 
 
-def _norm_bytes_per_token(hidden: int, dtype_bytes: int, unfused: bool) -> int:
+def _norm_bytes_per_token(hidden: int, dtype_bytes: int, local_layers: bool) -> int:
     """One RMSNorm and the following linear's saved input (the norm's output)."""
-    if unfused:
+    if local_layers:
         return 8 * hidden + RSTD_BYTES + hidden * dtype_bytes  # fp32 input and x/rms
     return 2 * hidden * dtype_bytes + RSTD_BYTES
 
@@ -382,15 +389,17 @@ def stage_activations(shape: ModelShape, act: ActivationShape, recompute: str,
         working = layer - checkpointed  # one layer's core attention, re-run in its backward
     else:
         stored, working = num_layers * layer, 0
-    # The attention mask (bool, s x s) is built once per micro-batch and saved by the softmax.
-    stored += act.seq_length ** 2
+    # The attention mask (bool, s x s) is built once per micro-batch and saved by the softmax;
+    # SDPA gets none for the trainer's right-padded rows (it masks causally in the kernel).
+    if act.attention != "sdpa":
+        stored += act.seq_length ** 2
     forward_only = layer
     if first:
         stored += act.tokens * INPUT_ID_BYTES
     if last:
         # Final norm as in the layers, plus the output layer's input (the norm's output).
         stored += math.ceil(act.tokens * _norm_bytes_per_token(
-            shape.hidden_size, act.dtype_bytes, act.attention == "unfused") / sp_div)
+            shape.hidden_size, act.dtype_bytes, act.attention in ("unfused", "sdpa")) / sp_div)
         elements = act.tokens * (padded_vocab // act.tp)
         saved, forward_peak, backward_peak = logits_bytes_per_element(act.dtype_bytes)
         stored += elements * saved
@@ -497,8 +506,8 @@ def validate(shape: ModelShape, cluster: Cluster, work: Workload, options: Optio
          "--recompute-num-layers", options.recompute_num_layers, "unset unless --recompute full"),
         (options.recompute_num_layers is None or options.recompute_num_layers >= 1,
          "--recompute-num-layers", options.recompute_num_layers, "an integer >= 1"),
-        (options.attention in ("flash", "unfused"), "--attention", options.attention,
-         "one of ['flash', 'unfused']"),
+        (options.attention in ATTENTION_KINDS, "--attention", options.attention,
+         f"one of {list(ATTENTION_KINDS)}"),
         (options.param_dtype in DTYPE_BYTES, "--param-dtype", options.param_dtype,
          f"one of {sorted(DTYPE_BYTES)}"),
         (0 < options.vllm_memory_fraction <= 1, "--vllm-memory-fraction",
@@ -1178,10 +1187,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="parallel.recompute_num_layers (default: all layers of a stage)")
     trainer.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
                          default=defaults_o.sequence_parallel, help="parallel.sequence_parallel")
-    trainer.add_argument("--attention", choices=("flash", "unfused"),
+    trainer.add_argument("--attention", choices=ATTENTION_KINDS,
                          default=defaults_o.attention,
-                         help="flash: Transformer Engine layers (GPU); unfused: Megatron's "
-                              "local layers (s x s softmax stored)")
+                         help="flash: Transformer Engine layers (GPU); sdpa: Megatron's local "
+                              "layers with torch's fused attention; unfused: local layers "
+                              "with Megatron's attention (s x s softmax stored)")
     trainer.add_argument("--param-dtype", choices=sorted(DTYPE_BYTES),
                          default=defaults_o.param_dtype, help="precision.dtype")
     trainer.add_argument("--policy-fp8", action="store_true", help="policy GEMMs in FP8")

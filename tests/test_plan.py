@@ -144,7 +144,7 @@ def _optimizer_bytes(dtype: str, distributed_optimizer: bool) -> dict:
             "master": master, "grad_buffer": grad_buffer}
 
 
-def _saved_activation_bytes(dtype: str, recompute: str) -> dict:
+def _saved_activation_bytes(dtype: str, recompute: str, attention: str) -> dict:
     """Bytes of the tensors saved for backward during one forward (unique storages, minus
     the parameters): by the decoder's layers, and by the whole model plus the trainer's
     vocab-parallel log-probs."""
@@ -157,7 +157,7 @@ def _saved_activation_bytes(dtype: str, recompute: str) -> dict:
 
     config = hf_config(TINY["qwen2_gqa"])
     model = build_model(config, "policy", ParallelConfig(**RECOMPUTE[recompute]),
-                        PrecisionConfig(dtype=dtype))
+                        PrecisionConfig(dtype=dtype, local_attention=attention))
     gpt = model.gpt_chunks()[0]
     gpt.train()
     parameters = {p.untyped_storage().data_ptr() for p in gpt.parameters()}
@@ -186,7 +186,9 @@ def _saved_activation_bytes(dtype: str, recompute: str) -> dict:
     ids = torch.randint(0, config.vocab_size, (MICRO_BATCH, SEQ), generator=generator)
     batch = TokenBatch(ids, torch.ones_like(ids))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = gpt(ids, batch.position_ids(), batch.attention_mask())
+        # As the trainer's schedule: no mask where the attention masks causally itself.
+        mask = None if model.causal_mask_implicit else batch.attention_mask()
+        logits = gpt(ids, batch.position_ids(), mask)
         logprobs, entropy = token_logprobs_and_entropy(logits, ids, batch.response_mask,
                                                        model.shape.vocab_size)
     (logprobs.sum() + entropy.sum()).backward()  # the saved graph is a valid one
@@ -210,8 +212,10 @@ def _single_process(out: str) -> None:
     result["optimizer"] = {f"{dtype}/{'dist' if dist_opt else 'plain'}":
                            _optimizer_bytes(dtype, dist_opt)
                            for dtype in ("float32", "bfloat16") for dist_opt in (False, True)}
-    result["activations"] = {f"{dtype}/{recompute}": _saved_activation_bytes(dtype, recompute)
-                             for dtype in ("float32", "bfloat16") for recompute in RECOMPUTE}
+    result["activations"] = {f"{dtype}/{recompute}/{attention}":
+                             _saved_activation_bytes(dtype, recompute, attention)
+                             for dtype in ("float32", "bfloat16") for recompute in RECOMPUTE
+                             for attention in ("sdpa", "unfused")}
     distributed.destroy_distributed()
     Path(out).write_text(json.dumps(result))
 
@@ -394,7 +398,7 @@ def test_trained_model_bytes_are_megatrons_6_plus_12_over_dp():
 
 # ---- activations ----
 
-def _estimate(dtype_bytes: int, recompute: str, whole_model: bool) -> int:
+def _estimate(dtype_bytes: int, recompute: str, whole_model: bool, attention: str) -> int:
     from megatron_prime.plan import (
         ActivationShape,
         padded_vocab_size,
@@ -402,7 +406,7 @@ def _estimate(dtype_bytes: int, recompute: str, whole_model: bool) -> int:
     )
 
     shape = shape_of(TINY["qwen2_gqa"])
-    act = ActivationShape(SEQ, MICRO_BATCH, tp=1, sequence_parallel=False, attention="unfused",
+    act = ActivationShape(SEQ, MICRO_BATCH, tp=1, sequence_parallel=False, attention=attention,
                           dtype_bytes=dtype_bytes)
     stage = stage_activations(shape, act, recompute, RECOMPUTE[recompute].get(
         "recompute_num_layers"), shape.num_layers, first=whole_model, last=whole_model,
@@ -412,14 +416,16 @@ def _estimate(dtype_bytes: int, recompute: str, whole_model: bool) -> int:
 
 @pytest.mark.parametrize("dtype, dtype_bytes", [("float32", 4), ("bfloat16", 2)])
 @pytest.mark.parametrize("recompute", list(RECOMPUTE))
+@pytest.mark.parametrize("attention", ["sdpa", "unfused"])
 def test_activation_estimate_is_within_20_percent_of_the_saved_tensors(
-        measured, dtype, dtype_bytes, recompute):
-    """Unfused attention (Megatron's local layers, as on CPU), so the s x s term counts."""
-    got = measured["activations"][f"{dtype}/{recompute}"]
+        measured, dtype, dtype_bytes, recompute, attention):
+    """Megatron's local layers (as on CPU) with SDPA (no s x s term, K/V not expanded) and
+    with Megatron's unfused attention (the s x s softmax counts)."""
+    got = measured["activations"][f"{dtype}/{recompute}/{attention}"]
     for part, whole_model in (("decoder", False), ("model", True)):
-        ratio = got[part] / _estimate(dtype_bytes, recompute, whole_model)
-        print(f"activations {dtype} recompute={recompute} {part}: measured / estimated = "
-              f"{ratio:.3f}")
+        ratio = got[part] / _estimate(dtype_bytes, recompute, whole_model, attention)
+        print(f"activations {dtype} recompute={recompute} attention={attention} {part}: "
+              f"measured / estimated = {ratio:.3f}")
         assert 0.8 <= ratio <= 1.2, (part, got[part], ratio)
 
 

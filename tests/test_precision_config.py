@@ -36,17 +36,35 @@ def test_fp8_is_refused_on_cpu_and_with_bad_roles():
         PrecisionConfig(fp8_roles=["critic"]).validate()
 
 
-def test_transformer_engine_spec_needs_transformer_engine():
+def test_without_transformer_engine_the_gpu_runs_the_local_spec_unless_fp8_is_asked():
+    from megatron_prime.models.architectures import uses_transformer_engine
+
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        config = transformer_config(SHAPE, ParallelConfig(), PrecisionConfig(), on_gpu=True)
-        with pytest.raises(ValueError, match="precision.layer_spec=local"):
+        assert not uses_transformer_engine(PrecisionConfig(), on_gpu=True)
+        fp8 = PrecisionConfig(fp8_recipe="delayed")
+        assert uses_transformer_engine(fp8, on_gpu=True)
+        config = transformer_config(SHAPE, ParallelConfig(), fp8, on_gpu=True)
+        with pytest.raises(ValueError, match="FP8 needs Transformer Engine.*precision.fp8_recipe=off"):
             layer_spec(config, use_transformer_engine=True)
     else:
-        pytest.skip("Transformer Engine is installed here: the TE spec builds")
+        assert uses_transformer_engine(PrecisionConfig(), on_gpu=True)
+    assert not uses_transformer_engine(PrecisionConfig(layer_spec="local"), on_gpu=True)
+    assert not uses_transformer_engine(PrecisionConfig(), on_gpu=False)
     local = transformer_config(SHAPE, ParallelConfig(), PrecisionConfig(layer_spec="local"), on_gpu=True)
     assert local.masked_softmax_fusion is False and local.persist_layer_norm is False
+    # The local spec's core attention: SDPA by default, Megatron's own on request.
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_prime.models.attention import SDPACoreAttention
+
+    def core(spec):
+        return spec.submodules.self_attention.submodules.core_attention
+    assert core(layer_spec(local, False)) is SDPACoreAttention
+    assert core(layer_spec(local, False, "unfused")) is DotProductAttention
+    with pytest.raises(ValueError, match="precision.local_attention='flash' is invalid"):
+        PrecisionConfig(local_attention="flash").validate()
 
 
 @pytest.mark.parametrize("parallel, expected", [

@@ -48,7 +48,10 @@ def test_prime_update_matches_single_process(layout, tmp_path_factory):
     for role in ("policy", "prm"):
         assert sorted(ours[role]) == sorted(base[role])
         for name, (total, absolute) in base[role].items():
-            assert ours[role][name][0] == pytest.approx(total, rel=1e-5, abs=1e-5), (role, name)
+            # A signed sum cancels: its float32 noise scales with the sum of magnitudes (a
+            # 130-weight down_proj moves its signed sum by 2e-5 between kernels' roundings).
+            assert ours[role][name][0] == pytest.approx(total, rel=1e-5, abs=max(1e-5, 1e-6 * absolute)), \
+                (role, name)
             assert ours[role][name][1] == pytest.approx(absolute, rel=1e-5), (role, name)
 
 

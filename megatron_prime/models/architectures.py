@@ -7,6 +7,7 @@ else (shapes, RoPE, norms, parallel layout) is the same on both.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -278,18 +279,33 @@ def padded_sequence_length(length: int, multiple: int) -> int:
     return max(1, -(-length // multiple)) * multiple
 
 
+@functools.cache
+def transformer_engine_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def uses_transformer_engine(precision: PrecisionConfig, on_gpu: bool) -> bool:
-    return on_gpu and precision.layer_spec == "auto"
+    """Transformer Engine's spec: on GPU with ``layer_spec=auto``, where TE imports or FP8 is
+    asked for (only TE has it: ``layer_spec`` then stops with the reason). Otherwise
+    Megatron's local spec, with SDPA attention by default (models/attention.py)."""
+    if not on_gpu or precision.layer_spec != "auto":
+        return False
+    return transformer_engine_importable() or precision.fp8_recipe != "off"
 
 
-def layer_spec(config: TransformerConfig, use_transformer_engine: bool) -> ModuleSpec:
+def layer_spec(config: TransformerConfig, use_transformer_engine: bool,
+               local_attention: str = "sdpa") -> ModuleSpec:
+    """TE's spec, or Megatron's local spec whose core attention is ``local_attention``:
+    "sdpa" (torch's fused kernel, models/attention.py) or "unfused" (Megatron's own)."""
     if use_transformer_engine:
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as error:
-            raise ValueError("Transformer Engine is not importable on this GPU machine "
-                             f"({error}); install the [gpu] extra, or set "
-                             "precision.layer_spec=local for Megatron's own layers (no FP8)") from None
+        if not transformer_engine_importable():
+            raise ValueError("FP8 needs Transformer Engine, which is not importable on this GPU "
+                             "machine: install the [gpu] extra, or set precision.fp8_recipe=off "
+                             "(Megatron's local layers with SDPA attention then run)")
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -297,4 +313,12 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: bool) -> Modul
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=False, normalization="RMSNorm")
+    if local_attention == "sdpa":
+        from megatron_prime.models.attention import SDPACoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    elif local_attention != "unfused":
+        raise ValueError(f"precision.local_attention={local_attention!r} is invalid: expected "
+                         "'sdpa' or 'unfused'")
+    return spec

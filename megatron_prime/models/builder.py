@@ -47,6 +47,9 @@ class BuiltModel:
     # "transformer_engine" or "local": which Megatron layer spec built the chunks; it decides
     # the module names (checkpoint/spec_names.py translates between them).
     layer_spec: str = "local"
+    # Whether unpacked (right-padded) micro-batches may pass no attention mask: the core
+    # attention then applies causal masking itself (models/attention.py).
+    causal_mask_implicit: bool = False
     # What this model's kernels need: every batch it sees is padded to a multiple of this many
     # tokens (FP8, sequence parallelism; models/architectures.sequence_length_multiple).
     sequence_length_multiple: int = 1
@@ -94,7 +97,10 @@ def build_model(
     config = transformer_config(shape, parallel, precision, on_gpu=runtime.on_gpu,
                                 initialize_weights=initialize_weights, role=role)
     use_transformer_engine = uses_transformer_engine(precision, runtime.on_gpu)
-    spec = layer_spec(config, use_transformer_engine)
+    if runtime.on_gpu and precision.layer_spec == "auto" and not use_transformer_engine:
+        _say_once("Transformer Engine is not importable here: Megatron's local layer spec with "
+                  f"precision.local_attention={precision.local_attention} (no FP8)")
+    spec = layer_spec(config, use_transformer_engine, precision.local_attention)
     vocab = padded_vocab_size(shape.vocab_size, parallel.tensor_parallel_size)
 
     device = device or runtime.device
@@ -107,8 +113,21 @@ def build_model(
     built = _wrap(chunks, role, config, shape, vocab, use_distributed_optimizer,
                   frozen or role == "reference")
     built.layer_spec = "transformer_engine" if use_transformer_engine else "local"
+    # SDPA builds the causal mask inside its kernel (flash attention's case); Megatron's
+    # unfused module would build one on "cuda" whatever the device, so it gets it passed.
+    built.causal_mask_implicit = not use_transformer_engine and precision.local_attention == "sdpa"
     built.sequence_length_multiple = sequence_length_multiple(parallel, precision, shape_alignment=1)
     return built
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """One line on the first rank that builds a model this way (the builder runs per role)."""
+    if message not in _SAID and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"[megatron_prime] {message}", flush=True)
+    _SAID.add(message)
 
 
 def _build_chunk(config: Any, spec: Any, vocab: int, shape: ModelShape, vp_stage: int,

@@ -176,8 +176,12 @@ def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: lis
 
     def forward_step(data_iterator: Iterator[TokenBatch], chunk: torch.nn.Module):
         micro_batch = next(data_iterator)
+        # Right-padded rows need causal attention only; an attention that masks causally by
+        # itself then runs its mask-free kernel (flash attention on CUDA).
+        implicit = model.causal_mask_implicit and micro_batch.segment_ids is None
         logits_or_hidden = chunk(
-            micro_batch.input_ids, micro_batch.position_ids(), micro_batch.attention_mask()
+            micro_batch.input_ids, micro_batch.position_ids(),
+            None if implicit else micro_batch.attention_mask()
         )
         return logits_or_hidden, partial(loss_func, micro_batch)
 

@@ -4,11 +4,12 @@ The real trainer's path: ``build_model`` (Megatron GPTModel in DDP, distributed 
 ``build_optimizer`` and ``train_step`` (Megatron's forward-backward schedule, vocab-parallel
 log-probs and entropy, Adam), plus ``forward_only`` (what the reference and PRM log-prob
 passes cost). bf16 with Megatron's local layer spec (``precision.layer_spec=local``): the
-machine it was written for has no Transformer Engine, so attention is Megatron's unfused
-core attention (it stores the s x s softmax, unlike TE's flash attention).
+machine it was written for has no Transformer Engine. Its core attention is either torch's
+fused SDPA kernel (``precision.local_attention=sdpa``, the default; models/attention.py) or
+Megatron's unfused module (it stores the s x s softmax), both measured in the same run.
 
-Each activation-recompute setting runs in this one process, one after the other, so the
-printed ratios compare like with like. Memory: ``static`` is what is allocated between
+Each setting (activation recompute x attention) runs in its own process, one after the
+other, in this one invocation, so the printed ratios compare like with like. Memory: ``static`` is what is allocated between
 steps (weights, fp32 main grads, Adam state); ``peak`` the high-water mark during a step.
 The JSON written with ``--out`` keeps the model shape, so the planner's estimate for the
 same run can be set beside it (megatron-prime-plan).
@@ -53,6 +54,7 @@ def qwen2_5_1_5b(tiny: bool):
 @dataclass
 class Measurement:
     recompute: str
+    attention: str
     seq_length: int
     micro_batch_size: int
     global_batch_size: int
@@ -83,7 +85,7 @@ def model_flops_per_token(shape, seq_length: int) -> float:
     return 3 * 2 * (gemm_weights + attention)
 
 
-def measure(hf_config, recompute: str, args, device: torch.device) -> Measurement:
+def measure(hf_config, recompute: str, attention: str, args, device: torch.device) -> Measurement:
     from megatron_prime.config import OptimizerConfig, ParallelConfig, PrecisionConfig
     from megatron_prime.models.builder import build_model
     from megatron_prime.models.optimizer import build_optimizer, sequence_nll_loss, train_step
@@ -92,7 +94,7 @@ def measure(hf_config, recompute: str, args, device: torch.device) -> Measuremen
     # TP=PP=1 as the runtime was started; only the recompute setting changes.
     parallel = ParallelConfig(recompute_granularity=recompute)
     precision = PrecisionConfig(dtype="bfloat16" if device.type == "cuda" else "float32",
-                                layer_spec="local")
+                                layer_spec="local", local_attention=attention)
     from megatron.core import tensor_parallel
 
     # The same initial weights for every setting: recomputation must not change the losses.
@@ -140,7 +142,7 @@ def measure(hf_config, recompute: str, args, device: torch.device) -> Measuremen
     tokens = args.global_batch * args.seq
     flops = model_flops_per_token(model.shape, args.seq) * tokens / step_seconds
     result = Measurement(
-        recompute=recompute, seq_length=args.seq, micro_batch_size=args.micro_batch,
+        recompute=recompute, attention=attention, seq_length=args.seq, micro_batch_size=args.micro_batch,
         global_batch_size=args.global_batch, params=params, step_seconds=step_seconds,
         tokens_per_second=tokens / step_seconds, model_tflops_per_second=flops / 1e12,
         mfu=flops / H100_BF16_PEAK_FLOPS, forward_only_tokens_per_second=tokens / forward_seconds,
@@ -178,9 +180,10 @@ def run_one(args) -> None:
     runtime = distributed.init_distributed(ParallelConfig(), use_gpu=args.device == "cuda")
     hf_config = qwen2_5_1_5b(args.tiny)
     try:
-        result = asdict(measure(hf_config, args.recompute, args, runtime.device))
+        result = asdict(measure(hf_config, args.recompute, args.attention, args, runtime.device))
     except torch.OutOfMemoryError as error:
-        result = {"recompute": args.recompute, "error": str(error).splitlines()[0]}
+        result = {"recompute": args.recompute, "attention": args.attention,
+                  "error": str(error).splitlines()[0]}
     with open(args.out, "w") as file:
         json.dump(result, file)
     distributed.destroy_distributed()
@@ -196,6 +199,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--recompute", default="none,selective,full")
+    parser.add_argument("--attention", default="sdpa,unfused",
+                        help="the local spec's core attention(s), each with every recompute setting")
     parser.add_argument("--profile", help="write an operator profile of one step of the first "
                         "setting to this file")
     parser.add_argument("--out", help="write the measurements as JSON here")
@@ -211,9 +216,13 @@ def main() -> None:
           f"micro-batch {args.micro_batch}")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
-        for index, recompute in enumerate(args.recompute.split(",")):
-            out = os.path.join(scratch, f"{recompute}.json")
-            command = [sys.executable, __file__, "--single", "--recompute", recompute, "--out", out,
+        settings = [(attention, recompute) for attention in args.attention.split(",")
+                    for recompute in args.recompute.split(",")]
+        for index, (attention, recompute) in enumerate(settings):
+            label = f"attention={attention:7s} recompute={recompute:9s}"
+            out = os.path.join(scratch, f"{attention}_{recompute}.json")
+            command = [sys.executable, __file__, "--single", "--recompute", recompute,
+                       "--attention", attention, "--out", out,
                        "--device", args.device, "--seq", str(args.seq),
                        "--micro-batch", str(args.micro_batch), "--global-batch", str(args.global_batch),
                        "--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -226,9 +235,9 @@ def main() -> None:
             result = json.loads(open(out).read())
             results.append(result)
             if "error" in result:
-                print(f"recompute={recompute:9s} out of memory: {result['error']}", flush=True)
+                print(f"{label} out of memory: {result['error']}", flush=True)
                 continue
-            print(f"recompute={recompute:9s} {result['params'] / 1e9:.3f}B params  "
+            print(f"{label} {result['params'] / 1e9:.3f}B params  "
                   f"{result['step_seconds'] * 1e3:8.1f} ms/step  {result['tokens_per_second']:9.0f} tokens/s  "
                   f"{result['model_tflops_per_second']:6.1f} TFLOP/s  MFU {result['mfu']:.3f}  "
                   f"fwd-only {result['forward_only_tokens_per_second']:9.0f} tokens/s  "
@@ -237,8 +246,10 @@ def main() -> None:
     measured = [r for r in results if "error" not in r]
     for result in measured[1:]:
         base = measured[0]
-        print(f"ratio {result['recompute']}/{base['recompute']}: tokens/s "
-              f"{result['tokens_per_second'] / base['tokens_per_second']:.2f}, peak-static "
+        print(f"ratio {result['attention']}+{result['recompute']} / {base['attention']}+"
+              f"{base['recompute']}: tokens/s "
+              f"{result['tokens_per_second'] / base['tokens_per_second']:.2f}, MFU "
+              f"{result['mfu'] / base['mfu']:.2f}, peak-static "
               f"{result['peak_minus_static_bytes'] / max(base['peak_minus_static_bytes'], 1):.2f}")
     if args.out:
         shape = {key: getattr(hf_config, key) for key in (

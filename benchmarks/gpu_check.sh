@@ -134,10 +134,11 @@ while read -r test_id; do
     step "$test_id" 240 $PY -m pytest -x -q -ra -m gpu -p no:cacheprovider "$test_id" </dev/null
 done <"$OUT/gpu_tests.txt"
 
-# 5. The benchmark: one training step of a 1.5B Qwen2 shape (two recompute settings), and the
-#    planner's static and activation estimate beside the measurement.
-step bench_gpu_train_step 240 $PY benchmarks/bench_gpu_train_step.py --recompute none,full \
-    --warmup 2 --steps 3 --out "$OUT/gpu_train_step.json"
+# 5. The benchmark: one training step of a 1.5B Qwen2 shape at micro-batch 2, SDPA attention
+#    against Megatron's unfused one in the same run (no recompute), and the planner's static
+#    and activation estimate beside the measurement.
+step bench_gpu_train_step 240 $PY benchmarks/bench_gpu_train_step.py --recompute none \
+    --attention sdpa,unfused --micro-batch 2 --warmup 2 --steps 3 --out "$OUT/gpu_train_step.json"
 if [[ -f "$OUT/gpu_train_step.json" ]]; then
     cp "$OUT/logs/bench_gpu_train_step.log" "$OUT/gpu_train_step.txt"
     step plan_vs_gpu 60 $PY benchmarks/plan_vs_gpu.py "$OUT/gpu_train_step.json"

@@ -70,14 +70,20 @@ class StepBatch(TokenBatch):
         return value
 
 
-def ppo_loss(config: PPOLossConfig) -> LossFn:
-    """PPO clipped surrogate with entropy bonus; units: tokens (token_mean) or responses."""
+def ppo_loss(config: PPOLossConfig, old_from_current: bool = False) -> LossFn:
+    """PPO clipped surrogate with entropy bonus; units: tokens (token_mean) or responses.
+
+    ``old_from_current``: the update is one on-policy pass, so the old log-probs are this
+    forward's own, detached (ratio exactly 1; update.py skips the old-policy pass). The
+    sampler's log-probs, when the batch has them, are then compared here: the metric sums
+    ``rollout_logprob_diff_sum`` and ``rollout_logprob_diff_max`` (reduced by max)."""
 
     def loss_fn(outputs: TokenOutputs, batch: StepBatch):
         mask = batch.scored_token_mask(outputs.logprobs.dtype)
+        old = outputs.logprobs.detach() if old_from_current else batch.require("old_logprobs")
         # normalizer=1: a sum over this micro-batch; Megatron divides by the global count.
         loss_sum, metrics = ppo_policy_loss(
-            outputs.logprobs, batch.require("old_logprobs"), batch.require("advantages"), mask,
+            outputs.logprobs, old, batch.require("advantages"), mask,
             config, entropy=outputs.entropy, normalizer=1.0,
         )
         if config.aggregation == "token_mean":
@@ -91,6 +97,10 @@ def ppo_loss(config: PPOLossConfig) -> LossFn:
         metric_sums = {name: (value if name == "pg_loss" else value * units)
                        for name, value in metrics.items()}
         metric_sums["num_tokens"] = tokens
+        if old_from_current and batch.rollout_logprobs is not None:
+            gap = (old.float() - batch.rollout_logprobs.float()).abs() * mask
+            metric_sums["rollout_logprob_diff_sum"] = gap.sum()
+            metric_sums["rollout_logprob_diff_max"] = gap.max()
         return loss_sum, units.to(torch.int), metric_sums
 
     return loss_fn

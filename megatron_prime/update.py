@@ -59,6 +59,11 @@ class AlgoConfig:
     # run makes one update per step; after the first, the clip starts to matter.
     ppo_epochs: int = 1
     ppo_mini_batches: int = 1
+    # The old-policy log-prob pass (PPO's denominator). "auto": skipped when the update is one
+    # on-policy pass (ppo_epochs=1 and ppo_mini_batches=1): the old policy is then the policy
+    # being updated, so its log-probs are the update's own forward, detached (ratio exactly
+    # 1), as verl's actor does when it recomputes nothing. "always": the separate pass.
+    old_logprob_pass: str = "auto"
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
 
@@ -78,6 +83,12 @@ class AlgoConfig:
         require_positive_int("algo.ppo_epochs", self.ppo_epochs)
         require_positive_int("algo.ppo_mini_batches", self.ppo_mini_batches)
         require_positive_int("algo.prm_mini_batches", self.prm_mini_batches)
+        require_choice("algo.old_logprob_pass", self.old_logprob_pass, ("auto", "always"))
+
+    @property
+    def skips_old_logprob_pass(self) -> bool:
+        """One on-policy PPO update: the update's forward gives the old log-probs too."""
+        return self.old_logprob_pass == "auto" and self.ppo_epochs == 1 and self.ppo_mini_batches == 1
 
     @property
     def uses_prm(self) -> bool:
@@ -191,7 +202,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     with timer("logprobs"):
         if config.uses_prm:
             _calibrate_fp8_once(models, step, mbs)
-        step = step.with_fields(old_logprobs=forward_only(models.policy, step, mbs, temperature).logprobs)
+        if not config.skips_old_logprob_pass:
+            step = step.with_fields(old_logprobs=forward_only(models.policy, step, mbs, temperature).logprobs)
         if config.uses_prm:
             if models.reference is None:
                 raise ValueError(f"algo.prm_mode={config.prm_mode!r} needs the reference model")
@@ -201,7 +213,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
                 if check_fp8 and runs_fp8(models.reference):
                     with fp8_off(models.reference):
                         exact["ref"] = forward_only(models.reference, step, mbs).logprobs
-    if step.rollout_logprobs is not None:
+    if step.rollout_logprobs is not None and not config.skips_old_logprob_pass:
         # The engine sampled with the weights the bridge pushed, which are these weights: any
         # gap beyond kernel round-off means a stale or mangled sync (verl logs the same check).
         gap = (step.require("old_logprobs").float() - step.rollout_logprobs.float()).abs() * mask
@@ -287,12 +299,19 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
         for start, end in row_bounds(step.batch_size, config.ppo_mini_batches, "algo.ppo_mini_batches"):
             mini_batch = policy_batch.map_tensors(lambda t, a=start, b=end: t[a:b])
             with timer("policy_update"):
-                policy_step = train_step(models.policy, models.policy_optimizer, mini_batch,
-                                         mbs, ppo_loss(config.ppo), temperature)
+                policy_step = train_step(models.policy, models.policy_optimizer, mini_batch, mbs,
+                                         ppo_loss(config.ppo, config.skips_old_logprob_pass),
+                                         temperature)
             if policy_step.skip_reason:
                 skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
             for name, value in {**policy_step.metrics, "grad_norm": policy_step.grad_norm}.items():
                 policy_metrics.setdefault(name, []).append(value)
+    if "rollout_logprob_diff_max" in policy_metrics:
+        # Without an old-policy pass the update's forward compared the sampler's log-probs
+        # (one update, so one value each; both global over DP).
+        diff_sum = policy_metrics.pop("rollout_logprob_diff_sum")[0]
+        metrics["rollout/logprob_diff_mean"] = diff_sum / max(policy_metrics["num_tokens"][0], 1e-30)
+        metrics["rollout/logprob_diff_max"] = policy_metrics.pop("rollout_logprob_diff_max")[0]
     # Means over the step's updates (the first update is on-policy: ratio 1, no clipping);
     # each is already global (forward_backward reduces its metric sums over DP).
     metrics.update({f"policy/{k}": sum(v) / len(v) for k, v in policy_metrics.items()})

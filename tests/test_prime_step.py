@@ -120,12 +120,47 @@ def test_step_keeps_its_tensors_on_the_training_device(tmp_path_factory):
     former step moved log-probs to the host and back, and read the log-prob gap on the host).
     """
     result = run_global(2, tmp_path_factory)
-    for loss, fields in (("ppo", {"old_logprobs", "advantages"}),
+    # One on-policy update: no old-policy pass, the PPO loss takes its own forward's log-probs.
+    for loss, fields in (("ppo", {"advantages"}),
                          ("prm", {"ref_logprobs", "outcome_rewards"})):
         seen = result["losses_saw"][loss]
         assert seen["devices"] == [result["expected_device"]], loss
         assert fields <= set(seen["fields"]), loss
+    assert "old_logprobs" not in result["losses_saw"]["ppo"]["fields"]
     assert result["host_copies"] == []
+
+
+def test_skipping_the_old_policy_pass_changes_no_number(tmp_path_factory):
+    """ppo_epochs = ppo_mini_batches = 1: the update's own forward (detached) stands in for
+    the old-policy pass. Against the separate pass (algo.old_logprob_pass=always), on the
+    global batch with the HF sampler's log-probs: every metric (the sampler gap included, now
+    measured in the update's forward) and the updated weights agree within 1e-5, and the
+    old-policy pass is gone from the step's time."""
+    if ("always",) not in _cache:
+        out = tmp_path_factory.mktemp("step_old_pass_always") / "result.json"
+        _cache["always",] = run_json_worker(
+            "tests/workers/step_worker.py", 1,
+            ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf",
+             "--old-logprob-pass", "always"], out)
+    if ("auto",) not in _cache:
+        out = tmp_path_factory.mktemp("step_old_pass_auto") / "result.json"
+        _cache["auto",] = run_json_worker(
+            "tests/workers/step_worker.py", 1,
+            ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf"], out)
+    always, auto = _cache["always",], _cache["auto",]
+    assert "old_logprobs" in always["losses_saw"]["ppo"]["fields"]
+    assert "old_logprobs" not in auto["losses_saw"]["ppo"]["fields"]
+    names = sorted(n for n in always["metrics"] if not n.startswith("time/"))
+    assert names == sorted(n for n in auto["metrics"] if not n.startswith("time/"))
+    assert "rollout/logprob_diff_max" in names and "rollout/logprob_diff_mean" in names
+    # The HF sampler's log-probs differ from Megatron's by kernel rounding only.
+    assert 0 < auto["metrics"]["rollout/logprob_diff_max"] < 1e-4
+    for name in names:
+        assert auto["metrics"][name] == pytest.approx(always["metrics"][name], rel=1e-5, abs=1e-5), name
+    for role in ("policy", "prm"):
+        for name, (total, absolute) in always[role].items():
+            assert auto[role][name][0] == pytest.approx(total, abs=max(1e-5, 1e-6 * absolute)), (role, name)
+            assert auto[role][name][1] == pytest.approx(absolute, rel=1e-5), (role, name)
 
 
 def test_prm_metrics_before_any_update_by_hand(tmp_path_factory):

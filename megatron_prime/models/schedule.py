@@ -14,6 +14,7 @@ sequences for the PRM's cross-entropy).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -284,7 +285,8 @@ def forward_backward(
 
 
 def _reduce_metrics(store: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Sums per-micro-batch metric sums over micro-batches, DP ranks and PP stages."""
+    """Sums per-micro-batch metric sums over micro-batches, DP ranks and PP stages; a metric
+    named ``*_max`` is a maximum instead, reported as it is (not divided by the units)."""
     names = sorted(store[0]) if store else []
     # Non-last stages have no metrics; agree on the names through the last stage.
     name_list = [names]
@@ -292,14 +294,25 @@ def _reduce_metrics(store: list[dict[str, Tensor]]) -> dict[str, float]:
         dist.broadcast_object_list(name_list, src=distributed.last_pp_stage_global_rank(),
                                    group=distributed.pp_group())
     names = name_list[0]
+    summed = [name for name in names if not name.endswith("_max")]
+    maxima = [name for name in names if name.endswith("_max")]
     device = distributed.device()
-    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    totals = torch.zeros(len(summed), dtype=torch.float64, device=device)
+    peaks = torch.full((len(maxima),), -math.inf, dtype=torch.float64, device=device)
     for entry in store:
-        totals += torch.stack([entry[name].double().to(device) for name in names])
+        totals += torch.stack([entry[name].double().to(device) for name in summed])
+        if maxima:
+            peaks = torch.maximum(peaks, torch.stack([entry[name].double().to(device) for name in maxima]))
     dist.all_reduce(totals, group=distributed.dp_group())
+    if maxima:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=distributed.dp_group())
     if distributed.pp_world_size() > 1:
         dist.broadcast(totals, src=distributed.last_pp_stage_global_rank(), group=distributed.pp_group())
+        if maxima:
+            dist.broadcast(peaks, src=distributed.last_pp_stage_global_rank(), group=distributed.pp_group())
     values = totals.tolist()  # host sync
-    units = max(values[names.index("num_units")], 1.0) if names else 1.0
-    return {name: (value if name == "num_units" else value / units)
-            for name, value in zip(names, values)}
+    units = max(values[summed.index("num_units")], 1.0) if summed else 1.0
+    reduced = {name: (value if name == "num_units" else value / units)
+               for name, value in zip(summed, values)}
+    reduced.update(zip(maxima, peaks.tolist()))
+    return reduced

@@ -353,6 +353,10 @@ def report(protocol: dict, sha: str, results: dict[str, dict], selection: dict |
     lines = [f"# benchmarks/prime_vs_rloo.py report, {datetime.date.today()}, protocol sha256 {sha[:12]}",
              f"# {platform.machine()} CPU x {os.cpu_count()}, no GPU; {len(results)} run result files; "
              "mean [min, max] over seeds; every run present is counted"]
+    # Every run of a protocol should come from the same training code (README of the results
+    # folder: the grid runs from a worktree at one commit); more than one is shown, not hidden.
+    commits = sorted({str(r.get("commit")) for r in results.values()})
+    lines.append(f"# code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or 'none yet'}")
     failed = [name for name, r in results.items() if r["status"] != "ok"]
     if failed:
         lines.append(f"# failed runs (counted as not reaching the target, accuracy 0): {failed}")

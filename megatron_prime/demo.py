@@ -63,7 +63,7 @@ def _default_sft() -> SFTConfig:
 def _default_prime() -> PrimeConfig:
     prime = PrimeConfig()
     prime.model.path, prime.data.paths = GENERATED, [GENERATED]
-    prime.trainer.steps = 100
+    prime.trainer.steps = 60  # K=4 accuracy 0.31 -> 0.52 in 6.3 min on 2 free cores (README)
     prime.trainer.seed = 0
     batch = prime.rollout.batch
     batch.prompts_per_step, batch.oversample_factor, batch.max_rounds = 16, 2, 2

@@ -50,6 +50,10 @@ class BuiltModel:
     # Whether unpacked (right-padded) micro-batches may pass no attention mask: the core
     # attention then applies causal masking itself (models/attention.py).
     causal_mask_implicit: bool = False
+    # Each micro-batch is cut after its own last scored token (schedule.py): no compute on
+    # the padding that its rows share with the step's longest row. False: every micro-batch
+    # at the batch's length (the padded form the tests compare against).
+    trim_micro_batches: bool = True
     # What this model's kernels need: every batch it sees is padded to a multiple of this many
     # tokens (FP8, sequence parallelism; models/architectures.sequence_length_multiple).
     sequence_length_multiple: int = 1

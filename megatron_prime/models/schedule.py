@@ -117,6 +117,22 @@ class TokenBatch:
         return [self.map_tensors(lambda t, i=i: t[i:i + micro_batch_size])
                 for i in range(0, self.batch_size, micro_batch_size)]
 
+    def trimmed_to_length(self, length: int) -> TokenBatch:
+        """The first ``length`` tokens of every per-token tensor (per-row tensors unchanged)."""
+        if length >= self.seq_length:
+            return self
+        seq = self.seq_length
+        return self.map_tensors(lambda t: t[:, :length] if t.dim() >= 2 and t.shape[1] == seq else t)
+
+    def scored_lengths(self, micro_batch_size: int, multiple: int) -> list[int]:
+        """Per micro-batch: the tokens up to its last scored one, rounded up to ``multiple``
+        (at least one multiple). What follows a row's last scored token changes none of its
+        log-probs (causal attention), so a micro-batch need not compute it. One host read."""
+        positions = torch.arange(1, self.seq_length + 1, device=self.input_ids.device)
+        ends = (self.response_mask.ne(0) * positions).amax(dim=1)  # 0 for rows without any
+        per_micro_batch = ends.view(-1, micro_batch_size).amax(dim=1).tolist()
+        return [padded_sequence_length(end, multiple) for end in per_micro_batch]
+
     def padded_to_length(self, length: int) -> TokenBatch:
         """Right-pads every per-token tensor (second dimension = the sequence) with zeros to
         ``length``: padding tokens are outside the response mask (and segment 0 in packed
@@ -159,7 +175,7 @@ LossFn = Callable[[TokenOutputs, TokenBatch], tuple[Tensor, Tensor, dict[str, Te
 
 
 def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: list[Tensor],
-                       temperature: float):
+                       temperature: float, seq_length: int):
     vocab_size = model.shape.vocab_size
 
     def loss_func(micro_batch: TokenBatch, logits: Tensor):
@@ -168,7 +184,9 @@ def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: lis
         )
         outputs = TokenOutputs(logprobs, entropy)
         if loss_fn is None:  # forward-only: keep the outputs, report nothing
-            collected.append(torch.stack([logprobs.detach(), entropy.detach()]))
+            # A trimmed micro-batch's outputs go back to the batch's length (zeros: unscored).
+            outputs_kept = torch.stack([logprobs.detach(), entropy.detach()])
+            collected.append(torch.nn.functional.pad(outputs_kept, (0, seq_length - outputs_kept.shape[-1])))
             return logprobs.new_zeros(()), torch.zeros((), dtype=torch.int), {}
         loss_sum, num_units, metric_sums = loss_fn(outputs, micro_batch)
         metric_sums = {"loss": loss_sum.detach(), "num_units": num_units.detach().double(),
@@ -198,6 +216,13 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
     batch = batch.padded_to_length(padded_sequence_length(batch.seq_length,
                                                           model.sequence_length_multiple))
     micro_batches = batch.micro_batches(micro_batch_size)
+    if model.trim_micro_batches:
+        lengths = batch.scored_lengths(micro_batch_size, model.sequence_length_multiple)
+        micro_batches = [m.trimmed_to_length(length) for m, length in zip(micro_batches, lengths)]
+        # Pipeline stages then exchange activations of varying length: Megatron sends each
+        # one's shape first (a 3-int message per transfer).
+        model.config.variable_seq_lengths = (distributed.pp_world_size() > 1
+                                             and len({m.seq_length for m in micro_batches}) > 1)
     collected: list[Tensor] = []
     num_chunks = len(model.chunks)
     # Interleaved schedules take one iterator per model chunk, each over all micro-batches.
@@ -205,11 +230,11 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
         else iter(micro_batches)
     forward_backward = get_forward_backward_func()
     store = forward_backward(
-        forward_step_func=_forward_step_func(model, loss_fn, collected, temperature),
+        forward_step_func=_forward_step_func(model, loss_fn, collected, temperature, batch.seq_length),
         data_iterator=data_iterator,
         model=model.chunks,
         num_microbatches=len(micro_batches),
-        seq_length=batch.seq_length,
+        seq_length=max(m.seq_length for m in micro_batches),
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )

@@ -218,6 +218,11 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
     micro_batches = batch.micro_batches(micro_batch_size)
     if model.trim_micro_batches:
         lengths = batch.scored_lengths(micro_batch_size, model.sequence_length_multiple)
+        if distributed.pp_world_size() > 1 and len(model.chunks) > 1:
+            # Megatron's interleaved schedule hangs on shapes that vary between micro-batches
+            # (measured: TP=1 PP=2 VP=2 never returned); there every micro-batch is cut to the
+            # longest one's scored length instead.
+            lengths = [max(lengths)] * len(lengths)
         micro_batches = [m.trimmed_to_length(length) for m, length in zip(micro_batches, lengths)]
         # Pipeline stages then exchange activations of varying length: Megatron sends each
         # one's shape first (a 3-int message per transfer).

@@ -62,7 +62,8 @@ class AlgoConfig:
     # The old-policy log-prob pass (PPO's denominator). "auto": skipped when the update is one
     # on-policy pass (ppo_epochs=1 and ppo_mini_batches=1): the old policy is then the policy
     # being updated, so its log-probs are the update's own forward, detached (ratio exactly
-    # 1), as verl's actor does when it recomputes nothing. "always": the separate pass.
+    # 1), as verl's dp_actor does for an on-policy update (one mini-batch, ppo_epochs 1:
+    # old_log_prob = log_prob.detach()). "always": the separate pass.
     old_logprob_pass: str = "auto"
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)

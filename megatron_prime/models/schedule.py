@@ -217,6 +217,9 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
                                                           model.sequence_length_multiple))
     micro_batches = batch.micro_batches(micro_batch_size)
     if model.trim_micro_batches:
+        # Anchors: verl removes padding altogether (use_remove_padding packs a micro-batch's
+        # rows into one varlen sequence for flash-attn) and slime packs too; this keeps
+        # Megatron's [b, s] micro-batches and drops only the tail no row of them needs.
         lengths = batch.scored_lengths(micro_batch_size, model.sequence_length_multiple)
         if distributed.pp_world_size() > 1 and len(model.chunks) > 1:
             # Megatron's interleaved schedule hangs on shapes that vary between micro-batches

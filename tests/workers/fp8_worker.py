@@ -83,7 +83,9 @@ def run_scenario(name: str, built: dict, optimizers: dict, batch: TokenBatch,
         calls.append(["calibrate", model.role, model.config.fp8])
 
     update_module.forward_only, update_module.calibrate = recorded_forward_only, recorded_calibrate
-    algo = AlgoConfig(prm_mode=prm_mode, micro_batch_size=2)
+    # The separate old-policy pass is kept (it is skipped for a single on-policy update by
+    # default), so every model's forward-only pass, the policy's FP8 one included, is recorded.
+    algo = AlgoConfig(prm_mode=prm_mode, micro_batch_size=2, old_logprob_pass="always")
     steps = []
     try:
         for measure in (True, False):

@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     protocol, sha = load_protocol(args.protocol)
-    work = args.work_dir / sha[:12]
+    # Absolute: the trainer resolves a relative checkpoint.dir under logging.run_dir, where
+    # the localization measure would not find the run's PRM.
+    work = (args.work_dir / sha[:12]).resolve()
     run_folder = args.results / "runs"
     run_folder.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

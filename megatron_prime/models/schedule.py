@@ -121,8 +121,7 @@ class TokenBatch:
         """The first ``length`` tokens of every per-token tensor (per-row tensors unchanged)."""
         if length >= self.seq_length:
             return self
-        seq = self.seq_length
-        return self.map_tensors(lambda t: t[:, :length] if t.dim() >= 2 and t.shape[1] == seq else t)
+        return self._map_per_token(lambda t: t[:, :length])
 
     def scored_lengths(self, micro_batch_size: int, multiple: int) -> list[int]:
         """Per micro-batch: the tokens up to its last scored one, rounded up to ``multiple``
@@ -142,14 +141,14 @@ class TokenBatch:
             raise ValueError(f"cannot pad a batch of {self.seq_length} tokens to {length}")
         if missing == 0:
             return self
+        return self._map_per_token(
+            lambda t: torch.cat([t, t.new_zeros(t.shape[0], missing, *t.shape[2:])], dim=1))
+
+    def _map_per_token(self, fn: Callable[[Tensor], Tensor]) -> TokenBatch:
+        """``fn`` on every per-token tensor (second dimension = the sequence); per-row tensors
+        (labels, rewards) unchanged."""
         seq = self.seq_length
-
-        def pad(t: Tensor) -> Tensor:
-            if t.dim() < 2 or t.shape[1] != seq:
-                return t  # per-row tensors (labels, rewards)
-            return torch.cat([t, t.new_zeros(t.shape[0], missing, *t.shape[2:])], dim=1)
-
-        return self.map_tensors(pad)
+        return self.map_tensors(lambda t: fn(t) if t.dim() >= 2 and t.shape[1] == seq else t)
 
     def padded_to_multiple(self, multiple: int) -> tuple[TokenBatch, int]:
         """Adds fully masked rows so the batch splits evenly; returns the real row count."""
@@ -227,10 +226,10 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
             # longest one's scored length instead.
             lengths = [max(lengths)] * len(lengths)
         micro_batches = [m.trimmed_to_length(length) for m, length in zip(micro_batches, lengths)]
-        # Pipeline stages then exchange activations of varying length: Megatron sends each
-        # one's shape first (a 3-int message per transfer).
-        model.config.variable_seq_lengths = (distributed.pp_world_size() > 1
-                                             and len({m.seq_length for m in micro_batches}) > 1)
+    # Pipeline stages exchange activations of varying length when trimmed micro-batches
+    # differ: Megatron then sends each one's shape first (a 3-int message per transfer).
+    model.config.variable_seq_lengths = (distributed.pp_world_size() > 1
+                                         and len({m.seq_length for m in micro_batches}) > 1)
     collected: list[Tensor] = []
     num_chunks = len(model.chunks)
     # Interleaved schedules take one iterator per model chunk, each over all micro-batches.

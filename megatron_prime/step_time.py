@@ -127,8 +127,8 @@ def estimate(work: StepWork, assumptions: StepTimeAssumptions) -> StepTime:
     result = StepTime(mean_prompt_tokens=prompt, mean_response_tokens=response)
 
     # Rollout: every generated response, before the accuracy filter.
-    per_engine = work.prompts_per_step * work.oversample_factor * work.samples_per_prompt \
-        / work.engines
+    per_engine = math.ceil(work.prompts_per_step * work.oversample_factor
+                           * work.samples_per_prompt / work.engines)
     prefill_flops = 2 * work.params * prompt * per_engine / work.samples_per_prompt
     prefill = prefill_flops / (work.engine_gpus * chip.bf16_flops * assumptions.prefill_mfu)
     # The KV cache holds kv_sequences at full length; at mean lengths it holds more.

@@ -440,7 +440,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
             metrics = dict(collected.metrics)
             bridge.release_engine()  # the engine sleeps: its GPU memory goes to training
             if offload.enabled:  # back on the GPU before any pass of the update
-                metrics.update(offload.restore().metrics())
+                metrics.update(_largest_over_ranks(offload.restore().metrics()))
             with timer("update"):  # steps 6-9
                 if collected.tokens.batch_size:
                     # FP8 scoring models: their log-ratio error, at the first step and every k.
@@ -481,6 +481,16 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
         if engine is not None:
             engine.shutdown()
     return RunResult(step, history, None, saved, models)
+
+
+def _largest_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value's maximum over every rank (one host-group all-reduce): a rank's offloaded
+    bytes depend on its pipeline stage, and every rank logs the same step line."""
+    names = sorted(values)
+    tensor = torch.tensor([values[name] for name in names], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX,
+                                 group=distributed.host_group())
+    return dict(zip(names, tensor.tolist()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -390,10 +390,10 @@ def test_trained_model_bytes_are_megatrons_6_plus_12_over_dp():
         options = Options(distributed_optimizer=dist_opt)
         layout_plan = plan_layout(shape, Cluster(), Workload(), options, Layout(4, 1, 2))
         params = stage_params(shape, 4, 1, 0).total
-        state = sum(layout_plan.components[f"policy {kind}"]["rollout"]
+        state = sum(layout_plan.components[f"policy {kind}"]["policy update"]
                     for kind in ("weights", "grads (fp32)", "optimizer"))
         assert state == params * per_param
-        assert layout_plan.components["reference weights"]["rollout"] == params * 2
+        assert layout_plan.components["reference weights"]["reference forward"] == params * 2
 
 
 # ---- activations ----
@@ -532,7 +532,7 @@ def test_frozen_prm_holds_its_weights_only():
     trained = plan_layout(shape, Cluster(), Workload(), Options(), layout)
     frozen = plan_layout(shape, Cluster(), Workload(), Options(prm_trains=False), layout)
     params = stage_params(shape, 4, 1, 0)
-    assert frozen.components["PRM weights (frozen)"]["rollout"] == params.total * 2
+    assert frozen.components["PRM weights (frozen)"]["reference forward"] == params.total * 2
     assert not any(name.startswith("PRM") and name != "PRM weights (frozen)" for name in frozen.components)
     assert "PRM update" not in frozen.phase_totals and "PRM update" in trained.phase_totals
     assert frozen.phase_totals["policy update"] < trained.phase_totals["policy update"]
@@ -565,7 +565,7 @@ def test_offload_fp8_and_pipeline_by_hand():
     shape = preset_shape("qwen2.5-32b")
     layout = Layout(8, 4, 1)
     options = Options(offload_prm=True, offload_reference=True, policy_fp8=True,
-                      reference_fp8=True, distributed_optimizer=True)
+                      reference_fp8=True, distributed_optimizer=True, offload_during_rollout=False)
     work = Workload(micro_batch_size=1, prompts_per_step=256, samples_per_prompt=4)
     p = plan_layout(shape, Cluster(nodes=4), work, options, layout)
     # Offloaded: the PRM's state is on the GPU in its phase only, the reference in its own.

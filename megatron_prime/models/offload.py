@@ -98,6 +98,10 @@ class HostStash:
             pointer, nbytes = storage.data_ptr(), storage.nbytes()
             if nbytes == 0 or pointer in seen or pointer in keep:
                 continue
+            if not storage.resizable():
+                # Memory the process did not allocate (a host tensor over a file or a NumPy
+                # buffer, as a loaded state can be on CPU): it stays where it is.
+                continue
             seen.add(pointer)
             index = len(self._stashed)
             if index < len(self._host_buffers) and self._host_buffers[index].numel() == nbytes:

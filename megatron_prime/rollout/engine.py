@@ -420,8 +420,12 @@ class RolloutEngine:
             return [rollout for prompt_rollouts in per_prompt for rollout in prompt_rollouts]
         # Anchors: verl's agent loop and slime's rollout score each sample as its generation
         # returns (async engines); LLM.enqueue + stepping gives the same with the offline LLM.
-        request_ids = self.llm.enqueue(requests, all_params, use_tqdm=False)
-        index_of = {str(request_id): index for index, request_id in enumerate(request_ids)}
+        request_ids = [str(r) for r in self.llm.enqueue(requests, all_params, use_tqdm=False)]
+        # vLLM 0.32 returns its internal ids ("<id>-<8 hex>") and reports outputs under the
+        # caller's "<id>": either finds the prompt.
+        index_of = {request_id: index for index, request_id in enumerate(request_ids)}
+        index_of.update({request_id.rsplit("-", 1)[0]: index
+                         for index, request_id in enumerate(request_ids) if "-" in request_id})
         finished: dict[int, list[Rollout]] = {}
         engine = self.llm.llm_engine
         try:
@@ -434,7 +438,8 @@ class RolloutEngine:
         except BaseException:
             # The caller's error (or a signal) ends this round: no request may stay queued
             # for the next generate.
-            engine.abort_request([str(r) for r in request_ids if index_of[str(r)] not in finished])
+            engine.abort_request([request_id for index, request_id in enumerate(request_ids)
+                                  if index not in finished], internal=True)
             raise
         if len(finished) != len(requests):
             raise RuntimeError(f"vLLM finished {len(finished)} of {len(requests)} prompts")

@@ -8,6 +8,11 @@ machine it was written for has no Transformer Engine. Its core attention is eith
 fused SDPA kernel (``precision.local_attention=sdpa``, the default; models/attention.py) or
 Megatron's unfused module (it stores the s x s softmax), both measured in the same run.
 
+After the timed steps, the trainer's state is released as around a rollout
+(models/offload.py: grad buffers released, Adam state and fp32 main weights to pinned host
+memory) and restored: the bytes it frees (by its count and by the allocator's), and how long
+release and restore take (``offload_*`` in the JSON; host-to-device bandwidth in GB/s).
+
 Each setting (activation recompute x attention) runs in its own process, one after the
 other, in this one invocation, so the printed ratios compare like with like. Memory: ``static`` is what is allocated between
 steps (weights, fp32 main grads, Adam state); ``peak`` the high-water mark during a step.
@@ -69,6 +74,10 @@ class Measurement:
     peak_minus_static_bytes: int
     loss_first: float
     loss_last: float
+    offload_released_bytes: int = 0  # grads + optimizer state, by RolloutOffload's count
+    offload_allocator_drop_bytes: int = 0  # what torch's allocator gave up (0 on CPU)
+    offload_release_seconds: float = 0.0
+    offload_restore_seconds: float = 0.0
 
 
 def model_flops_per_token(shape, seq_length: int) -> float:
@@ -134,6 +143,23 @@ def measure(hf_config, recompute: str, attention: str, args, device: torch.devic
     sync()
     forward_seconds = (time.perf_counter() - start) / args.steps
 
+    # The rollout offload: release (copies to pinned host memory, one sync), then restore
+    # (asynchronous copies back; the sync here makes the time the copies' own).
+    from megatron_prime.models.offload import RolloutOffload
+
+    offload = RolloutOffload([(model, optimizer)])
+    offload.release()  # the first release pins its host buffers; time the second
+    offload.restore()
+    sync()
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    released = offload.release()
+    sync()
+    drop = before - torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    start = time.perf_counter()
+    offload.restore()
+    sync()
+    restore_seconds = time.perf_counter() - start
+
     if getattr(args, "profile", None):
         profile(partial(train_step, model, optimizer, batch, args.micro_batch, sequence_nll_loss),
                 args.profile)
@@ -147,7 +173,9 @@ def measure(hf_config, recompute: str, attention: str, args, device: torch.devic
         tokens_per_second=tokens / step_seconds, model_tflops_per_second=flops / 1e12,
         mfu=flops / H100_BF16_PEAK_FLOPS, forward_only_tokens_per_second=tokens / forward_seconds,
         static_bytes=static, peak_bytes=peak, peak_minus_static_bytes=peak - static,
-        loss_first=losses[0], loss_last=losses[-1])
+        loss_first=losses[0], loss_last=losses[-1],
+        offload_released_bytes=released.total_bytes, offload_allocator_drop_bytes=drop,
+        offload_release_seconds=released.release_seconds, offload_restore_seconds=restore_seconds)
     del model, optimizer, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -243,6 +271,11 @@ def main() -> None:
                   f"fwd-only {result['forward_only_tokens_per_second']:9.0f} tokens/s  "
                   f"static {result['static_bytes'] / 2**30:6.2f} GiB  peak {result['peak_bytes'] / 2**30:6.2f} GiB  "
                   f"loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}", flush=True)
+            moved = result["offload_released_bytes"]
+            print(f"{label} rollout offload: {moved / 2**30:.2f} GiB released (allocator: "
+                  f"{result['offload_allocator_drop_bytes'] / 2**30:.2f} GiB) in "
+                  f"{result['offload_release_seconds']:.3f} s, restored in "
+                  f"{result['offload_restore_seconds']:.3f} s", flush=True)
     measured = [r for r in results if "error" not in r]
     for result in measured[1:]:
         base = measured[0]

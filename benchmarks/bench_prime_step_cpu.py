@@ -7,9 +7,13 @@ The forms, each a switch of the trainer:
 - ``trim``: each micro-batch computed up to its own last scored token instead of the batch's
   longest row (``BuiltModel.trim_micro_batches``);
 - ``skip``: no old-policy pass when the update is one on-policy pass
-  (``algo.old_logprob_pass=auto``).
+  (``algo.old_logprob_pass=auto``);
+- ``tokens``: micro-batches cut by a token budget instead of 4 rows each
+  (``algo.max_tokens_per_micro_batch``, the padded length of the batch's longest row: a
+  micro-batch never holds more tokens than one longest row, but many short rows share one).
 
-"before" has none, "after" all three; the rows between add one at a time. The batch is a
+"before" has none, "after" the first three; the rows between add one at a time; the last row
+adds the token budget. The batch is a
 tiny Qwen2's (4 layers, 128 hidden) 8 prompts x 4 responses with a long-tailed response
 length (lognormal, clipped to the 448-token limit, as RL responses are: most short, a few
 long), so padding to the longest row costs what it costs in a real step. Every setting
@@ -31,11 +35,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-SETTINGS = {  # name: (local_attention, trim_micro_batches, old_logprob_pass)
-    "before": ("unfused", False, "always"),
-    "+sdpa": ("sdpa", False, "always"),
-    "+sdpa+trim": ("sdpa", True, "always"),
-    "after (+skip)": ("sdpa", True, "auto"),
+SETTINGS = {  # name: (local_attention, trim_micro_batches, old_logprob_pass, token budget)
+    "before": ("unfused", False, "always", False),
+    "+sdpa": ("sdpa", False, "always", False),
+    "+sdpa+trim": ("sdpa", True, "always", False),
+    "after (+skip)": ("sdpa", True, "auto", False),
+    "+tokens": ("sdpa", True, "auto", True),
 }
 PHASES = ("logprobs", "prm_update", "policy_update")
 
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     batch, outcomes, lengths = make_batch(hf_config["vocab_size"], 8, 4, 64, 448, seed=0)
     results: dict = {"rows": batch.batch_size, "seq_length": batch.seq_length,
                      "response_lengths": sorted(lengths.tolist()), "settings": {}}
-    for name, (attention, trim, old_pass) in SETTINGS.items():
+    for name, (attention, trim, old_pass, budget) in SETTINGS.items():
         precision = PrecisionConfig(local_attention=attention)
         torch.manual_seed(0)
         built = {role: build_model(hf_config, role, ParallelConfig(), precision)
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> dict:
         models = PrimeModels(policy=built["policy"], reference=built["reference"], prm=built["prm"],
                              policy_optimizer=build_optimizer(built["policy"], optimizer),
                              prm_optimizer=build_optimizer(built["prm"], optimizer))
-        config = AlgoConfig(micro_batch_size=4, old_logprob_pass=old_pass)
+        config = AlgoConfig(micro_batch_size=4, old_logprob_pass=old_pass,
+                            max_tokens_per_micro_batch=batch.seq_length if budget else None)
         timings: list[dict[str, float]] = []
         for repeat in range(args.repeats + 1):
             metrics = prime_update(models, batch, outcomes, config).metrics

@@ -87,7 +87,7 @@ def bench_math(num_responses: int, num_workers: int) -> float:
             answer = f"{answer}+1"  # a wrong answer
         responses.append(f"{REASONING}[OUTPUT] The answer is $\\boxed{{{answer}}}$.")
         truths.append(truth)
-    with MathVerifier(MathVerifierConfig(num_workers=num_workers)) as verifier:
+    with MathVerifier(MathVerifierConfig(workers=num_workers)) as verifier:
         start_workers(verifier, num_workers)
         started = time.perf_counter()
         verifier.score_batch(responses, truths)
@@ -109,7 +109,7 @@ def bench_math_hostile(batch_size: int, batches: int, num_workers: int) -> dict[
     honest = [i for i in range(batch_size) if i not in hostile_at]
     columns = dict(ground_truths=truths, abilities=["math"] * batch_size, data_sources=[None] * batch_size)
     latencies, honest_right = [], 0
-    with MathVerifier(MathVerifierConfig(num_workers=num_workers)) as verifier:
+    with MathVerifier(MathVerifierConfig(workers=num_workers)) as verifier:
         registry = RewardRegistry(math=verifier)
         start_workers(verifier, num_workers)
         for _ in range(batches):
@@ -130,7 +130,7 @@ def bench_math_hostile(batch_size: int, batches: int, num_workers: int) -> dict[
 def bench_code(num_responses: int, max_workers: int) -> float | None:
     """Responses per second (4 sandboxed runs each), or None where no sandbox can run."""
     try:
-        verifier = CodeVerifier(CodeVerifierConfig(max_workers=max_workers))
+        verifier = CodeVerifier(CodeVerifierConfig(workers=max_workers))
     except RuntimeError as error:  # SandboxUnavailable
         print(f"code: skipped ({error})", file=sys.stderr)
         return None

@@ -514,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[prime_vs_rloo] {run.name} ({len(pending)} left in this phase's view, "
               f"{time.perf_counter() - started:.0f} s)", flush=True)
         result = train(run, protocol, work, sft)
-        if result["status"] == "ok" and run.phase == "main" and run.method != "RLOO":
+        # A frozen PRM is the reference itself (every implicit reward 0): nothing to locate.
+        if result["status"] == "ok" and run.phase == "main" and run.method == "PRIME":
             settings = protocol["measures"]["localization"]
             responses = wrong_responses(work, protocol, sft, run.chain_length)
             from megatron_prime.demo import DemoConfig

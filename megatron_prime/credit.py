@@ -469,7 +469,7 @@ def example_titles(examples: Sequence[CreditExample]) -> list[str]:
     if checked:
         from megatron_prime.rewards import MathVerifier, MathVerifierConfig
 
-        with MathVerifier(MathVerifierConfig(num_workers=1)) as verifier:
+        with MathVerifier(MathVerifierConfig(workers=1)) as verifier:
             scores = verifier.score_batch([e.response for e in checked], [e.ground_truth for e in checked])
         verdicts = {id(e): score for e, score in zip(checked, scores)}
     titles = []

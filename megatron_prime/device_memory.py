@@ -22,6 +22,11 @@ class DeviceMemory(Protocol):
     def release_cached(self) -> None:
         """Returns what the allocator holds but no tensor uses to the driver."""
 
+    def trainer_state_moved(self, on_device: bool) -> None:
+        """The trainer's gradients, optimizer state and frozen models left the GPU for a
+        rollout, or came back (models/offload.py). Nothing to do on a real device (the
+        storages were freed or allocated by then); the CPU simulation books it."""
+
 
 class CudaMemory:
     def release_cached(self) -> None:
@@ -31,7 +36,13 @@ class CudaMemory:
         torch.cuda.synchronize()  # host sync
         torch.cuda.empty_cache()
 
+    def trainer_state_moved(self, on_device: bool) -> None:
+        pass
+
 
 class HostMemory:
     def release_cached(self) -> None:
+        pass
+
+    def trainer_state_moved(self, on_device: bool) -> None:
         pass

@@ -251,6 +251,7 @@ def plan_request(config: PrimeConfig, target: RunTarget, gpu_bytes: int) -> tupl
         prm_fp8=fp8 and "prm" in precision.fp8_roles,
         reference_fp8=fp8 and "reference" in precision.fp8_roles,
         offload_reference=config.trainer.offload_reference,
+        offload_during_rollout=config.trainer.offload_during_rollout,
         with_prm=config.algo.uses_prm, prm_trains=config.algo.trains_prm,
         vllm_memory_fraction=engine.gpu_memory_utilization,
         vllm_tensor_parallel_size=engine.tensor_parallel_size,

@@ -584,7 +584,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         engine.shutdown()
 
     n = config.n
-    registry = RewardRegistry(MathVerifier(MathVerifierConfig(num_workers=config.verifier_workers)))
+    registry = RewardRegistry(MathVerifier(MathVerifierConfig(workers=config.verifier_workers)))
     try:
         scores = registry.score_batch([r.text for r in rollouts], [problems[r.prompt_index].answer for r in rollouts],
                                       ["math"] * len(rollouts),

@@ -24,6 +24,7 @@ from megatron_prime.algo import (
     ppo_policy_loss,
     prm_cross_entropy_loss,
     sequence_log_ratio,
+    truncated_importance_weights,
 )
 from megatron_prime.models.schedule import LossFn, TokenBatch, TokenOutputs
 
@@ -70,22 +71,37 @@ class StepBatch(TokenBatch):
         return value
 
 
-def ppo_loss(config: PPOLossConfig, old_from_current: bool = False) -> LossFn:
+def ppo_loss(config: PPOLossConfig, old_from_current: bool = False,
+             correction_cap: float | None = None) -> LossFn:
     """PPO clipped surrogate with entropy bonus; units: tokens (token_mean) or responses.
 
     ``old_from_current``: the update is one on-policy pass, so the old log-probs are this
     forward's own, detached (ratio exactly 1; update.py skips the old-policy pass). The
     sampler's log-probs, when the batch has them, are then compared here: the metric sums
-    ``rollout_logprob_diff_sum`` and ``rollout_logprob_diff_max`` (reduced by max)."""
+    ``rollout_logprob_diff_sum`` and ``rollout_logprob_diff_max`` (reduced by max).
+
+    ``correction_cap`` (algo.rollout_correction=tis): each token's surrogate is weighted by
+    min(pi_old / pi_sampler, cap), the truncated importance weight between the trainer's old
+    policy and the sampler's log-probs; metrics ``rollout_is_weight`` (mean weight) and
+    ``rollout_is_capped_fraction`` (tokens at the cap)."""
 
     def loss_fn(outputs: TokenOutputs, batch: StepBatch):
         mask = batch.scored_token_mask(outputs.logprobs.dtype)
         old = outputs.logprobs.detach() if old_from_current else batch.require("old_logprobs")
+        weights = None
+        if correction_cap is not None:
+            weights = truncated_importance_weights(old, batch.require("rollout_logprobs").to(old.dtype),
+                                                   mask, correction_cap).to(old.dtype)
         # normalizer=1: a sum over this micro-batch; Megatron divides by the global count.
         loss_sum, metrics = ppo_policy_loss(
             outputs.logprobs, old, batch.require("advantages"), mask,
-            config, entropy=outputs.entropy, normalizer=1.0,
+            config, entropy=outputs.entropy, normalizer=1.0, token_weights=weights,
         )
+        if weights is not None:
+            tokens_here = mask.sum().clamp(min=1)
+            metrics["rollout_is_weight"] = (weights * mask).sum() / tokens_here
+            capped = (weights >= correction_cap * (1 - 1e-6)).to(mask.dtype) * mask
+            metrics["rollout_is_capped_fraction"] = capped.sum() / tokens_here
         if config.aggregation == "token_mean":
             units = mask.sum()
         else:

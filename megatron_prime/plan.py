@@ -27,8 +27,10 @@ tests/test_gpu_plan_memory.py measures the context and allocator part on a GPU
 (benchmarks/gpu_check.sh). verl (rollout ``gpu_memory_utilization``, 0.5 in its PPO example
 config, with ``free_cache_engine``) and slime (``--sglang-mem-fraction-static``) give the
 engine a fixed fraction and offload the trainer's weights and optimizer state while it runs,
-so what they must leave is little more than this reserve; this trainer keeps its state
-resident, so the fraction follows from that state (below).
+so what they must leave is little more than this reserve. This trainer releases its gradient
+buffers and moves the optimizer state and frozen models to host memory during the rollout
+(trainer.offload_during_rollout, models/offload.py; ``--no-offload-during-rollout`` plans a
+run that keeps them), so the engine's fraction follows from the weights that stay (below).
 
 Sources of the accounting (written from them, not copied):
 
@@ -50,9 +52,11 @@ Phases of a step, each with its own peak; a layout fits when the largest is with
   KV cache; vLLM 0.32's ``request_memory`` takes that fraction of the reported total, per
   engine, and refuses to start when less is free) next to what the trainer keeps once it has
   released its memory with ``torch.cuda.empty_cache()``: activations, log-prob temporaries
-  and cached free blocks are gone; the bf16 weights, the fp32 DDP grad buffers and the
-  optimizer state (fp32 master copy and Adam moments, over DP with the distributed optimizer)
-  of policy and PRM and the reference's weights stay, unless offloaded. The plan reports the
+  and cached free blocks are gone; the bf16 weights of policy and PRM and FP8 weight copies
+  stay. The fp32 DDP grad buffers (released), the optimizer state (fp32 master copy and Adam
+  moments, over DP with the distributed optimizer; to host memory) and the reference's (or a
+  frozen PRM's) weights (to host memory) stay too when trainer.offload_during_rollout is off,
+  the reference unless offloaded. The plan reports the host memory the offload pins and the
   largest ``gpu_memory_utilization`` that fits beside that resident state and the reserve,
   ``(GPU memory - reserve - trainer resident) / GPU memory`` rounded down to 0.01, and a
   configured fraction above it as the reason a layout does not fit. (On the card, vLLM's
@@ -90,6 +94,15 @@ from megatron_prime.config import OptimizerConfig, ParallelConfig
 from megatron_prime.models.architectures import ModelShape, padded_vocab_size
 from megatron_prime.rollout.collect import BatchConfig
 from megatron_prime.rollout.engine import RolloutConfig, SamplingConfig
+from megatron_prime.step_time import (
+    ACCELERATORS,
+    REFERENCE_STEP,
+    REFERENCE_TOTAL,
+    StepTime,
+    StepTimeAssumptions,
+    StepWork,
+)
+from megatron_prime.step_time import estimate as estimate_step_time
 from megatron_prime.update import AlgoConfig
 
 GB = 10**9
@@ -462,6 +475,9 @@ class Options:
     reference_fp8: bool = False  # forward only
     offload_reference: bool = False
     offload_prm: bool = False
+    # trainer.offload_during_rollout (on by default): grads released, optimizer state and
+    # frozen models in host memory while the engine is awake.
+    offload_during_rollout: bool = True
     with_prm: bool = True  # algo.prm_mode != "outcome_only": a PRM scores the batch
     # algo.prm_mode before/after: the PRM has gradients, Adam state and an update phase;
     # frozen: its weights only, like the reference.
@@ -581,6 +597,9 @@ class LayoutPlan:
     trainer_resident_bytes: int = 0
     # The largest vLLM gpu_memory_utilization that fits beside it and the reserve.
     max_vllm_memory_fraction: float = 0.0
+    # Pinned host memory per GPU that the rollout offload copies the optimizer state and the
+    # frozen models' weights into (the grad buffers are released, not copied).
+    rollout_host_bytes: int = 0
 
     @property
     def fits(self) -> bool:
@@ -669,22 +688,28 @@ def _stage_components(shape: ModelShape, work: Workload, options: Options,
         if nbytes:
             components[name] = {phase: nbytes for phase in PHASES if phase in phases}
 
+    # What models/offload.py takes off the GPU while the engine is awake.
+    off_in_rollout = everywhere - {"rollout"} if options.offload_during_rollout else everywhere
+
+    def trained_phases(name: str, phases: set[str]) -> set[str]:
+        return phases & off_in_rollout if name.endswith(("grads (fp32)", "optimizer")) else phases
+
     for name, nbytes in _trained_state("policy", params, options.policy_fp8, options,
                                        layout.dp).items():
-        put(name, nbytes, everywhere)
+        put(name, nbytes, trained_phases(name, everywhere))
     put("policy activations", acts.training_peak, {"policy update"})
     if options.with_prm and options.prm_trains:
         prm_phases = {"PRM update"} if options.offload_prm else everywhere
         for name, nbytes in _trained_state("PRM", params, options.prm_fp8, options,
                                            layout.dp).items():
-            put(name, nbytes, prm_phases)
+            put(name, nbytes, trained_phases(name, prm_phases))
         put("PRM activations", acts.training_peak, {"PRM update"})
     elif options.with_prm:  # frozen: forward only, its weights stay on the GPU
-        put("PRM weights (frozen)", params.total * options.param_bytes, everywhere)
+        put("PRM weights (frozen)", params.total * options.param_bytes, off_in_rollout)
         if options.prm_fp8:
             put("PRM FP8 weight copy", params.layer_matrices * FP8_WEIGHT_BYTES, everywhere)
     ref_phases = {"reference forward"} if options.offload_reference else everywhere
-    put("reference weights", params.total * options.param_bytes, ref_phases)
+    put("reference weights", params.total * options.param_bytes, ref_phases & off_in_rollout)
     if options.reference_fp8:
         put("reference FP8 weight copy", params.layer_matrices * FP8_WEIGHT_BYTES, ref_phases)
     put("forward working set", acts.forward_only, {"reference forward"})
@@ -711,7 +736,7 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
                                         / work.micro_batch_size))
     vllm = vllm_plan(shape, cluster, work, options, layout.dp)
     candidates = []
-    resident = 0
+    resident = host = 0
     for stage in sorted({0, layout.pp - 1}):
         components = _stage_components(shape, work, options, layout, stage, num_microbatches,
                                        vllm)
@@ -720,6 +745,7 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
         peak_phase = max(totals, key=lambda phase: totals[phase])
         candidates.append((totals[peak_phase], stage, components, totals, peak_phase))
         resident = max(resident, trainer_resident_bytes(components, options))
+        host = max(host, rollout_host_bytes(components, options))
     peak, stage, components, totals, peak_phase = max(candidates, key=lambda c: (c[0], -c[1]))
     stage_name = "only" if layout.pp == 1 else ("first" if stage == 0 else "last")
     budget = cluster.budget_bytes
@@ -764,8 +790,20 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
         components=components, phase_totals=totals, peak_phase=peak_phase, peak_bytes=peak,
         budget_bytes=budget, vllm=vllm, problem=problem, largest_component=largest,
         shortfall_bytes=shortfall, trainer_resident_bytes=resident,
-        max_vllm_memory_fraction=max_fraction,
+        max_vllm_memory_fraction=max_fraction, rollout_host_bytes=host,
     )
+
+
+def rollout_host_bytes(components: dict[str, dict[str, int]], options: Options) -> int:
+    """Host memory per GPU the rollout offload copies into: the optimizer states and the frozen
+    weights that are on the GPU in some phase but not in the rollout (an offloaded reference
+    lives in host memory anyway and is not counted twice)."""
+    if not options.offload_during_rollout:
+        return 0
+    copied = ("optimizer", "reference weights", "PRM weights (frozen)")
+    return sum(max(by_phase.values()) for name, by_phase in components.items()
+               if name.endswith(copied) and by_phase and "rollout" not in by_phase
+               and not (name == "reference weights" and options.offload_reference))
 
 
 def trainer_resident_bytes(components: dict[str, dict[str, int]], options: Options) -> int:
@@ -833,17 +871,42 @@ class Plan:
     closest: LayoutPlan | None  # the layout nearest to fitting, when none fits
     # When none fits: single changes that make one fit -> the layout they would pick.
     remedies: list[tuple[str, LayoutPlan]] = field(default_factory=list)
+    # The best layout's estimated step time (step_time.py) and what it assumed.
+    step_time: StepTime | None = None
+    step_assumptions: StepTimeAssumptions = field(default_factory=StepTimeAssumptions)
 
 
 def plan_run(model: str, cluster: Cluster, work: Workload, options: Options,
-             suggest: bool = True) -> Plan:
+             suggest: bool = True, step_assumptions: StepTimeAssumptions | None = None) -> Plan:
     """Every layout of ``cluster`` for ``model`` (a preset or a config.json path)."""
     shape = ModelShape.from_hf(load_hf_config(model))
-    return plan_for_shape(model, shape, cluster, work, options, suggest)
+    return plan_for_shape(model, shape, cluster, work, options, suggest, step_assumptions)
+
+
+def step_work(shape: ModelShape, cluster: Cluster, work: Workload, options: Options,
+              p: LayoutPlan) -> StepWork:
+    """What one step of layout ``p`` computes, for step_time.estimate."""
+    return StepWork(
+        params=model_params(shape), num_layers=shape.num_layers,
+        q_dim=shape.num_attention_heads * shape.head_dim,
+        prompts_per_step=work.prompts_per_step, oversample_factor=work.oversample_factor,
+        samples_per_prompt=work.samples_per_prompt, prompt_tokens=work.prompt_tokens,
+        response_tokens=work.response_tokens, world_size=cluster.world_size,
+        engines=p.layout.dp, engine_gpus=options.vllm_tensor_parallel_size,
+        engine_weight_bytes_per_gpu=p.vllm.weight_bytes,
+        kv_bytes_per_token_per_gpu=p.vllm.kv_bytes_per_token,
+        kv_sequences=p.vllm.concurrent_sequences, pipeline_bubble=p.pipeline_bubble,
+        recompute_full=options.recompute == "full",
+        skips_old_logprob_pass=work.ppo_mini_batches == 1,
+        prm_trains=options.prm_trains, with_prm=options.with_prm,
+        host_bytes_per_gpu=p.rollout_host_bytes)
 
 
 def plan_for_shape(model: str, shape: ModelShape, cluster: Cluster, work: Workload,
-                   options: Options, suggest: bool = True) -> Plan:
+                   options: Options, suggest: bool = True,
+                   step_assumptions: StepTimeAssumptions | None = None) -> Plan:
+    step_assumptions = step_assumptions or StepTimeAssumptions()
+    step_assumptions.validate()
     validate(shape, cluster, work, options)
     layouts = [plan_layout(shape, cluster, work, options, layout)
                for layout in candidate_layouts(shape, cluster)]
@@ -854,7 +917,11 @@ def plan_for_shape(model: str, shape: ModelShape, cluster: Cluster, work: Worklo
     fitting = sorted((p for p in layouts if p.fits), key=rank_key)
     best = fitting[0] if fitting else None
     closest = None if best else min(layouts, key=lambda p: (p.shortfall_bytes, rank_key(p)))
-    result = Plan(model, shape, cluster, work, options, layouts, best, closest)
+    result = Plan(model, shape, cluster, work, options, layouts, best, closest,
+                  step_assumptions=step_assumptions)
+    if best is not None and best.vllm.concurrent_sequences > 0:
+        result.step_time = estimate_step_time(step_work(shape, cluster, work, options, best),
+                                              step_assumptions)
     if best is None and suggest:
         result.remedies = _remedies(model, shape, cluster, work, options)
     return result
@@ -971,6 +1038,8 @@ def _options_line(options: Options, cluster: Cluster) -> list[str]:
                                  ("reference", options.reference_fp8)) if on]
     offload = [name for name, on in (("reference", options.offload_reference),
                                      ("PRM", options.offload_prm)) if on]
+    if options.offload_during_rollout:
+        offload.append("grads, optimizer state and frozen models during the rollout")
     return [
         f"Trainer: {options.param_dtype} weights, fp32 grads, Adam "
         f"(distributed optimizer {'on' if options.distributed_optimizer else 'off'}), recompute "
@@ -1029,6 +1098,7 @@ def format_plan(result: Plan, argv: Sequence[str]) -> str:
         lines += [f"Best layout: {best.layout}",
                   *[f"  - {reason}" for reason in _reasons(result, best)]]
         lines += _breakdown(best, options, cluster)
+        lines += _step_time_lines(result)
     else:
         closest = result.closest
         assert closest is not None
@@ -1082,8 +1152,11 @@ def _breakdown(p: LayoutPlan, options: Options, cluster: Cluster) -> list[str]:
     v = p.vllm
     lines += [
         "",
-        f"Trainer resident while vLLM runs (after torch.cuda.empty_cache(): weights, fp32 grads, "
-        f"optimizer state, reference) {_gb(p.trainer_resident_bytes)} GB + reserve "
+        f"Trainer resident while vLLM runs (after torch.cuda.empty_cache(): "
+        + ("weights; grads released, optimizer state and frozen weights in host memory, "
+           f"{_gb(p.rollout_host_bytes)} GB pinned per GPU"
+           if options.offload_during_rollout else "weights, fp32 grads, optimizer state, reference")
+        + f") {_gb(p.trainer_resident_bytes)} GB + reserve "
         f"{_gb(cluster.gpu_bytes - cluster.budget_bytes)} GB -> vLLM gpu_memory_utilization at "
         f"most {p.max_vllm_memory_fraction:.2f} (configured {options.vllm_memory_fraction:g}: "
         + ("fits)" if options.vllm_memory_fraction <= p.max_vllm_memory_fraction
@@ -1103,6 +1176,30 @@ def _breakdown(p: LayoutPlan, options: Options, cluster: Cluster) -> list[str]:
         lines.append("Offload assumption: an offloaded model's whole state (weights, and for the "
                      "PRM grads and optimizer) is on the GPU during its own phase and in host "
                      "memory otherwise; the trainer offloads the reference (trainer.offload_reference), not yet the PRM.")
+    return lines
+
+
+def _step_time_lines(result: Plan) -> list[str]:
+    estimate, assumed = result.step_time, result.step_assumptions
+    if estimate is None or result.best is None:
+        return []
+    chip = ACCELERATORS[assumed.accelerator]
+    phases = " + ".join(f"{name} {seconds:.0f}" for name, seconds in estimate.seconds.items())
+    lines = [
+        "",
+        f"Step time (an estimate, megatron_prime/step_time.py) of {result.best.layout} on "
+        f"{result.cluster.world_size} {chip.name}: {estimate.total:.0f} s = {phases}; "
+        f"{estimate.sequences_in_flight} sequences in flight per engine, "
+        f"{estimate.decode_tokens_per_s_per_engine:,.0f} decode tokens/s per engine",
+        f"  assumed: mean prompt {estimate.mean_prompt_tokens} and response "
+        f"{estimate.mean_response_tokens} tokens, training MFU {assumed.train_mfu:.2f}, prefill "
+        f"MFU {assumed.prefill_mfu:.2f}, decode at {assumed.decode_bandwidth_efficiency:.2f} "
+        f"of HBM bandwidth; not counted: weight sync, rewards outlasting generation, checkpoints",
+    ]
+    if result.model.startswith("eurus-2-7b"):
+        measured = " + ".join(f"{name} {seconds:.0f}" for name, seconds in REFERENCE_STEP.items())
+        lines.append(f"  PRIME reference (Eurus-2-7B, 8 A800, measured): {REFERENCE_TOTAL:.0f} s "
+                     f"= {measured}")
     return lines
 
 
@@ -1126,6 +1223,7 @@ def plan_to_dict(result: Plan) -> dict[str, Any]:
             "headroom_bytes": p.headroom_bytes, "largest_component": p.largest_component,
             "trainer_resident_bytes": p.trainer_resident_bytes,
             "max_vllm_memory_fraction": p.max_vllm_memory_fraction,
+            "rollout_host_bytes": p.rollout_host_bytes,
             "components": p.components, "phase_totals": p.phase_totals, "vllm": asdict(p.vllm),
         }
     shape = result.shape
@@ -1142,6 +1240,9 @@ def plan_to_dict(result: Plan) -> dict[str, Any]:
         "best": layout_dict(result.best) if result.best else None,
         "closest": layout_dict(result.closest) if result.closest else None,
         "remedies": [{"change": label, **asdict(p.layout)} for label, p in result.remedies],
+        "step_time": (None if result.step_time is None else
+                      {**result.step_time.seconds, "total": result.step_time.total,
+                       "assumptions": asdict(result.step_assumptions)}),
     }
 
 
@@ -1202,6 +1303,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="reference weights in host memory outside its forward")
     trainer.add_argument("--offload-prm", action="store_true",
                          help="PRM weights, grads and optimizer in host memory outside its phase")
+    trainer.add_argument("--offload-during-rollout", action=argparse.BooleanOptionalAction,
+                         default=defaults_o.offload_during_rollout,
+                         help="trainer.offload_during_rollout: grads released, optimizer state "
+                              "and frozen models in host memory while vLLM runs")
     trainer.add_argument("--no-prm", action="store_true", help="algo.prm_mode=outcome_only")
     trainer.add_argument("--frozen-prm", action="store_true",
                          help="algo.prm_mode=frozen: PRM weights only, no update")
@@ -1217,6 +1322,17 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--vllm-min-sequences", type=int, default=None,
                       help="full-length sequences the KV cache must hold (default: "
                            "--samples-per-prompt)")
+    timing = parser.add_argument_group("step-time estimate (assumptions, megatron_prime/step_time.py)")
+    defaults_t = StepTimeAssumptions()
+    timing.add_argument("--accelerator", choices=sorted(ACCELERATORS), default=defaults_t.accelerator)
+    timing.add_argument("--train-mfu", type=float, default=defaults_t.train_mfu)
+    timing.add_argument("--prefill-mfu", type=float, default=defaults_t.prefill_mfu)
+    timing.add_argument("--decode-bandwidth-efficiency", type=float,
+                        default=defaults_t.decode_bandwidth_efficiency)
+    timing.add_argument("--mean-prompt-tokens", type=int, default=None,
+                        help="default: a third of --prompt-tokens")
+    timing.add_argument("--mean-response-tokens", type=int, default=None,
+                        help="default: a third of --response-tokens")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -1232,7 +1348,7 @@ def request_from_args(args: argparse.Namespace) -> tuple[Cluster, Workload, Opti
         attention=args.attention, param_dtype=args.param_dtype, policy_fp8=args.policy_fp8,
         prm_fp8=args.prm_fp8, reference_fp8=args.reference_fp8,
         offload_reference=args.offload_reference, offload_prm=args.offload_prm,
-        with_prm=not args.no_prm, prm_trains=not args.frozen_prm, vllm_memory_fraction=args.vllm_memory_fraction,
+        offload_during_rollout=args.offload_during_rollout, with_prm=not args.no_prm, prm_trains=not args.frozen_prm, vllm_memory_fraction=args.vllm_memory_fraction,
         vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
         vllm_sleep_mode=args.vllm_sleep_mode, vllm_overhead_gib=args.vllm_overhead_gib,
         vllm_asleep_gib=args.vllm_asleep_gib, vllm_min_sequences=args.vllm_min_sequences)
@@ -1244,8 +1360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     when no layout fits."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    assumptions = StepTimeAssumptions(
+        accelerator=args.accelerator, train_mfu=args.train_mfu, prefill_mfu=args.prefill_mfu,
+        decode_bandwidth_efficiency=args.decode_bandwidth_efficiency,
+        mean_prompt_tokens=args.mean_prompt_tokens, mean_response_tokens=args.mean_response_tokens)
     try:
-        result = plan_run(args.model, *request_from_args(args))
+        result = plan_run(args.model, *request_from_args(args), step_assumptions=assumptions)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.json:

@@ -49,6 +49,7 @@ from megatron_prime.config import (
 from megatron_prime.data import DataConfig, PromptSampler, load_prompts
 from megatron_prime.models.architectures import sequence_length_multiple
 from megatron_prime.models.builder import BuiltModel, move_to
+from megatron_prime.models.offload import RolloutOffload
 from megatron_prime.models.optimizer import build_optimizer
 from megatron_prime.monitor import LoggingConfig, RunLogger
 from megatron_prime.rewards import RewardsConfig
@@ -121,9 +122,16 @@ class TrainerConfig:
     # its bf16 weights (2 bytes/param/TP/PP) for the updates at the cost of one host-to-GPU
     # copy per step (megatron-prime-plan --offload-reference sizes the gain).
     offload_reference: bool = False
+    # While the vLLM engine is awake (every rollout and validation), release the gradient
+    # buffers and move the optimizer states and the frozen models (the reference; a frozen
+    # PRM) to pinned host memory, back after the engine sleeps (models/offload.py): their GPU
+    # memory goes to vLLM's KV cache (megatron-prime-plan gives the engine that share).
+    offload_during_rollout: bool = True
 
     def validate(self) -> None:
         require_positive_int("trainer.steps", self.steps)
+        require(isinstance(self.offload_during_rollout, bool), "trainer.offload_during_rollout",
+                self.offload_during_rollout, "true or false")
         require(isinstance(self.seed, int) and self.seed >= 0, "trainer.seed", self.seed, "an integer >= 0")
         require_positive_int("trainer.max_consecutive_skips", self.max_consecutive_skips)
         require_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
@@ -148,7 +156,7 @@ class PrimeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    # Outcome verifiers: rewards.math.num_workers checker processes, time limits; the code
+    # Outcome verifiers: rewards.math.workers checker processes, time limits; the code
     # sandbox at rewards.code.sandbox: backend "local" (namespaces on this node, as root or
     # as an unprivileged user) or "remote" (a SandboxFusion-style service at remote_url, for
     # clusters that allow neither; rewards/sandbox.py).
@@ -237,6 +245,16 @@ def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weig
                          policy_optimizer=build_optimizer(policy, config.policy_optimizer),
                          prm=prm, prm_optimizer=prm_optimizer,
                          reference_offloaded=config.trainer.offload_reference)
+    trained = [(policy, models.policy_optimizer)]
+    frozen = []
+    if prm is not None:
+        if prm_optimizer is not None:
+            trained.append((prm, prm_optimizer))
+        else:
+            frozen.append(prm)
+    if reference is not None and not config.trainer.offload_reference:  # else on the host already
+        frozen.append(reference)
+    models.rollout_offload = RolloutOffload(trained, frozen, enabled=config.trainer.offload_during_rollout)
     return models
 
 
@@ -324,7 +342,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     val_sampling = greedy(config.rollout.sampling, config.validation.max_new_tokens)
     check_batch_config(config.rollout.batch, distributed.dp_world_size(), len(records))
     check_mini_batches(config.algo, config.rollout.batch.prompts_per_step // distributed.dp_world_size()
-                       * config.algo.num_samples_per_prompt)
+                       * config.algo.num_samples_per_prompt, config.rollout.engine.max_model_len)
     # Code prompts need a working sandbox: every rank fails here, in one line naming what is
     # missing (SandboxUnavailable), rather than the reward rank at step 1.
     needs_code = any(reward_kind(record.ability, record.data_source) == "code"
@@ -349,9 +367,13 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
         wandb_run_id = extra.get("wandb_run_id")
         covered_record = extra.get("metrics_record")  # absent in checkpoints of older versions
 
-    # Loading left staging buffers in the allocator's cache: vLLM must find them free when it
-    # profiles. Placement: the replica's engine sees only the replica's GPUs on the owner's
-    # node; the exchange also makes every rank release before any engine starts.
+    # The engine sizes its KV cache from the memory it finds free at start-up: the trainer's
+    # gradient buffers (and, on a resumed run, optimizer state) are off the GPU then as at
+    # every later wake. Loading left staging buffers in the allocator's cache: vLLM must find
+    # them free when it profiles. Placement: the replica's engine sees only the replica's GPUs
+    # on the owner's node; the exchange also makes every rank release before any engine starts.
+    offload = models.rollout_offload
+    offload.release()
     runtime.memory.release_cached()
     devices = distributed.replica_devices_on_node()  # collective
     engine = None
@@ -366,6 +388,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     # A new engine holds dummy weights and a KV cache: it sleeps until the first sync, as
     # verl's hybrid engine does after building its rollout.
     bridge.release_engine()
+    offload.restore()
     rewards = None
     if engine is not None:  # code verifier built now when code prompts exist (checked above)
         rewards = RewardRegistry(code=CodeVerifier(config.rewards.code) if needs_code else None,
@@ -389,10 +412,12 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     def validation() -> dict[str, float]:
         """Greedy pass@1 of the current policy on the held-out prompts; the engine wakes with
         the policy and goes back to sleep."""
+        offload.release()
         bridge.wake_with_policy()
         metrics = run_validation(val_records, engine, tokenizer, rewards, val_sampling,
                                  config.data.use_chat_template)
         bridge.release_engine()
+        offload.restore()
         return metrics
 
     step = start_step
@@ -405,6 +430,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
             step += 1
             timer = PhaseTimer()
             with timer("sync"):  # step 2: the trainer releases its memory, the engine wakes
+                offload.release()
                 bridge.wake_with_policy()
             with timer("rollout"):  # steps 1, 3, 4, 5
                 collected = collect_batch(sampler, engine, tokenizer, rewards, config.rollout.sampling,
@@ -413,6 +439,8 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
                                           sequence_length_multiple(config.parallel, config.precision))
             metrics = dict(collected.metrics)
             bridge.release_engine()  # the engine sleeps: its GPU memory goes to training
+            if offload.enabled:  # back on the GPU before any pass of the update
+                metrics.update(_largest_over_ranks(offload.restore().metrics()))
             with timer("update"):  # steps 6-9
                 if collected.tokens.batch_size:
                     # FP8 scoring models: their log-ratio error, at the first step and every k.
@@ -453,6 +481,16 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
         if engine is not None:
             engine.shutdown()
     return RunResult(step, history, None, saved, models)
+
+
+def _largest_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value's maximum over every rank (one host-group all-reduce): a rank's offloaded
+    bytes depend on its pipeline stage, and every rank logs the same step line."""
+    names = sorted(values)
+    tensor = torch.tensor([values[name] for name in names], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX,
+                                 group=distributed.host_group())
+    return dict(zip(names, tensor.tolist()))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -30,9 +30,10 @@ from megatron_prime.algo import (
 from megatron_prime.config import require, require_choice, require_positive_int
 from megatron_prime.losses import StepBatch, ppo_loss, prm_loss
 from megatron_prime.models.builder import BuiltModel, resident
+from megatron_prime.models.offload import RolloutOffload
 from megatron_prime.models.fp8 import calibrate, fp8_off, needs_calibration, runs_fp8
 from megatron_prime.models.optimizer import train_step
-from megatron_prime.models.schedule import TokenBatch, TokenOutputs, forward_only
+from megatron_prime.models.schedule import MicroBatching, TokenBatch, TokenOutputs, forward_only
 
 
 PRM_MODES: tuple[str, ...] = ("before", "after", "frozen", "outcome_only")
@@ -54,6 +55,12 @@ class AlgoConfig:
     prm_mini_batches: int = 4
     process_reward_normalization: str = "batch_norm"
     micro_batch_size: int = 4
+    # Token-budget micro-batching (verl's use_dynamic_bsz with ppo_max_token_len_per_gpu):
+    # when set, every forward and backward pass of the step cuts its rows into micro-batches
+    # of varying rows whose padded tokens (rows x the longest row's length) stay within this
+    # budget, longest rows first, and micro_batch_size is not used. None: micro_batch_size
+    # rows each. Must cover one row of rollout.engine.max_model_len tokens.
+    max_tokens_per_micro_batch: int | None = None
     # PPO updates per step: the responses are cut into ppo_mini_batches optimizer steps,
     # repeated ppo_epochs times (verl's ppo_mini_batch_size / ppo_epochs). The reference
     # run makes one update per step; after the first, the clip starts to matter.
@@ -65,6 +72,13 @@ class AlgoConfig:
     # 1), as verl's dp_actor does for an on-policy update (one mini-batch, ppo_epochs 1:
     # old_log_prob = log_prob.detach()). "always": the separate pass.
     old_logprob_pass: str = "auto"
+    # Correction for the sampler/trainer mismatch (vLLM's bf16 or FP8 kernels draw from a
+    # slightly different distribution than the trainer's old policy): "tis" weights each
+    # token's PPO surrogate by min(pi_old / pi_sampler, rollout_correction_cap), truncated
+    # importance sampling on the log-probs vLLM returned (verl's rollout_is, slime's
+    # --use-tis). "off" (the PRIME reference): none.
+    rollout_correction: str = "off"
+    rollout_correction_cap: float = 2.0
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     ppo: PPOLossConfig = field(default_factory=PPOLossConfig)
 
@@ -81,10 +95,19 @@ class AlgoConfig:
         require_choice("algo.process_reward_normalization", self.process_reward_normalization,
                        ("none", "batch_norm"))
         require_positive_int("algo.micro_batch_size", self.micro_batch_size)
+        if self.max_tokens_per_micro_batch is not None:
+            require_positive_int("algo.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch)
         require_positive_int("algo.ppo_epochs", self.ppo_epochs)
         require_positive_int("algo.ppo_mini_batches", self.ppo_mini_batches)
         require_positive_int("algo.prm_mini_batches", self.prm_mini_batches)
         require_choice("algo.old_logprob_pass", self.old_logprob_pass, ("auto", "always"))
+        require_choice("algo.rollout_correction", self.rollout_correction, ("off", "tis"))
+        require(isinstance(self.rollout_correction_cap, (int, float)) and self.rollout_correction_cap >= 1.0,
+                "algo.rollout_correction_cap", self.rollout_correction_cap, "a number >= 1")
+
+    @property
+    def micro_batching(self) -> MicroBatching:
+        return MicroBatching(self.micro_batch_size, self.max_tokens_per_micro_batch)
 
     @property
     def skips_old_logprob_pass(self) -> bool:
@@ -115,6 +138,8 @@ class PrimeModels:
     # process (models/fp8.py); a resumed run calibrates again, since the frozen reference's
     # FP8 scales are not part of any checkpoint.
     fp8_calibrated: bool = False
+    # Off the GPU while the engine is awake (models/offload.py); train.py builds it.
+    rollout_offload: RolloutOffload | None = None
 
 
 @dataclass
@@ -175,6 +200,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     and the schedules' metric reads (models/), and one read of this step's metrics at the end.
     """
     config.validate()
+    if models.rollout_offload is not None:
+        models.rollout_offload.check_on_device("prime_update")
     if not temperature > 0:
         raise ValueError(f"rollout.sampling.temperature={temperature} cannot train: PPO needs the "
                          f"log-probs of a sampling distribution; expected a temperature > 0 "
@@ -184,6 +211,10 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
         raise ValueError(f"{batch.batch_size} responses on this rank are not whole groups of "
                          f"algo.num_samples_per_prompt={n}")
     step = StepBatch.from_rollout(batch, outcome_rewards).to(distributed.device())
+    if config.rollout_correction != "off" and step.rollout_logprobs is None:
+        raise ValueError(f"algo.rollout_correction={config.rollout_correction!r} needs the "
+                         f"sampler's log-probs, and this batch has none (the engine returns them "
+                         f"with every rollout; a batch built elsewhere must attach them)")
     mask = step.scored_token_mask()
     outcomes = step.require("outcome_rewards")
     batch_metrics = BatchMetrics()
@@ -191,7 +222,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     skip_reasons: list[str] = []
     # Where the update's time goes: log-prob passes, PRM update, policy update.
     timer = PhaseTimer()
-    mbs = config.micro_batch_size
+    mbs = config.micro_batching
 
     check_fp8 = (config.uses_prm and measure_fp8_error
                  and (runs_fp8(models.prm) or runs_fp8(models.reference)))
@@ -294,6 +325,7 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
                                              reduce_sum=distributed.dp_sum)
 
     # Step 9: PPO update of the policy, in ppo_epochs x ppo_mini_batches optimizer steps.
+    correction_cap = config.rollout_correction_cap if config.rollout_correction == "tis" else None
     policy_batch = step.with_fields(advantages=advantages)
     policy_metrics: dict[str, list[float]] = {}
     for _ in range(config.ppo_epochs):
@@ -301,7 +333,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
             mini_batch = policy_batch.map_tensors(lambda t, a=start, b=end: t[a:b])
             with timer("policy_update"):
                 policy_step = train_step(models.policy, models.policy_optimizer, mini_batch, mbs,
-                                         ppo_loss(config.ppo, config.skips_old_logprob_pass),
+                                         ppo_loss(config.ppo, config.skips_old_logprob_pass,
+                                                  correction_cap),
                                          temperature)
             if policy_step.skip_reason:
                 skip_reasons.append(f"policy update skipped: {policy_step.skip_reason}")
@@ -323,9 +356,15 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     return UpdateResult(metrics, skip_reasons)
 
 
-def check_mini_batches(config: AlgoConfig, rows_per_rank: int) -> None:
+def check_mini_batches(config: AlgoConfig, rows_per_rank: int, max_model_len: int | None = None) -> None:
     """At start-up: a full step's rows on a rank can be cut into the configured mini-batches
-    (a step that kept fewer prompts is checked again by ``row_bounds``)."""
+    (a step that kept fewer prompts is checked again by ``row_bounds``), and a token budget
+    holds the longest row the engine can return (``max_model_len`` tokens)."""
+    budget = config.max_tokens_per_micro_batch
+    if budget is not None and max_model_len is not None:
+        require(budget >= max_model_len, "algo.max_tokens_per_micro_batch", budget,
+                f"at least rollout.engine.max_model_len={max_model_len}: a response of that "
+                f"many tokens (prompt included) must fit one micro-batch")
     counts = [("algo.ppo_mini_batches", config.ppo_mini_batches)]
     if config.trains_prm:
         counts.append(("algo.prm_mini_batches", config.prm_mini_batches))
@@ -349,7 +388,7 @@ def row_bounds(rows: int, mini_batches: int, key: str) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _calibrate_fp8_once(models: PrimeModels, batch: StepBatch, micro_batch_size: int) -> None:
+def _calibrate_fp8_once(models: PrimeModels, batch: StepBatch, micro_batch_size: MicroBatching) -> None:
     """The calibration pass (models/fp8.calibrate) of every scoring model in delayed-scaling
     FP8, on this process's first batch, before any of them scores it."""
     if models.fp8_calibrated:

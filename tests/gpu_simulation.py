@@ -10,9 +10,12 @@ node as files in a ledger folder and replaces the two things that touch a GPU:
   ``CUDA_VISIBLE_DEVICES`` it was started with, books its weights and KV cache on them, and
   raises on a wake that would not fit beside the trainers' reserved memory and on a
   ``generate`` while asleep.
-- ``LedgerMemory`` is the trainer's ``DeviceMemory``: it books the trainer's resident state,
-  and the caching allocator's blocks after each schedule pass (activations) and each
-  tensor-parallel gather (weight sync), which only ``release_cached`` gives back.
+- ``LedgerMemory`` is the trainer's ``DeviceMemory``: it books the trainer's resident state
+  (weights always; gradients, optimizer state and reference unless models/offload.py moved
+  them off for a rollout), and the caching allocator's blocks after each schedule pass
+  (activations) and each tensor-parallel gather (weight sync), which only
+  ``release_cached`` gives back. It raises on a schedule pass while the state is off the
+  GPU, and on a restore while an engine on its GPU is awake.
 
 ``CollectiveRecorder`` wraps torch.distributed's collectives: during a rollout round (inside
 ``collect_batch`` or ``run_validation``) every collective must be over a host (gloo) group,
@@ -21,7 +24,9 @@ rank may use its GPU while an engine on it profiles memory at start-up.
 
 Units are GiB of a made-up 80 GiB GPU, chosen so that each missing step of the hand-off
 overflows: an activation cache left before the weights wake, a gather cache left before the
-KV cache wakes, a trainer pass while the engine is awake, two engines on one GPU.
+KV cache wakes, a trainer pass while the engine is awake, two engines on one GPU, and, at
+``rollout.engine.gpu_memory_utilization`` 0.75, a trainer that keeps its gradients and
+optimizer state through the rollout.
 """
 
 from __future__ import annotations
@@ -36,12 +41,17 @@ from types import SimpleNamespace
 from typing import Any
 
 CAPACITY = 80.0
-TRAINER_RESIDENT = 30.0  # weights, grads, optimizer state: stays through the rollout
-ACTIVATION_CACHE = 45.0  # what a forward/backward pass leaves in the allocator's cache
+TRAINER_WEIGHTS = 12.0  # the trained models' weights: stay through the rollout
+TRAINER_STATE = 18.0  # gradients, optimizer state, reference: off the GPU during a rollout
+ACTIVATION_CACHE = 50.0  # what a forward/backward pass leaves in the allocator's cache
 GATHER_CACHE = 20.0  # what the weight sync's gathers and buckets leave there
-ENGINE_WEIGHTS = 10.0
-ENGINE_KV_CACHE = 25.0
+ENGINE_WEIGHTS = 20.0
 PROFILE_SECONDS = 0.5
+
+
+def engine_kv_cache(gpu_memory_utilization: float) -> float:
+    """As vLLM sizes it: the engine's share of the GPU less its weights."""
+    return gpu_memory_utilization * CAPACITY - ENGINE_WEIGHTS
 
 
 class SimulatedOutOfMemory(RuntimeError):
@@ -102,7 +112,13 @@ class LedgerMemory:
         self.ledger, self.gpu = ledger, this_process_gpu()
         self.cached = 0.0
         self.releases = 0
+        self.state_on_device = True
+        self.state_moves = 0
         self._book("model build", 0.0)
+
+    @property
+    def resident(self) -> float:
+        return TRAINER_WEIGHTS + (TRAINER_STATE if self.state_on_device else 0.0)
 
     def _book(self, what: str, cached: float) -> None:
         if self.ledger.profiling(self.gpu):
@@ -110,15 +126,26 @@ class LedgerMemory:
                                      f"memory (no barrier after engine start-up)")
         self.cached = max(self.cached, cached)  # the allocator reuses its cached blocks
         engines = self.ledger.engines(self.gpu)
-        total = TRAINER_RESIDENT + self.cached + engines
+        total = self.resident + self.cached + engines
         if total > CAPACITY:
             raise SimulatedOutOfMemory(
-                f"{what} on {self.gpu}: trainer {TRAINER_RESIDENT} resident + {self.cached} cached "
+                f"{what} on {self.gpu}: trainer {self.resident} resident + {self.cached} cached "
                 f"+ engines {engines} = {total} GiB > {CAPACITY} GiB")
-        self.ledger.write(f"{self.gpu}.trainer", {"resident": TRAINER_RESIDENT, "cached": self.cached})
+        self.ledger.write(f"{self.gpu}.trainer", {"resident": self.resident, "cached": self.cached})
 
     def book_activations(self) -> None:
+        if not self.state_on_device:
+            raise PlacementViolation(f"a schedule pass on {self.gpu} while the trainer's "
+                                     f"gradients and optimizer state are off the GPU")
         self._book("a schedule pass (activations)", ACTIVATION_CACHE)
+
+    def trainer_state_moved(self, on_device: bool) -> None:
+        if on_device and self.ledger.engines(self.gpu) > 0:
+            raise PlacementViolation(f"the trainer's state came back to {self.gpu} while an "
+                                     f"engine there is awake ({self.ledger.engines(self.gpu)} GiB)")
+        self.state_on_device = on_device
+        self.state_moves += 1
+        self._book("the trainer's state " + ("restored" if on_device else "released"), self.cached)
 
     def book_gather(self) -> None:
         self._book("a tensor-parallel gather (weight sync)", GATHER_CACHE)
@@ -126,7 +153,7 @@ class LedgerMemory:
     def release_cached(self) -> None:
         self.cached = 0.0
         self.releases += 1
-        self.ledger.write(f"{self.gpu}.trainer", {"resident": TRAINER_RESIDENT, "cached": 0.0})
+        self.ledger.write(f"{self.gpu}.trainer", {"resident": self.resident, "cached": 0.0})
 
 
 class SimulatedCudaLLM:
@@ -159,8 +186,9 @@ class SimulatedCudaLLM:
             raise PlacementViolation(f"the trainer's memory changed while the engine of rank "
                                      f"{self.rank} profiled: {before} -> {after}")
         self.booked = {"weights": 0.0, "kv_cache": 0.0}
+        self.kv_cache = engine_kv_cache(kwargs["gpu_memory_utilization"])
         self._wake("weights", ENGINE_WEIGHTS, "start")
-        self._wake("kv_cache", ENGINE_KV_CACHE, "start")
+        self._wake("kv_cache", self.kv_cache, "start")
         self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=self._shutdown))
 
     def _event(self, kind: str, **fields: Any) -> None:
@@ -196,7 +224,7 @@ class SimulatedCudaLLM:
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         for tag in tags or ["weights", "kv_cache"]:
-            self._wake(tag, ENGINE_WEIGHTS if tag == "weights" else ENGINE_KV_CACHE, "wake_up")
+            self._wake(tag, ENGINE_WEIGHTS if tag == "weights" else self.kv_cache, "wake_up")
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
         if self.booked["weights"] == 0:

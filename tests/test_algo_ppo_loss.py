@@ -153,3 +153,62 @@ def test_bad_config_names_the_problem():
         PPOLossConfig(dual_clip_ratio=0.5)
     with pytest.raises(ValueError, match="aggregation='sum'"):
         PPOLossConfig(aggregation="sum")
+
+
+def test_truncated_importance_weights_by_hand():
+    """min(pi_old / pi_sampler, cap) per token, 0 outside the mask: old - sampler log-probs
+    of ln 0.5, 0, ln 3 and ln 10 give 0.5, 1, 2 (capped from 3) and 2 (capped from 10)."""
+    from megatron_prime.algo import truncated_importance_weights
+
+    old = torch.tensor([[math.log(0.5), 0.0, math.log(3.0), math.log(10.0), 0.0]])
+    sampler = torch.zeros_like(old)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    weights = truncated_importance_weights(old, sampler, mask, cap=2.0)
+    assert weights.tolist()[0] == pytest.approx([0.5, 1.0, 2.0, 2.0, 0.0])
+    # A gap that exp() could not hold is capped, not inf.
+    huge = truncated_importance_weights(torch.tensor([[200.0]]), torch.tensor([[-200.0]]),
+                                        torch.ones(1, 1), cap=2.0)
+    assert huge.item() == 2.0
+
+
+def test_token_weights_scale_each_surrogate_by_hand():
+    # Ratios 1.5 and 0.5 with A = +1: per-token losses -1.2 (clipped) and -0.5; weights 2 and
+    # 0.5 make them -2.4 and -0.25, token mean -1.325; the metrics are not weighted.
+    log_probs, old, adv = _tokens([1.5, 0.5], [1.0, 1.0])
+    mask = torch.ones_like(adv)
+    weights = torch.tensor([[2.0, 0.5]], dtype=torch.float64)
+    loss, metrics = ppo_policy_loss(log_probs, old, adv, mask, PPOLossConfig(entropy_coef=0.0),
+                                    token_weights=weights)
+    assert loss.item() == pytest.approx(-1.325)
+    assert metrics["clip_fraction"].item() == pytest.approx(0.5)
+
+
+def test_rollout_correction_in_the_ppo_loss_adapter_by_hand():
+    """losses.ppo_loss with a cap: the sampler's log-probs weight each token, the metrics
+    report the mean weight and the capped share. One row, tokens 1-3 scored; the update's
+    own forward is the old policy (ratio 1), so each token's loss is -A * w: sampler gaps
+    ln 2 (w 0.5), 0 (w 1) and -ln 4 (w 4, capped to 2) give -(0.5 + 1 + 2) / 3 with A = 1."""
+    from megatron_prime.losses import StepBatch, ppo_loss
+    from megatron_prime.models.schedule import TokenOutputs
+
+    logprobs = torch.full((1, 4), -1.0, requires_grad=True)
+    sampler = torch.tensor([[0.0, -1.0 + math.log(2.0), -1.0, -1.0 - math.log(4.0)]])
+    batch = StepBatch(input_ids=torch.zeros(1, 4, dtype=torch.long), response_mask=torch.ones(1, 4),
+                      outcome_rewards=torch.ones(1), rollout_logprobs=sampler,
+                      advantages=torch.ones(1, 4))
+    loss_sum, units, metrics = ppo_loss(PPOLossConfig(entropy_coef=0.0), old_from_current=True,
+                                        correction_cap=2.0)(
+        TokenOutputs(logprobs, torch.zeros(1, 4)), batch)
+    assert units.item() == 3
+    assert loss_sum.item() == pytest.approx(-(0.5 + 1.0 + 2.0))
+    assert metrics["rollout_is_weight"].item() / 3 == pytest.approx((0.5 + 1.0 + 2.0) / 3)
+    assert metrics["rollout_is_capped_fraction"].item() / 3 == pytest.approx(1 / 3)
+
+
+def test_rollout_correction_settings_are_checked():
+    from megatron_prime.update import AlgoConfig
+
+    with pytest.raises(ValueError, match="algo.rollout_correction="):
+        AlgoConfig(rollout_correction="is").validate()
+    with pytest.raises(ValueError, match="algo.rollout_correction_cap"):
+        AlgoConfig(rollout_correction="tis", rollout_correction_cap=0.5).validate()

@@ -9,7 +9,10 @@ For each layout (one node DP=2 TP=4; two nodes of 4 GPUs, the second seeing phys
   weights wake, the sync, a second release, then the KV cache), and sleeps are level 2;
 - no generate on a sleeping engine, with validation every step;
 - every collective during a rollout round goes over a host (gloo) group;
-- nothing fits unless all of the above hold (the ledger raises).
+- the trainer's gradients, optimizer state and reference are off the GPU whenever an engine
+  is awake (models/offload.py), which is what lets the engines take 0.75 of each GPU;
+- nothing fits unless all of the above hold (the ledger raises): a job that keeps its state
+  through the rollout runs out of memory at the first engine start.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def toy(tmp_path_factory) -> dict[str, Path]:
             "val": write_jsonl(make_rl_rows(4, seed=9), root / "val.jsonl")}
 
 
-def launch_job(layout: str, toy: dict[str, Path], folder: Path, timeout: int = 600) -> Path:
+def launch_job(layout: str, toy: dict[str, Path], folder: Path, timeout: int = 600,
+               extra: tuple[str, ...] = ()) -> Path:
     """Starts every rank of every simulated node on this machine; kills all on a failure."""
     nodes, per_node, visible, tp, pp, engine_tp = LAYOUTS[layout]
     ledger = folder / "ledger"
@@ -76,6 +80,9 @@ def launch_job(layout: str, toy: dict[str, Path], folder: Path, timeout: int = 6
         "rollout.sampling.max_new_tokens=8", "rollout.engine.max_model_len=128",
         f"validation.paths=[{toy['val']}]", "validation.every=1", "validation.before_train=true",
         "validation.max_new_tokens=8",
+        # The engines get what the trainer frees during a rollout (gpu_simulation.py's sizes).
+        "rollout.engine.gpu_memory_utilization=0.75",
+        *extra,
     ]
     port = free_port()
     processes = []
@@ -164,6 +171,8 @@ def test_colocated_gpu_path(layout, toy, tmp_path):
         assert all(c.endswith(":host") for c in info["rollout_collectives"]), info
         # Two releases per wake (before the weights and before the KV cache).
         assert info["releases"] >= 2 * (1 + 2 * STEPS), info
+        # The state left and came back around the engine start and every wake.
+        assert info["state_moves"] == 2 * (1 + 1 + 2 * STEPS), info
     # Every rank logs the same step metrics (whole-batch values, not rank 0's); TP ranks sum
     # their parts of a norm in their own order, hence the tolerance.
     for info in ranks[1:]:
@@ -179,3 +188,15 @@ def _node_gpus(layout: str) -> list[tuple[int, str]]:
         ids = visible[node].split(",") if visible[node] else [str(i) for i in range(per_node)]
         out += [(node, g) for g in ids]
     return out
+
+
+def test_a_trainer_that_keeps_its_state_leaves_the_engine_no_room(toy, tmp_path):
+    """trainer.offload_during_rollout=false at the same engine share: the first engine start
+    finds the trainer's 30 GiB beside its 60 and the job stops with the ledger's
+    out-of-memory (on a GPU, vLLM refuses to start for want of free memory)."""
+    with pytest.raises(AssertionError):
+        launch_job("1node_dp2_tp4", toy, tmp_path, timeout=300,
+                   extra=("trainer.offload_during_rollout=false",))
+    logs = "".join(path.read_text() for path in tmp_path.glob("rank*.log"))
+    assert "SimulatedOutOfMemory: engine of rank" in logs
+    assert "waking kv_cache (start)" in logs and "trainer {'resident': 30.0" in logs

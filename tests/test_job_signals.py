@@ -38,7 +38,7 @@ def children():
     return sorted(pids)
 
 stop = StopRequest()
-verifier = MathVerifier(MathVerifierConfig(num_workers=2))
+verifier = MathVerifier(MathVerifierConfig(workers=2))
 # Two answers at once start both worker processes.
 before_scores = verifier.score_batch([r"\boxed{2}", r"\boxed{3}"], ["2", "2"])
 workers = children()

@@ -390,10 +390,10 @@ def test_trained_model_bytes_are_megatrons_6_plus_12_over_dp():
         options = Options(distributed_optimizer=dist_opt)
         layout_plan = plan_layout(shape, Cluster(), Workload(), options, Layout(4, 1, 2))
         params = stage_params(shape, 4, 1, 0).total
-        state = sum(layout_plan.components[f"policy {kind}"]["rollout"]
+        state = sum(layout_plan.components[f"policy {kind}"]["policy update"]
                     for kind in ("weights", "grads (fp32)", "optimizer"))
         assert state == params * per_param
-        assert layout_plan.components["reference weights"]["rollout"] == params * 2
+        assert layout_plan.components["reference weights"]["reference forward"] == params * 2
 
 
 # ---- activations ----
@@ -532,7 +532,7 @@ def test_frozen_prm_holds_its_weights_only():
     trained = plan_layout(shape, Cluster(), Workload(), Options(), layout)
     frozen = plan_layout(shape, Cluster(), Workload(), Options(prm_trains=False), layout)
     params = stage_params(shape, 4, 1, 0)
-    assert frozen.components["PRM weights (frozen)"]["rollout"] == params.total * 2
+    assert frozen.components["PRM weights (frozen)"]["reference forward"] == params.total * 2
     assert not any(name.startswith("PRM") and name != "PRM weights (frozen)" for name in frozen.components)
     assert "PRM update" not in frozen.phase_totals and "PRM update" in trained.phase_totals
     assert frozen.phase_totals["policy update"] < trained.phase_totals["policy update"]
@@ -565,7 +565,7 @@ def test_offload_fp8_and_pipeline_by_hand():
     shape = preset_shape("qwen2.5-32b")
     layout = Layout(8, 4, 1)
     options = Options(offload_prm=True, offload_reference=True, policy_fp8=True,
-                      reference_fp8=True, distributed_optimizer=True)
+                      reference_fp8=True, distributed_optimizer=True, offload_during_rollout=False)
     work = Workload(micro_batch_size=1, prompts_per_step=256, samples_per_prompt=4)
     p = plan_layout(shape, Cluster(nodes=4), work, options, layout)
     # Offloaded: the PRM's state is on the GPU in its phase only, the reference in its own.
@@ -711,14 +711,15 @@ def test_trainer_resident_and_max_vllm_fraction_by_hand():
     weights, 128 q/k/v bias + 2 x 64 norm = 256 vectors; 2 layers, embedding and output layer
     512 x 64 each, final norm 64: P = 158,272 parameters.
 
-    What stays while vLLM runs (after empty_cache): policy and PRM 2 (bf16) + 4 (fp32 grad
-    buffer) + 12 (fp32 master + Adam moments) bytes each, the reference 2: 38 P. Budget
+    What stays while vLLM runs (after empty_cache) in a run that keeps its state
+    (trainer.offload_during_rollout=false): policy and PRM 2 (bf16) + 4 (fp32 grad buffer) +
+    12 (fp32 master + Adam moments) bytes each, the reference 2: 38 P. Budget
     100,000,000 - round(0.01 x 2^30) = 89,262,582; vLLM may take (budget - 38 P) / 1e8 =
     0.832... -> 0.83."""
     P = 2 * (128 * 64 + 64 * 64 + 352 * 64 + 64 * 176 + 128 + 2 * 64) + 2 * 512 * 64 + 64
     assert P == 158_272
     budget = 100_000_000 - 10_737_418
-    plan = _tiny_plan(vllm_memory_fraction=0.8)
+    plan = _tiny_plan(vllm_memory_fraction=0.8, offload_during_rollout=False)
     assert plan.budget_bytes == budget
     assert plan.trainer_resident_bytes == 38 * P == 6_014_336
     assert sum(by_phase.get("rollout", 0) for name, by_phase in plan.components.items()
@@ -730,13 +731,37 @@ def test_trainer_resident_and_max_vllm_fraction_by_hand():
     from megatron_prime.plan import Layout
 
     sharded = _tiny_plan(distributed_optimizer=True, offload_reference=True,
-                         layout=Layout(1, 1, 2))
+                         layout=Layout(1, 1, 2), offload_during_rollout=False)
     assert sharded.trainer_resident_bytes == 24 * P
     assert sharded.max_vllm_memory_fraction == math.floor((budget - 24 * P) / 1e6) / 100 == 0.85
+    assert plan.rollout_host_bytes == sharded.rollout_host_bytes == 0
+
+
+def test_the_rollout_offload_leaves_vllm_all_but_the_weights_by_hand():
+    """trainer.offload_during_rollout (the default): during the rollout only the policy's
+    and the PRM's bf16 weights stay, 2 x 2 P = 4 P, and vLLM may take (budget - 4 P) / 1e8 =
+    0.886... -> 0.88. The grads come back in their phases; the host holds the optimizer
+    states (2 x 12 P) and the reference's weights (2 P) = 26 P, pinned. With the reference
+    offloaded anyway it is not counted again (24 P); a frozen PRM's weights are (2 P)."""
+    P = 158_272
+    budget = 100_000_000 - 10_737_418
+    plan = _tiny_plan(vllm_memory_fraction=0.8)
+    assert plan.trainer_resident_bytes == 4 * P
+    assert plan.max_vllm_memory_fraction == math.floor((budget - 4 * P) / 1e6) / 100 == 0.88
+    assert plan.rollout_host_bytes == 26 * P
+    for name in ("policy grads (fp32)", "policy optimizer", "PRM grads (fp32)", "PRM optimizer",
+                 "reference weights"):
+        assert "rollout" not in plan.components[name], name
+        assert "policy update" in plan.components[name], name
+    assert plan.components["policy weights"]["rollout"] == 2 * P
+    assert _tiny_plan(offload_reference=True).rollout_host_bytes == 24 * P
+    frozen = _tiny_plan(prm_trains=False)
+    assert frozen.trainer_resident_bytes == 2 * P
+    assert frozen.rollout_host_bytes == 12 * P + 2 * P + 2 * P
 
 
 def test_a_vllm_share_above_what_the_trainer_leaves_is_named():
-    plan = _tiny_plan(vllm_memory_fraction=0.9)
+    plan = _tiny_plan(vllm_memory_fraction=0.9, offload_during_rollout=False)
     assert not plan.fits and plan.peak_phase == "rollout"
     assert "vLLM gpu_memory_utilization 0.9 > 0.83, the most that fits beside the trainer's " \
            "0.01 GB" in plan.problem
@@ -754,7 +779,7 @@ def test_a_vllm_share_above_what_the_trainer_leaves_is_named():
 def test_report_gives_the_vllm_share_that_fits():
     code, text = run_main(["--model", "eurus-2-7b", "--micro-batch-size", "1",
                            "--distributed-optimizer", "--vllm-memory-fraction", "0.3",
-                           "--vllm-tensor-parallel-size", "4"])
+                           "--vllm-tensor-parallel-size", "4", "--no-offload-during-rollout"])
     assert code == 0
     line = next(ln for ln in text.splitlines() if ln.startswith("Trainer resident while vLLM"))
     # TP=4 PP=1 DP=2: per GPU 1.90B parameters; policy and PRM 2 + 4 + 6 bytes, reference 2.
@@ -765,3 +790,20 @@ def test_report_gives_the_vllm_share_that_fits():
     assert f"reference) {resident / 1e9:.2f} GB + reserve 3.22 GB" in line
     most = math.floor((80e9 - 3 * 2**30 - resident) / 0.8e9) / 100
     assert f"at most {most:.2f} (configured 0.3: fits)" in line and most == 0.34
+
+
+def test_report_with_the_rollout_offload_gives_vllm_the_freed_memory():
+    code, text = run_main(["--model", "eurus-2-7b", "--micro-batch-size", "1",
+                           "--distributed-optimizer", "--vllm-memory-fraction", "0.6",
+                           "--vllm-tensor-parallel-size", "4"])
+    assert code == 0
+    line = next(ln for ln in text.splitlines() if ln.startswith("Trainer resident while vLLM"))
+    from megatron_prime.plan import stage_params
+
+    # TP=4 PP=1 DP=2: only the bf16 weights of policy and PRM stay; the host holds both
+    # optimizers' 6 bytes per parameter (distributed over DP=2) and the reference's 2.
+    params = stage_params(preset_shape("eurus-2-7b"), 4, 1, 0).total
+    resident, host = 2 * 2 * params, 2 * 6 * params + 2 * params
+    assert f"{host / 1e9:.2f} GB pinned per GPU) {resident / 1e9:.2f} GB + reserve 3.22 GB" in line
+    most = math.floor((80e9 - 3 * 2**30 - resident) / 0.8e9) / 100
+    assert f"at most {most:.2f} (configured 0.6: fits)" in line and most == 0.86

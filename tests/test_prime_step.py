@@ -163,6 +163,53 @@ def test_skipping_the_old_policy_pass_changes_no_number(tmp_path_factory):
             assert auto[role][name][1] == pytest.approx(absolute, rel=1e-5), (role, name)
 
 
+def test_token_budget_micro_batches_change_no_number(tmp_path_factory):
+    """algo.max_tokens_per_micro_batch: every forward and backward pass of the step cuts the
+    rows by a token budget (longest first, varying rows per micro-batch) instead of 2 rows
+    each. The PPO and PRM losses are sums normalised by global counts, so every metric and
+    every updated weight equals the fixed micro-batches' within 1e-5 (on the global batch:
+    16 responses of up to 16 tokens; a 24-token budget gives micro-batches of 1 to 4 rows)."""
+    runs = {}
+    for name, extra in (("fixed", []), ("budget", ["--max-tokens-per-micro-batch", "24"])):
+        out = tmp_path_factory.mktemp(f"step_tokens_{name}") / "result.json"
+        runs[name] = run_json_worker(
+            "tests/workers/step_worker.py", 1,
+            ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf",
+             *extra], out)
+    fixed, budget = runs["fixed"], runs["budget"]
+    names = sorted(n for n in fixed["metrics"] if not n.startswith("time/"))
+    assert names == sorted(n for n in budget["metrics"] if not n.startswith("time/"))
+    for name in names:
+        assert budget["metrics"][name] == pytest.approx(fixed["metrics"][name], rel=1e-5, abs=1e-5), name
+    for role in ("policy", "prm"):
+        for name, (total, absolute) in fixed[role].items():
+            assert budget[role][name][0] == pytest.approx(total, abs=max(1e-5, 1e-6 * absolute)), (role, name)
+            assert budget[role][name][1] == pytest.approx(absolute, rel=1e-5), (role, name)
+
+
+def test_rollout_correction_with_a_faithful_sampler_changes_nothing(tmp_path_factory):
+    """algo.rollout_correction=tis with the HF sampler's log-probs (equal to the trainer's up
+    to kernel round-off): every importance weight is 1 within 1e-4, none is capped, and the
+    update is the uncorrected one's within 1e-4; the weights come from the batch's sampler
+    log-probs (test_algo_ppo_loss.py checks them by hand where they differ)."""
+    out = tmp_path_factory.mktemp("step_tis") / "result.json"
+    tis = run_json_worker(
+        "tests/workers/step_worker.py", 1,
+        ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf",
+         "--rollout-correction", "tis"], out)
+    if ("auto",) not in _cache:
+        out = tmp_path_factory.mktemp("step_old_pass_auto") / "result.json"
+        _cache["auto",] = run_json_worker(
+            "tests/workers/step_worker.py", 1,
+            ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf"], out)
+    plain = _cache["auto",]
+    assert tis["metrics"]["policy/rollout_is_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert tis["metrics"]["policy/rollout_is_capped_fraction"] == 0.0
+    for name, value in plain["metrics"].items():
+        if not name.startswith("time/"):
+            assert tis["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-4), name
+
+
 def test_prm_metrics_before_any_update_by_hand(tmp_path_factory):
     """The PRM starts as the reference, so before its first update every implicit score is
     0: the cross-entropy is ln 2 for each response and "correct" is never predicted, so the

@@ -13,7 +13,7 @@ from megatron_prime.rewards.math_verifier import AnswerTimeout, time_limit
 
 @pytest.fixture(scope="module")
 def verifier():
-    with MathVerifier(MathVerifierConfig(timeout_s=2.0, num_workers=2)) as math_verifier:
+    with MathVerifier(MathVerifierConfig(timeout_s=2.0, workers=2)) as math_verifier:
         yield math_verifier
 
 
@@ -158,8 +158,8 @@ def test_time_limit_interrupts_python_and_restores_an_outer_timer():
 def test_bad_config_names_the_problem():
     with pytest.raises(ValueError, match="timeout_s=0"):
         MathVerifierConfig(timeout_s=0)
-    with pytest.raises(ValueError, match="num_workers=0"):
-        MathVerifierConfig(num_workers=0)
+    with pytest.raises(ValueError, match="workers=0"):
+        MathVerifierConfig(workers=0)
 
 
 def test_checker_process_survives_slurm_preemption_signal():
@@ -192,7 +192,7 @@ TOWER = "\\boxed{10^{10^{10^{10}}}}"
 
 
 def test_a_5mb_box_is_checked_within_the_time_limit():
-    config = MathVerifierConfig(timeout_s=1.0, kill_grace_s=0.5, num_workers=1)
+    config = MathVerifierConfig(timeout_s=1.0, kill_grace_s=0.5, workers=1)
     with MathVerifier(config) as verifier:
         verifier.score("\\boxed{3}", "3")  # start the worker
         started = time.monotonic()
@@ -204,15 +204,15 @@ def test_a_5mb_box_is_checked_within_the_time_limit():
 
 def test_an_answer_longer_than_the_cap_scores_zero_unparsed():
     sum_of_ten_ones = "\\boxed{" + "+".join(["1"] * 10) + "}"  # a 19-character answer equal to 10
-    with MathVerifier(MathVerifierConfig(max_answer_chars=18, num_workers=1)) as capped:
+    with MathVerifier(MathVerifierConfig(max_answer_chars=18, workers=1)) as capped:
         assert capped.score(sum_of_ten_ones, "10") == 0.0
         assert not capped.is_equivalent("+".join(["1"] * 10), "10")
-    with MathVerifier(MathVerifierConfig(max_answer_chars=19, num_workers=1)) as roomy:
+    with MathVerifier(MathVerifierConfig(max_answer_chars=19, workers=1)) as roomy:
         assert roomy.score(sum_of_ten_ones, "10") == 1.0
 
 
 def test_pathological_answers_run_side_by_side_and_spare_their_neighbours():
-    """Four answers stuck in C code and four honest ones, on rewards.math.num_workers=4
+    """Four answers stuck in C code and four honest ones, on rewards.math.workers=4
     workers: the batch costs about one time limit, not four (old code, one worker: ~4 x 6 s),
     and the honest answers queued behind them score 1.0 (old code, 4 workers: they went to
     freshly started workers still importing sympy, missed their limit and scored 0)."""
@@ -220,7 +220,7 @@ def test_pathological_answers_run_side_by_side_and_spare_their_neighbours():
     from megatron_prime.rewards import RewardRegistry
     from megatron_prime.train import PrimeConfig
 
-    overrides = ["rewards.math.num_workers=4", "rewards.math.timeout_s=1.5", "rewards.math.kill_grace_s=0.5"]
+    overrides = ["rewards.math.workers=4", "rewards.math.timeout_s=1.5", "rewards.math.kill_grace_s=0.5"]
     rewards = load_config(PrimeConfig, EXAMPLE_CONFIG, overrides).rewards
     config = rewards.math
     registry = RewardRegistry(config=rewards)
@@ -241,10 +241,19 @@ def test_rewards_math_config_sizes_the_pool_and_names_its_keys():
     from megatron_prime.rewards import RewardRegistry
     from megatron_prime.train import PrimeConfig
 
-    rewards = load_config(PrimeConfig, EXAMPLE_CONFIG, ["rewards.math.num_workers=3"]).rewards
-    assert RewardRegistry(config=rewards).math.config.num_workers == 3
-    with pytest.raises(ValueError, match=r"rewards\.math\.num_workers=0"):
-        load_config(PrimeConfig, EXAMPLE_CONFIG, ["rewards.math.num_workers=0"])
+    import os
+
+    rewards = load_config(PrimeConfig, EXAMPLE_CONFIG, ["rewards.math.workers=3"]).rewards
+    assert RewardRegistry(config=rewards).math.config.pool_size == 3
+    with pytest.raises(ValueError, match=r"rewards\.math\.workers=0"):
+        load_config(PrimeConfig, EXAMPLE_CONFIG, ["rewards.math.workers=0"])
+    # Left open: half the cores this process may use, 1 to 16.
+    default = load_config(PrimeConfig, EXAMPLE_CONFIG, []).rewards.math
+    assert default.workers is None
+    assert default.pool_size == max(1, min(16, len(os.sched_getaffinity(0)) // 2))
+    # The old key is gone, named as unknown rather than ignored.
+    with pytest.raises((ValueError, KeyError), match="num_workers"):
+        load_config(PrimeConfig, EXAMPLE_CONFIG, ["rewards.math.num_workers=3"])
 
 
 @pytest.mark.parametrize(
@@ -286,3 +295,18 @@ def test_checks_run_in_a_child_the_kernel_kills_first_under_memory_pressure():
         assert open(f"/proc/{child}/oom_score_adj").read().strip() == "1000"
     finally:
         worker.close()
+
+
+def test_registry_scores_parts_submitted_apart_in_the_order_gathered():
+    """The rollout submits each prompt's responses as vLLM finishes them and gathers all in
+    prompt order (rollout/collect.py): parts submitted apart score as one batch would."""
+    from megatron_prime.rewards import RewardRegistry
+
+    with MathVerifier(MathVerifierConfig(workers=2)) as verifier:
+        registry = RewardRegistry(math=verifier)
+        first = registry.submit([r"\boxed{2}", r"\boxed{5}"], ["2", "2"], ["math"] * 2, [None] * 2)
+        second = registry.submit([r"\boxed{3}"], ["3"], [None], ["numina_amc_aime"])
+        assert registry.gather(second + first) == [1.0, 1.0, 0.0]
+        assert registry.last_failures == []
+        with pytest.raises(ValueError, match="unknown ability 'poetry'"):
+            registry.submit(["x"], ["1"], ["poetry"], [None])

@@ -338,7 +338,7 @@ def test_fork_bomb_does_not_fail_honest_neighbours_in_the_same_batch():
         thread.start()
         thread.join()
     """
-    config = CodeVerifierConfig(max_workers=7, sandbox=SandboxConfig(
+    config = CodeVerifierConfig(workers=7, sandbox=SandboxConfig(
         wall_timeout_s=20.0, cpu_time_s=5, memory_bytes=512 << 20, max_processes=8))
     code_verifier = CodeVerifier(config)
     try:
@@ -380,10 +380,16 @@ def test_memory_is_limited_per_sandbox_not_per_process(verifier):
 
 def test_default_limits_bound_one_sandbox_well_below_a_24_GiB_host():
     """The old defaults allowed 32 processes x 1 GiB each (~32 GiB) per sandbox; now 1 GiB
-    in total per sandbox, and max_workers (2) sandboxes at once."""
+    in total per sandbox, and by default half this machine's cores (at most 16) sandboxes at
+    once: on the 2-core CI machine 1 GiB in all, on a 16-core one 8 GiB."""
+    import os
+
     assert SandboxConfig().memory_bytes == 1 << 30
     assert SandboxConfig().max_processes == 16
-    assert SandboxConfig().memory_bytes * CodeVerifierConfig().max_workers <= 2 << 30
+    cores = len(os.sched_getaffinity(0))
+    assert CodeVerifierConfig().pool_size == max(1, min(16, cores // 2))
+    assert CodeVerifierConfig(workers=3).pool_size == 3
+    assert SandboxConfig().memory_bytes * CodeVerifierConfig().pool_size <= max(1, cores // 2) << 30
 
 
 def test_host_files_are_not_visible(verifier, tmp_path):

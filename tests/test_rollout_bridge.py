@@ -177,6 +177,32 @@ errors["ready_samples"] = len(engine.generate([[5]], few))
 # tokens): with chunked prefill vLLM would rewind a CPU generator and die (engine.py).
 large = engine.generate([[5 + i % 7] * 40 for i in range(30)], SamplingConfig(n=4, max_new_tokens=4, seed=3))
 errors["large_round"] = [len(large), sorted({len(r.response_token_ids) for r in large})]
+# Streamed: each prompt's rollouts reach on_finished as vLLM finishes them (the round above
+# needs two prefill steps, so the first prompts finish while others still run), and the
+# samples are those of the plain call.
+calls = []
+def on_finished(rollouts):
+    calls.append([rollouts[0].prompt_index, len(rollouts),
+                  engine.llm.llm_engine.get_num_unfinished_requests()])
+round_prompts = [[5 + i % 7] * 40 for i in range(30)]
+round_sampling = SamplingConfig(n=4, max_new_tokens=4, seed=3)
+engine.llm.reset_prefix_cache()
+plain = engine.generate(round_prompts, round_sampling)
+engine.llm.reset_prefix_cache()
+streamed = engine.generate(round_prompts, round_sampling, on_finished=on_finished)
+errors["stream_tokens_equal"] = ([r.response_token_ids for r in plain]
+                                 == [r.response_token_ids for r in streamed])
+errors["stream_logprob_gap"] = max(abs(a - b) for x, y in zip(plain, streamed)
+                                   for a, b in zip(x.logprobs, y.logprobs))
+errors["stream_calls"] = calls
+def broken(rollouts):
+    raise KeyError("scoring broke")
+try:
+    engine.generate(round_prompts, round_sampling, on_finished=broken)
+except KeyError as error:
+    errors["stream_error"] = str(error)
+errors["after_error"] = [len(engine.generate([[5]], few)),
+                         engine.llm.llm_engine.get_num_unfinished_requests()]
 engine.sleep()
 state_error("asleep")
 try:
@@ -234,6 +260,13 @@ print(json.dumps(errors))
     assert "before the trainer's weights were loaded" in errors["dummy"]
     assert errors["ready_samples"] == 1 and errors["woken_samples"] == 1
     assert errors["large_round"][0] == 120 and max(errors["large_round"][1]) <= 4, errors["large_round"]
+    assert errors["stream_tokens_equal"] and errors["stream_logprob_gap"] < 1e-5
+    calls = errors["stream_calls"]
+    assert sorted(index for index, _, _ in calls) == list(range(30))
+    assert all(n == 4 for _, n, _ in calls)
+    assert max(unfinished for _, _, unfinished in calls) > 0, "no prompt was handed over early"
+    # A failing callback ends the round; nothing it left queued leaks into the next one.
+    assert "scoring broke" in errors["stream_error"] and errors["after_error"] == [1, 0]
     assert "on a sleeping engine" in errors["asleep"]
     assert "load_weights on a sleeping engine" in errors["load_asleep"]
     assert "wake_kv_cache before the weights were loaded" in errors["kv_first"]

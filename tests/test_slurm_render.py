@@ -78,9 +78,9 @@ def test_example_scripts_match_golden_files(layout, prime, monkeypatch):
 
 # Larger models: (run config, cluster options, rendered script); layouts from examples/plans/.
 BIG_MODELS = [("examples/qwen2.5_32b_prime.yaml", "h100_qwen2.5_32b_4nodes.yaml",
-               "qwen2.5_32b_prime_4nodes.sbatch", "TP=8 x PP=4 x CP=1 per model replica, DP=1"),
+               "qwen2.5_32b_prime_4nodes.sbatch", "TP=8 x PP=2 x CP=1 per model replica, DP=2"),
               ("examples/qwen2.5_72b_prime.yaml", "h100_qwen2.5_72b_8nodes.yaml",
-               "qwen2.5_72b_prime_8nodes.sbatch", "TP=8 x PP=8 x CP=1 per model replica, DP=1")]
+               "qwen2.5_72b_prime_8nodes.sbatch", "TP=8 x PP=4 x CP=1 per model replica, DP=2")]
 
 
 @pytest.mark.parametrize("run_config, cluster_options, script, layout", BIG_MODELS)

@@ -23,7 +23,12 @@ from megatron_prime.algo.implicit_reward import (
     sequence_log_ratio,
 )
 from megatron_prime.algo.masked import ReduceFn, masked_mean, masked_sum, masked_whiten
-from megatron_prime.algo.ppo_loss import PPOLossConfig, aggregate_token_values, ppo_policy_loss
+from megatron_prime.algo.ppo_loss import (
+    PPOLossConfig,
+    aggregate_token_values,
+    ppo_policy_loss,
+    truncated_importance_weights,
+)
 
 __all__ = [
     "AccuracyFilterConfig",
@@ -48,4 +53,5 @@ __all__ = [
     "prm_pairwise_agreement",
     "process_rloo_rewards",
     "sequence_log_ratio",
+    "truncated_importance_weights",
 ]

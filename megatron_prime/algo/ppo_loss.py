@@ -4,6 +4,7 @@ kl_coef 0). Layout: see ``megatron_prime.algo.masked``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,6 +79,7 @@ def ppo_policy_loss(
     config: PPOLossConfig = PPOLossConfig(),
     entropy: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (to minimise) and detached metrics.
 
@@ -89,6 +91,9 @@ def ppo_policy_loss(
     Metrics: ``pg_loss``, ``clip_fraction`` (tokens where the clipped branch is taken),
     ``dual_clip_fraction``, ``approx_kl`` (the k3 estimator ``ratio - 1 - log ratio``, >= 0,
     of KL(old || new)) and ``entropy``; all are token means over this batch.
+
+    ``token_weights`` (constants, e.g. ``truncated_importance_weights``) multiply each
+    token's clipped surrogate before aggregation; the entropy bonus is not weighted.
     """
     check_same_shape(
         log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, response_mask=response_mask
@@ -104,6 +109,9 @@ def ppo_policy_loss(
         cap = -advantages * config.dual_clip_ratio
         dual_clipped = (advantages < 0) & (token_loss > cap)
         token_loss = torch.where(dual_clipped, cap, token_loss)
+    if token_weights is not None:
+        check_same_shape(token_weights=token_weights, response_mask=response_mask)
+        token_loss = token_loss * token_weights.detach()
 
     pg_loss = aggregate_token_values(token_loss, mask, config.aggregation, normalizer)
     loss = pg_loss
@@ -119,6 +127,25 @@ def ppo_policy_loss(
     metrics["dual_clip_fraction"] = _token_mean(dual_clipped.to(mask.dtype), mask)
     metrics["approx_kl"] = _token_mean((ratio - 1.0 - log_ratio).detach(), mask)
     return loss, metrics
+
+
+def truncated_importance_weights(old_log_probs: torch.Tensor, sampler_log_probs: torch.Tensor,
+                                 response_mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS) between the sampler and the trainer: per token
+    ``min(pi_old / pi_sampler, cap)``, detached, 0 outside the mask.
+
+    The tokens were drawn by vLLM, whose kernels (bf16, FP8) give log-probs that differ from
+    the trainer's; PPO's ratio is taken against the trainer's old policy, so the sample is
+    off-policy by pi_old / pi_sampler. Weighting each token's surrogate by that ratio,
+    capped so a token vLLM undersampled cannot dominate, corrects it (Yao et al., 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training"; verl's
+    ``rollout_is`` with ``rollout_is_threshold``, slime's ``--use-tis``)."""
+    check_same_shape(old_log_probs=old_log_probs, sampler_log_probs=sampler_log_probs,
+                     response_mask=response_mask)
+    log_ratio = (old_log_probs.detach() - sampler_log_probs).to(torch.float32)
+    # Clamped before exp: a token with a huge gap is capped anyway, and exp must not overflow.
+    weights = torch.exp(torch.clamp(log_ratio, max=math.log(cap)))
+    return weights * response_mask.to(weights.dtype)
 
 
 def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from megatron_prime.config import OptimizerConfig
 from megatron_prime.models.builder import BuiltModel
-from megatron_prime.models.schedule import LossFn, TokenBatch, forward_backward
+from megatron_prime.models.schedule import LossFn, MicroBatching, TokenBatch, forward_backward
 
 
 def build_optimizer(model: BuiltModel, settings: OptimizerConfig) -> MegatronOptimizer:
@@ -60,7 +60,7 @@ def train_step(
     model: BuiltModel,
     optimizer: MegatronOptimizer,
     batch: TokenBatch,
-    micro_batch_size: int,
+    micro_batch_size: int | MicroBatching,
     loss_fn: LossFn,
     temperature: float = 1.0,
 ) -> StepResult:

@@ -167,6 +167,61 @@ class TokenOutputs:
     entropy: Tensor  # [batch, seq] float32, 0 outside the response mask
 
 
+@dataclass(frozen=True)
+class MicroBatching:
+    """How a batch is cut into micro-batches.
+
+    ``size`` rows each (the batch is padded with masked rows to a multiple), or, with
+    ``max_tokens``, micro-batches of varying rows whose padded size (rows x the longest row's
+    tokens up to its last scored one) stays within that budget: verl's dynamic batch size
+    (``use_dynamic_bsz``, ``ppo_max_token_len_per_gpu``) for Megatron's ``[b, s]`` micro-batches.
+    Long responses then run a few rows at a time and short ones many, so activation memory
+    is bounded by the budget rather than by the longest response times ``size``.
+    """
+
+    size: int
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"micro-batch size {self.size} is not allowed; need >= 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens_per_micro_batch={self.max_tokens} is not allowed; "
+                             f"need None or >= 1")
+
+
+def as_micro_batching(value: int | MicroBatching) -> MicroBatching:
+    return value if isinstance(value, MicroBatching) else MicroBatching(value)
+
+
+def token_budget_groups(ends: list[int], max_tokens: int, multiple: int) -> list[list[int]]:
+    """Rows of each micro-batch under a token budget, longest rows first.
+
+    ``ends[i]``: row i's tokens up to its last scored one. Rows are taken longest first
+    (stable among equals), and a micro-batch takes rows while its row count times its first
+    (longest) row's length, rounded up to ``multiple``, stays within ``max_tokens``: sorted
+    rows waste only the rounding on padding. A row longer than the budget cannot be
+    computed within it and is refused by name.
+    """
+    order = sorted(range(len(ends)), key=lambda row: -ends[row])
+    groups: list[list[int]] = []
+    group_length = 0
+    for row in order:
+        length = padded_sequence_length(ends[row], multiple)
+        if groups and (len(groups[-1]) + 1) * group_length <= max_tokens:
+            groups[-1].append(row)
+            continue
+        if length > max_tokens:
+            raise ValueError(
+                f"algo.max_tokens_per_micro_batch={max_tokens} is less than one row of {length} "
+                f"tokens (prompt and response up to its last scored token, rounded up to the "
+                f"model's sequence-length multiple {multiple}); expected at least the longest "
+                f"prompt plus rollout.sampling.max_new_tokens")
+        groups.append([row])
+        group_length = length
+    return groups
+
+
 # loss_fn(outputs, micro_batch) -> (loss_sum, num_units, metric_sums). ``loss_sum`` is a scalar
 # summed (not averaged) over units; ``num_units`` an int tensor; metrics are sums too and are
 # reported divided by the global number of units.
@@ -206,30 +261,22 @@ def _forward_step_func(model: BuiltModel, loss_fn: LossFn | None, collected: lis
     return forward_step
 
 
-def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
+def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batching: MicroBatching,
                   loss_fn: LossFn | None, forward_only: bool,
-                  temperature: float) -> tuple[list[dict], list[Tensor]]:
+                  temperature: float) -> tuple[list[dict], list[Tensor], Tensor | None]:
+    """Runs Megatron's schedule; returns its store, the forward-only outputs per micro-batch,
+    and the row order those hold (None: the batch's own order)."""
     # A no-op for a batch the caller already moved (prime_update moves its batch once).
     batch = batch.to(distributed.device())
     # A no-op for the trainer's batches (rollout/collect.py and sft.py pad them already).
     batch = batch.padded_to_length(padded_sequence_length(batch.seq_length,
                                                           model.sequence_length_multiple))
-    micro_batches = batch.micro_batches(micro_batch_size)
-    if model.trim_micro_batches:
-        # Anchors: verl removes padding altogether (use_remove_padding packs a micro-batch's
-        # rows into one varlen sequence for flash-attn) and slime packs too; this keeps
-        # Megatron's [b, s] micro-batches and drops only the tail no row of them needs.
-        lengths = batch.scored_lengths(micro_batch_size, model.sequence_length_multiple)
-        if distributed.pp_world_size() > 1 and len(model.chunks) > 1:
-            # Megatron's interleaved schedule hangs on shapes that vary between micro-batches
-            # (measured: TP=1 PP=2 VP=2 never returned); there every micro-batch is cut to the
-            # longest one's scored length instead.
-            lengths = [max(lengths)] * len(lengths)
-        micro_batches = [m.trimmed_to_length(length) for m, length in zip(micro_batches, lengths)]
-    # Pipeline stages exchange activations of varying length when trimmed micro-batches
-    # differ: Megatron then sends each one's shape first (a 3-int message per transfer).
-    model.config.variable_seq_lengths = (distributed.pp_world_size() > 1
-                                         and len({m.seq_length for m in micro_batches}) > 1)
+    micro_batches, order = _cut_micro_batches(model, batch, micro_batching)
+    # Pipeline stages exchange activations of varying shape when micro-batches differ in
+    # length or rows: Megatron then sends each one's shape first (a 3-int message).
+    model.config.variable_seq_lengths = (
+        distributed.pp_world_size() > 1
+        and len({(m.batch_size, m.seq_length) for m in micro_batches}) > 1)
     collected: list[Tensor] = []
     num_chunks = len(model.chunks)
     # Interleaved schedules take one iterator per model chunk, each over all micro-batches.
@@ -242,10 +289,51 @@ def _run_schedule(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
         model=model.chunks,
         num_microbatches=len(micro_batches),
         seq_length=max(m.seq_length for m in micro_batches),
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=max(m.batch_size for m in micro_batches),
         forward_only=forward_only,
     )
-    return store, collected
+    return store, collected, order
+
+
+def _cut_micro_batches(model: BuiltModel, batch: TokenBatch,
+                       micro_batching: MicroBatching) -> tuple[list[TokenBatch], Tensor | None]:
+    """The micro-batches, each cut after its own last scored token (when the model trims),
+    and the row order they hold when a token budget reordered the rows."""
+    multiple = model.sequence_length_multiple
+    interleaved = distributed.pp_world_size() > 1 and len(model.chunks) > 1
+    if micro_batching.max_tokens is not None:
+        if interleaved:
+            # Megatron's interleaved schedule hung on shapes that vary between micro-batches.
+            raise ValueError("algo.max_tokens_per_micro_batch cannot run with "
+                             "parallel.virtual_pipeline_parallel_size > 1 (the interleaved "
+                             "schedule needs one micro-batch shape); use algo.micro_batch_size")
+        if model.trim_micro_batches:
+            ends = batch.scored_lengths(1, 1)
+        else:
+            ends = [batch.seq_length] * batch.batch_size
+        groups = token_budget_groups(ends, micro_batching.max_tokens, multiple)
+        order = torch.tensor([row for group in groups for row in group], dtype=torch.long)
+        micro_batches = []
+        for group in groups:
+            index = torch.tensor(group, dtype=torch.long, device=batch.input_ids.device)
+            micro_batch = batch.map_tensors(lambda t, i=index: t.index_select(0, i))
+            length = padded_sequence_length(ends[group[0]], multiple)
+            micro_batches.append(micro_batch.trimmed_to_length(length))
+        return micro_batches, order
+    size = micro_batching.size
+    micro_batches = batch.micro_batches(size)
+    if model.trim_micro_batches:
+        # Anchors: verl removes padding altogether (use_remove_padding packs a micro-batch's
+        # rows into one varlen sequence for flash-attn) and slime packs too; this keeps
+        # Megatron's [b, s] micro-batches and drops only the tail no row of them needs.
+        lengths = batch.scored_lengths(size, multiple)
+        if interleaved:
+            # Megatron's interleaved schedule hangs on shapes that vary between micro-batches
+            # (measured: TP=1 PP=2 VP=2 never returned); there every micro-batch is cut to the
+            # longest one's scored length instead.
+            lengths = [max(lengths)] * len(lengths)
+        micro_batches = [m.trimmed_to_length(length) for m, length in zip(micro_batches, lengths)]
+    return micro_batches, None
 
 
 def _broadcast_from_last_stage(tensor: Tensor | None, shape: tuple[int, ...]) -> Tensor:
@@ -260,37 +348,45 @@ def _broadcast_from_last_stage(tensor: Tensor | None, shape: tuple[int, ...]) ->
 
 
 @torch.no_grad()
-def forward_only(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
+def forward_only(model: BuiltModel, batch: TokenBatch, micro_batch_size: int | MicroBatching,
                  temperature: float = 1.0) -> TokenOutputs:
     """Per-token log-probs and entropy for the whole batch, on every rank of the model.
 
     Used for the old policy, the reference and the PRM. The batch is padded with masked rows
-    to a multiple of ``micro_batch_size`` (and with masked columns to the model's sequence
+    to a multiple of ``micro_batch_size`` (not under a token budget, see ``MicroBatching``;
+    and with masked columns to the model's sequence
     length multiple) and trimmed back. ``temperature`` divides the logits first, so the
     log-probs are those of the distribution the sampler drew from.
     """
     return forward_outputs(model, batch, micro_batch_size, temperature)
 
 
-def forward_outputs(model: BuiltModel, batch: TokenBatch, micro_batch_size: int,
+def forward_outputs(model: BuiltModel, batch: TokenBatch, micro_batch_size: int | MicroBatching,
                     temperature: float = 1.0) -> TokenOutputs:
     """``forward_only`` with autograd as the caller set it: the FP8 calibration (models/fp8.py)
     needs one forward pass with autograd on, because Transformer Engine recomputes its
     delayed scales only when it leaves an FP8 region with autograd enabled."""
-    padded, real_rows = batch.padded_to_multiple(micro_batch_size)
+    micro_batching = as_micro_batching(micro_batch_size)
+    rows_multiple = 1 if micro_batching.max_tokens is not None else micro_batching.size
+    padded, real_rows = batch.padded_to_multiple(rows_multiple)
     padded = padded.padded_to_length(padded_sequence_length(padded.seq_length,
                                                             model.sequence_length_multiple))
     model.eval()
-    _, collected = _run_schedule(model, padded, micro_batch_size, None, forward_only=True,
-                                 temperature=temperature)
+    _, collected, order = _run_schedule(model, padded, micro_batching, None, forward_only=True,
+                                        temperature=temperature)
     stacked = torch.cat(collected, dim=1) if collected else None  # [2, batch, seq]
+    if stacked is not None and order is not None:
+        # Back to the batch's row order (the token budget took rows longest first).
+        restored = torch.empty_like(stacked)
+        restored[:, order.to(stacked.device)] = stacked
+        stacked = restored
     stacked = _broadcast_from_last_stage(stacked, (2, padded.batch_size, padded.seq_length))
     seq = batch.seq_length
     return TokenOutputs(logprobs=stacked[0, :real_rows, :seq], entropy=stacked[1, :real_rows, :seq])
 
 
 def forward_backward(
-    model: BuiltModel, batch: TokenBatch, micro_batch_size: int, loss_fn: LossFn,
+    model: BuiltModel, batch: TokenBatch, micro_batch_size: int | MicroBatching, loss_fn: LossFn,
     temperature: float = 1.0,
 ) -> dict[str, float]:
     """Accumulates gradients of ``loss_fn`` over the batch's micro-batches.
@@ -309,10 +405,12 @@ def forward_backward(
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [chunk.no_sync for chunk in model.chunks] if len(model.chunks) > 1 \
         else model.chunks[0].no_sync
+    micro_batching = as_micro_batching(micro_batch_size)
     # Filler rows have no scored tokens, so they add nothing to any loss or unit count.
-    padded, _ = batch.padded_to_multiple(micro_batch_size)
-    store, _ = _run_schedule(model, padded, micro_batch_size, loss_fn, forward_only=False,
-                             temperature=temperature)
+    padded, _ = batch.padded_to_multiple(
+        1 if micro_batching.max_tokens is not None else micro_batching.size)
+    store, _, _ = _run_schedule(model, padded, micro_batching, loss_fn, forward_only=False,
+                                temperature=temperature)
     return _reduce_metrics(store)
 
 

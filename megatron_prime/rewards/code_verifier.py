@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from megatron_prime.rewards.math_verifier import default_reward_workers
 from megatron_prime.rewards.sandbox import RunStatus, SandboxConfig, check_sandbox_available, run_python
 
 RewardMode = Literal["fraction", "all_or_nothing"]
@@ -38,17 +39,23 @@ class CodeVerifierConfig:
     """How code responses are run and scored."""
 
     reward_mode: RewardMode = "fraction"  # fraction of tests passed, or 1 only if all pass
-    max_workers: int = 2  # responses checked concurrently (each run is one sandbox process)
+    # Responses checked concurrently (each test run is one sandbox process). None: from this
+    # process's cores (math_verifier.default_reward_workers).
+    workers: int | None = None
     max_tests: int | None = None  # check only the first k test cases (None: all)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     def __post_init__(self) -> None:
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"CodeVerifierConfig.reward_mode={self.reward_mode!r} is not allowed; allowed: {REWARD_MODES}")
-        if self.max_workers < 1:
-            raise ValueError(f"CodeVerifierConfig.max_workers={self.max_workers} is not allowed; need a value >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"rewards.code.workers={self.workers} is not allowed; need null or a value >= 1")
         if self.max_tests is not None and self.max_tests < 1:
             raise ValueError(f"CodeVerifierConfig.max_tests={self.max_tests} is not allowed; need None or >= 1")
+
+    @property
+    def pool_size(self) -> int:
+        return self.workers if self.workers is not None else default_reward_workers()
 
 
 @dataclass(frozen=True)
@@ -143,12 +150,12 @@ def call_result_matches(actual: Any, expected: Any) -> bool:
 
 
 class CodeVerifier:
-    """Scores code responses by running their tests in sandboxes, ``max_workers`` at a time."""
+    """Scores code responses by running their tests in sandboxes, ``pool_size`` at a time."""
 
     def __init__(self, config: CodeVerifierConfig = CodeVerifierConfig()) -> None:
         check_sandbox_available(config.sandbox)
         self.config = config
-        self._executor = ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="code-verifier")
+        self._executor = ThreadPoolExecutor(max_workers=config.pool_size, thread_name_prefix="code-verifier")
 
     def score(self, response: str, ground_truth: str | dict[str, Any]) -> float:
         """Fraction of test cases passed (or 1/0 in all_or_nothing mode); 0 without code."""

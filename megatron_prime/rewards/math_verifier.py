@@ -10,7 +10,7 @@ The response is the policy's and may be hostile (a 5 MB box of ``\\{`` that take
 to scan and minutes to parse). Every stage of one answer's check (box extraction, Unicode
 normalisation, parsing, comparison) runs in a worker process under one time limit, and the
 worker is killed if it overruns; the caller only finds where the last box starts (``rfind``,
-C speed) and sends at most ``max_answer_chars`` from there. ``num_workers`` processes check
+C speed) and sends at most ``max_answer_chars`` from there. ``workers`` processes check
 answers side by side, so a few pathological answers cost a batch about one time limit.
 """
 
@@ -51,6 +51,12 @@ class AnswerTimeout(Exception):
     """Parsing or comparing one answer took longer than the configured limit."""
 
 
+def default_reward_workers() -> int:
+    """Verifier pool size when the config leaves it open: half the cores this process may run
+    on (scoring overlaps generation, and vLLM's engine process needs the rest), 1 to 16."""
+    return max(1, min(16, len(os.sched_getaffinity(0)) // 2))
+
+
 @dataclass(frozen=True)
 class MathVerifierConfig:
     """Per-answer limits of the math verifier."""
@@ -64,8 +70,8 @@ class MathVerifierConfig:
     # Checker processes, started as answers need them (~0.1 GB of memory each): this many
     # pathological answers can run out their time limits side by side while the batch's
     # other answers wait for a free worker, so a batch costs about one time limit, not one
-    # per pathological answer.
-    num_workers: int = 4
+    # per pathological answer. None: from this process's cores (default_reward_workers).
+    workers: int | None = None
     # A check stuck in C code ignores the in-worker alarm; the worker's checking child is
     # killed after timeout_s + kill_grace_s and replaced by a fresh fork.
     kill_grace_s: float = 1.0
@@ -73,11 +79,15 @@ class MathVerifierConfig:
     # this many characters after the last box command are sent to a worker at all.
     max_answer_chars: int = 4096
 
+    @property
+    def pool_size(self) -> int:
+        return self.workers if self.workers is not None else default_reward_workers()
+
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ValueError(f"rewards.math.timeout_s={self.timeout_s} is not allowed; need a value > 0")
-        if self.num_workers < 1:
-            raise ValueError(f"rewards.math.num_workers={self.num_workers} is not allowed; need a value >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"rewards.math.workers={self.workers} is not allowed; need null or a value >= 1")
         if self.kill_grace_s < 0:
             raise ValueError(f"rewards.math.kill_grace_s={self.kill_grace_s} is not allowed; need a value >= 0")
         if self.float_rounding < 0:
@@ -310,7 +320,7 @@ class _Worker:
 class MathVerifier:
     """Scores math responses 1.0 (equivalent to the ground truth) or 0.0.
 
-    Checks run in up to ``config.num_workers`` long-lived worker processes, one answer at a
+    Checks run in up to ``config.pool_size`` long-lived worker processes, one answer at a
     time each, fed by as many threads: the limit is enforced from outside by killing a worker
     that overruns (and starting a fresh one), so no answer can stall training, and it works
     from any thread of the trainer.
@@ -325,7 +335,7 @@ class MathVerifier:
 
     def _take_worker(self) -> _Worker:
         with self._lock:
-            if self._idle.empty() and self._workers_started < self.config.num_workers:
+            if self._idle.empty() and self._workers_started < self.config.pool_size:
                 self._workers_started += 1
                 return _Worker()
         return self._idle.get()
@@ -363,7 +373,7 @@ class MathVerifier:
         """Queue one response on the pool; its score (or its error) comes in the future."""
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.config.num_workers, thread_name_prefix="math-verifier")
+                self._executor = ThreadPoolExecutor(self.config.pool_size, thread_name_prefix="math-verifier")
         return self._executor.submit(self.score, response, str(ground_truth))
 
     def score_batch(self, responses: Sequence[str], ground_truths: Sequence[str]) -> list[float]:

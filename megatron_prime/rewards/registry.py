@@ -121,6 +121,18 @@ class RewardRegistry:
         (``Exception``: not KeyboardInterrupt or SystemExit) scores 0 and is recorded in
         ``last_failures``, and the others keep their scores.
         """
+        return self.gather(self.submit(responses, ground_truths, abilities, data_sources))
+
+    def submit(
+        self,
+        responses: Sequence[str],
+        ground_truths: Sequence[Any],
+        abilities: Sequence[str | None],
+        data_sources: Sequence[str | None],
+    ) -> list[tuple[RewardKind, Future[float]]]:
+        """Queues responses on their verifiers' pools and returns at once (``gather`` waits):
+        the rollout submits each prompt's responses as vLLM finishes them, so scoring runs
+        while the engine still generates. Kinds are resolved first, as in ``score_batch``."""
         columns = {"ground_truths": ground_truths, "abilities": abilities, "data_sources": data_sources}
         for name, column in columns.items():
             if len(column) != len(responses):
@@ -129,11 +141,15 @@ class RewardRegistry:
         # Built here, outside the per-response guard: a sandbox that cannot start is the run's
         # error, not every code response's reward 0.
         verifiers = {kind: self.code if kind == "code" else self.math for kind in set(kinds)}
-        pending = [_submit(verifiers[kind], response, truth)
-                   for kind, response, truth in zip(kinds, responses, ground_truths)]
+        return [(kind, _submit(verifiers[kind], response, truth))
+                for kind, response, truth in zip(kinds, responses, ground_truths)]
+
+    def gather(self, pending: Sequence[tuple[RewardKind, Future[float]]]) -> list[float]:
+        """The scores of submitted responses, in the order given; a response whose scoring
+        raised scores 0 and is recorded in ``last_failures`` (indices into ``pending``)."""
         self.last_failures = []
         scores = []
-        for index, (kind, future) in enumerate(zip(kinds, pending)):
+        for index, (kind, future) in enumerate(pending):
             try:
                 scores.append(float(future.result()))
             except Exception as error:  # noqa: BLE001 - one response's failure is its own

@@ -97,7 +97,7 @@ class SandboxConfig:
     wall_timeout_s: float = 10.0  # killed after this much real time (sleeping counts)
     cpu_time_s: int = 10  # RLIMIT_CPU per process
     # All processes of one sandbox together (PSS, polled by its pid 1); also each process's
-    # RLIMIT_AS. max_workers sandboxes at once use at most max_workers times this.
+    # RLIMIT_AS. rewards.code.workers sandboxes at once use at most that many times this.
     memory_bytes: int = 1 << 30
     max_output_bytes: int = 8 << 20  # RLIMIT_FSIZE; stdout beyond this is cut and fails
     max_processes: int = 16  # processes + threads of one sandbox (its own RLIMIT_NPROC count)

@@ -90,16 +90,23 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
                       sampling: SamplingConfig, rewards: RewardRegistry,
                       use_chat_template: bool) -> tuple[list[ScoredGroup], dict[str, float]]:
     prompt_ids = [render_prompt(tokenizer, p.messages, use_chat_template).token_ids for p in prompts]
+    # Each prompt's responses go to the verifiers' pools the moment vLLM finishes them, so
+    # scoring runs while the engine still generates the rest of the round.
+    pending: dict[int, list] = {}
+
+    def score_when_finished(prompt_rollouts: list) -> None:
+        prompt = prompts[prompt_rollouts[0].prompt_index]
+        pending[prompt_rollouts[0].prompt_index] = rewards.submit(
+            [r.text for r in prompt_rollouts], [prompt.ground_truth] * len(prompt_rollouts),
+            [prompt.ability] * len(prompt_rollouts), [prompt.data_source] * len(prompt_rollouts))
+
     start = time.perf_counter()
-    rollouts = engine.generate(prompt_ids, sampling)
+    rollouts = engine.generate(prompt_ids, sampling, on_finished=score_when_finished)
     seconds = time.perf_counter() - start
     n = sampling.n
-    scores = rewards.score_batch(
-        [r.text for r in rollouts],
-        [prompts[r.prompt_index].ground_truth for r in rollouts],
-        [prompts[r.prompt_index].ability for r in rollouts],
-        [prompts[r.prompt_index].data_source for r in rollouts],
-    )
+    wait_start = time.perf_counter()
+    scores = rewards.gather([entry for index in range(len(prompts)) for entry in pending[index]])
+    score_wait_seconds = time.perf_counter() - wait_start
     groups = [ScoredGroup(prompt_ids[i], [r.response_token_ids for r in rollouts[i * n:(i + 1) * n]],
                           scores[i * n:(i + 1) * n], [r.logprobs for r in rollouts[i * n:(i + 1) * n]],
                           [r.finish_reason == "length" for r in rollouts[i * n:(i + 1) * n]])
@@ -113,6 +120,8 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
              "passed_response_tokens": float(sum(length for length, ok in zip(lengths, passed) if ok)),
              "truncated": float(sum(r.finish_reason == "length" for r in rollouts)),
              "generate_seconds": seconds,
+             # scoring not finished when generation was: what overlapping did not hide
+             "score_wait_seconds": score_wait_seconds,
              # responses scored 0 because their scoring raised (RewardRegistry logs each reason)
              "verifier_errors": float(len(rewards.last_failures))}
     return groups, stats
@@ -146,6 +155,7 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
     totals = {"prompts": 0.0, "responses": 0.0, "correct": 0.0, "response_tokens": 0.0,
               "passed_responses": 0.0, "passed_response_tokens": 0.0, "truncated": 0.0,
               "truncated_prompts_dropped": 0.0, "generate_seconds": 0.0, "kept_prompts": 0.0,
+              "score_wait_seconds": 0.0,
               "verifier_errors": 0.0}
     for round_index in range(config.max_rounds):
         prompts = sampler.next_batch()
@@ -201,6 +211,8 @@ def _rollout_metrics(totals: dict[str, float], rounds: int, prompts_trained: int
         "rollout/truncated_prompts_dropped": total["truncated_prompts_dropped"],
         "reward/verifier_error_fraction": total["verifier_errors"] / responses,
         "rollout/generate_tokens_per_s": total["response_tokens"] / generate_seconds,
+        # Seconds per replica spent waiting for rewards after generation ended.
+        "time/reward_wait": total["score_wait_seconds"] / distributed.dp_world_size(),
     }
 
 

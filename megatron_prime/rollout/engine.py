@@ -32,7 +32,7 @@ import signal
 from multiprocessing import shared_memory
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, Sequence
 
 import torch
@@ -131,6 +131,17 @@ class Rollout:
     text: str
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     logprobs: list[float]  # the sampler's log-prob of each response token
+
+
+def _rollouts_of(prompt_index: int, output: Any) -> list[Rollout]:
+    """A vLLM RequestOutput's n samples as Rollouts."""
+    rollouts = []
+    for sample_index, sample in enumerate(output.outputs):
+        logprobs = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
+        rollouts.append(Rollout(prompt_index, sample_index, list(output.prompt_token_ids),
+                                list(sample.token_ids), sample.text,
+                                sample.finish_reason or "length", logprobs))
+    return rollouts
 
 
 _ALIGN = 64  # byte alignment of tensors in the shared block
@@ -369,8 +380,15 @@ class RolloutEngine:
         return rendered
 
     def generate(self, prompts: Sequence[str | list[dict[str, str]] | list[int]],
-                 sampling: SamplingConfig) -> list[Rollout]:
-        """n samples per prompt, with the sampler's log-probs. Checks lengths before sampling."""
+                 sampling: SamplingConfig,
+                 on_finished: Callable[[list[Rollout]], None] | None = None) -> list[Rollout]:
+        """n samples per prompt, with the sampler's log-probs. Checks lengths before sampling.
+
+        ``on_finished`` is called with a prompt's n rollouts as soon as vLLM has finished all
+        of them, while it still generates the others (the rollout scores them meanwhile):
+        the requests are queued with ``LLM.enqueue`` and the engine is stepped here, as
+        ``LLM.generate`` steps it, so the batch and the samples are the same. The result is
+        in prompt order either way."""
         from vllm import SamplingParams
 
         sampling.validate()
@@ -391,16 +409,41 @@ class RolloutEngine:
                 seed=None if sampling.seed is None else prompt_seed(sampling.seed, index))
 
         self._check_ready("generate")
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_ids],
-                                    [params(i) for i in range(len(token_ids))], use_tqdm=False)
-        rollouts = []
-        for prompt_index, output in enumerate(outputs):
-            for sample_index, sample in enumerate(output.outputs):
-                logprobs = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
-                rollouts.append(Rollout(prompt_index, sample_index, list(output.prompt_token_ids),
-                                        list(sample.token_ids), sample.text,
-                                        sample.finish_reason or "length", logprobs))
-        return rollouts
+        requests = [{"prompt_token_ids": ids} for ids in token_ids]
+        all_params = [params(i) for i in range(len(token_ids))]
+        if on_finished is None or not hasattr(self.llm, "enqueue"):
+            outputs = self.llm.generate(requests, all_params, use_tqdm=False)
+            per_prompt = [_rollouts_of(index, output) for index, output in enumerate(outputs)]
+            if on_finished is not None:
+                for prompt_rollouts in per_prompt:
+                    on_finished(prompt_rollouts)
+            return [rollout for prompt_rollouts in per_prompt for rollout in prompt_rollouts]
+        # Anchors: verl's agent loop and slime's rollout score each sample as its generation
+        # returns (async engines); LLM.enqueue + stepping gives the same with the offline LLM.
+        request_ids = [str(r) for r in self.llm.enqueue(requests, all_params, use_tqdm=False)]
+        # vLLM 0.32 returns its internal ids ("<id>-<8 hex>") and reports outputs under the
+        # caller's "<id>": either finds the prompt.
+        index_of = {request_id: index for index, request_id in enumerate(request_ids)}
+        index_of.update({request_id.rsplit("-", 1)[0]: index
+                         for index, request_id in enumerate(request_ids) if "-" in request_id})
+        finished: dict[int, list[Rollout]] = {}
+        engine = self.llm.llm_engine
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        index = index_of[str(output.request_id)]
+                        finished[index] = _rollouts_of(index, output)
+                        on_finished(finished[index])
+        except BaseException:
+            # The caller's error (or a signal) ends this round: no request may stay queued
+            # for the next generate.
+            engine.abort_request([request_id for index, request_id in enumerate(request_ids)
+                                  if index not in finished], internal=True)
+            raise
+        if len(finished) != len(requests):
+            raise RuntimeError(f"vLLM finished {len(finished)} of {len(requests)} prompts")
+        return [rollout for index in range(len(requests)) for rollout in finished[index]]
 
     # ---- weights and memory ----
 

@@ -60,6 +60,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     ledger.write(f"rank-{rank}.json", {
         "gpu": memory.gpu, "releases": memory.releases, "last_step": result.last_step,
+        "state_moves": memory.state_moves,
         "rollout_collectives": sorted(set(recorder.rollout_collectives)),
         "history": [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))
                      and not k.endswith("_per_s")}

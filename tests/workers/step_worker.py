@@ -134,6 +134,8 @@ def main() -> None:
     # the rollout gap metric measures whether the old-policy pass used the same temperature.
     parser.add_argument("--sampler", choices=("synthetic", "hf"), default="synthetic")
     parser.add_argument("--old-logprob-pass", default=AlgoConfig().old_logprob_pass)
+    parser.add_argument("--max-tokens-per-micro-batch", type=int, default=None)
+    parser.add_argument("--rollout-correction", default="off")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     parallel = ParallelConfig(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
@@ -175,7 +177,9 @@ def main() -> None:
         metrics = prime_update(models, batch, outcomes,
                                AlgoConfig(prm_mode=args.prm_mode, micro_batch_size=2,
                                           prm_mini_batches=args.prm_mini_batches,
-                                          old_logprob_pass=args.old_logprob_pass),
+                                          old_logprob_pass=args.old_logprob_pass,
+                                          max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+                                          rollout_correction=args.rollout_correction),
                                temperature=args.temperature).metrics
     result = {"metrics": metrics, "policy": weight_sums(models.policy),
               "prm": weight_sums(models.prm), "expected_device": str(distributed.device()),

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_prime import distributed
 from megatron_prime.config import ParallelConfig, PrecisionConfig
 from megatron_prime.models.builder import build_model
-from megatron_prime.models.schedule import TokenBatch, forward_backward, forward_only
+from megatron_prime.models.schedule import MicroBatching, TokenBatch, forward_backward, forward_only
 from megatron_prime.toy import write_toy_model
 
 
@@ -46,20 +46,25 @@ def main() -> None:
         return loss, scored.sum().to(torch.int), {"logprob_max": (outputs.logprobs.detach() * scored).max()}
 
     result = {}
-    for trim in (False, True):
+    # padded: 2 rows each, full length; trimmed: 2 rows each, cut to 12, 30, 6; budget: a
+    # 40-token budget takes rows longest first: [30] (1 x 30), [20, 12] (2 x 20), [9, 6, 5]
+    # (3 x 9): micro-batches of varying rows and lengths, in another row order.
+    for name, trim, micro_batching in (("padded", False, MicroBatching(2)),
+                                       ("trimmed", True, MicroBatching(2)),
+                                       ("budget", True, MicroBatching(2, max_tokens=40))):
         model.trim_micro_batches = trim
-        outputs = forward_only(model, batch, micro_batch_size=2)
+        outputs = forward_only(model, batch, micro_batching)
         for chunk in model.chunks:
             chunk.zero_grad_buffer()
-        metrics = forward_backward(model, batch, 2, loss_fn)
+        metrics = forward_backward(model, batch, micro_batching, loss_fn)
         grads = torch.cat([p.main_grad.flatten() for chunk in model.chunks for p in chunk.parameters()])
         # Each stage's own gradients, summed over the stages (a layout-free fingerprint).
         fingerprint = torch.stack([grads.abs().sum(), grads.sum()]).double()
         dist.all_reduce(fingerprint, group=distributed.pp_group())
-        result["trimmed" if trim else "padded"] = {
+        result[name] = {
             "logprobs": outputs.logprobs.tolist(), "entropy": outputs.entropy.tolist(),
-            "metrics": metrics, "grad_abs_sum": fingerprint[0].item(), "grad_sum": fingerprint[1].item()}
-    result["variable_seq_lengths"] = bool(model.config.variable_seq_lengths)
+            "metrics": metrics, "grad_abs_sum": fingerprint[0].item(), "grad_sum": fingerprint[1].item(),
+            "variable_seq_lengths": bool(model.config.variable_seq_lengths)}
     if dist.get_rank() == 0:
         with open(args.out, "w") as handle:
             json.dump(result, handle)

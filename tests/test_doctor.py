@@ -129,10 +129,11 @@ def test_gpus_memory_against_the_planner(tmp_path):
     from megatron_prime.models.architectures import ModelShape
 
     config = eurus_config(tmp_path)
-    # The example's comment: peak 73.5 of 76.8 GB per GPU on 80 GB H100s.
+    # The example's comment: peak 61.8 of 76.8 GB per GPU on 80 GB H100s, in the PRM update
+    # (vLLM at 0.6 beside the trainer's weights only: its state is off the GPU then).
     fits = doctor.check_gpus(config, GPU_NODE, devices=[("H100", 80 * 10**9)] * 8)
     assert fits.status == "PASS", fits.line
-    assert "peak for TP=4 PP=1 DP=2 is 73.5 GB (rollout) of a 76.8 GB budget" in fits.detail
+    assert "peak for TP=4 PP=1 DP=2 is 61.8 GB (PRM update) of a 76.8 GB budget" in fits.detail
     small = doctor.check_gpus(config, GPU_NODE, devices=[("A100-40GB", 40 * 10**9)] * 8)
     assert small.status == "FAIL" and "over by" in small.detail
     # The same numbers as the planner's own command gives for this layout.

@@ -200,8 +200,6 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     and the schedules' metric reads (models/), and one read of this step's metrics at the end.
     """
     config.validate()
-    if models.rollout_offload is not None:
-        models.rollout_offload.check_on_device("prime_update")
     if not temperature > 0:
         raise ValueError(f"rollout.sampling.temperature={temperature} cannot train: PPO needs the "
                          f"log-probs of a sampling distribution; expected a temperature > 0 "
@@ -210,6 +208,8 @@ def prime_update(models: PrimeModels, batch: TokenBatch, outcome_rewards: Tensor
     if batch.batch_size % n:
         raise ValueError(f"{batch.batch_size} responses on this rank are not whole groups of "
                          f"algo.num_samples_per_prompt={n}")
+    if models.rollout_offload is not None:
+        models.rollout_offload.check_on_device("prime_update")
     step = StepBatch.from_rollout(batch, outcome_rewards).to(distributed.device())
     if config.rollout_correction != "off" and step.rollout_logprobs is None:
         raise ValueError(f"algo.rollout_correction={config.rollout_correction!r} needs the "

@@ -155,12 +155,19 @@ def test_skipping_the_old_policy_pass_changes_no_number(tmp_path_factory):
     assert "rollout/logprob_diff_max" in names and "rollout/logprob_diff_mean" in names
     # The HF sampler's log-probs differ from Megatron's by kernel rounding only.
     assert 0 < auto["metrics"]["rollout/logprob_diff_max"] < 1e-4
+    assert_same_update(always, auto)
+
+
+def assert_same_update(reference: dict, other: dict) -> None:
+    """Every metric (times aside) and every updated policy and PRM weight sum within 1e-5."""
+    names = sorted(n for n in reference["metrics"] if not n.startswith("time/"))
+    assert names == sorted(n for n in other["metrics"] if not n.startswith("time/"))
     for name in names:
-        assert auto["metrics"][name] == pytest.approx(always["metrics"][name], rel=1e-5, abs=1e-5), name
+        assert other["metrics"][name] == pytest.approx(reference["metrics"][name], rel=1e-5, abs=1e-5), name
     for role in ("policy", "prm"):
-        for name, (total, absolute) in always[role].items():
-            assert auto[role][name][0] == pytest.approx(total, abs=max(1e-5, 1e-6 * absolute)), (role, name)
-            assert auto[role][name][1] == pytest.approx(absolute, rel=1e-5), (role, name)
+        for name, (total, absolute) in reference[role].items():
+            assert other[role][name][0] == pytest.approx(total, abs=max(1e-5, 1e-6 * absolute)), (role, name)
+            assert other[role][name][1] == pytest.approx(absolute, rel=1e-5), (role, name)
 
 
 def test_token_budget_micro_batches_change_no_number(tmp_path_factory):
@@ -169,22 +176,18 @@ def test_token_budget_micro_batches_change_no_number(tmp_path_factory):
     each. The PPO and PRM losses are sums normalised by global counts, so every metric and
     every updated weight equals the fixed micro-batches' within 1e-5 (on the global batch:
     16 responses of up to 16 tokens; a 24-token budget gives micro-batches of 1 to 4 rows)."""
-    runs = {}
-    for name, extra in (("fixed", []), ("budget", ["--max-tokens-per-micro-batch", "24"])):
-        out = tmp_path_factory.mktemp(f"step_tokens_{name}") / "result.json"
-        runs[name] = run_json_worker(
+    # The fixed run is the old-pass test's "auto" run (the same arguments): run once.
+    if ("auto",) not in _cache:
+        out = tmp_path_factory.mktemp("step_old_pass_auto") / "result.json"
+        _cache["auto",] = run_json_worker(
             "tests/workers/step_worker.py", 1,
-            ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf",
-             *extra], out)
-    fixed, budget = runs["fixed"], runs["budget"]
-    names = sorted(n for n in fixed["metrics"] if not n.startswith("time/"))
-    assert names == sorted(n for n in budget["metrics"] if not n.startswith("time/"))
-    for name in names:
-        assert budget["metrics"][name] == pytest.approx(fixed["metrics"][name], rel=1e-5, abs=1e-5), name
-    for role in ("policy", "prm"):
-        for name, (total, absolute) in fixed[role].items():
-            assert budget[role][name][0] == pytest.approx(total, abs=max(1e-5, 1e-6 * absolute)), (role, name)
-            assert budget[role][name][1] == pytest.approx(absolute, rel=1e-5), (role, name)
+            ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf"], out)
+    out = tmp_path_factory.mktemp("step_tokens_budget") / "result.json"
+    budget = run_json_worker(
+        "tests/workers/step_worker.py", 1,
+        ["--batch", "global", "--adam-eps", "1e-6", "--prm-mini-batches", "1", "--sampler", "hf",
+         "--max-tokens-per-micro-batch", "24"], out)
+    assert_same_update(_cache["auto",], budget)
 
 
 def test_rollout_correction_with_a_faithful_sampler_changes_nothing(tmp_path_factory):

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -84,12 +84,14 @@ class ModelConfig:
     # An HF folder (config.json + safetensors + tokenizer) or a megatron_prime Megatron
     # checkpoint (tools/convert_hf_to_megatron.py), at any saved layout.
     path: str = ""
-    # The PRM may start from another checkpoint of the same architecture (default: path).
+    # The PRM's starting checkpoint (default: path). It may be another, smaller model (e.g.
+    # Qwen2.5-1.5B scoring for a 7B policy) as long as it shares the policy's tokenizer: the
+    # PRM scores the policy's token ids. Its TP/PP layout is the policy's.
     prm_path: str | None = None
     # The frozen reference of the implicit PRM (the denominator of its reward). None: the
     # PRM's starting checkpoint (prm_path if set, else path), so that log pi_psi - log pi_ref,
     # and with it every implicit reward, is exactly 0 before the first PRM update, as PRIME
-    # defines it. Same architecture as path.
+    # defines it. Only the PRM reads it (PRIME has no KL term), so it has the PRM's shape.
     reference_path: str | None = None
 
     def validate(self) -> None:
@@ -182,8 +184,17 @@ class PrimeConfig:
                 "-1 during training (the trainer's log-probs model the untruncated distribution)")
 
 
-def _open_sft_checkpoint(path: str, key: str) -> tuple[dict[str, Any], Path, Any]:
-    """(HF config, folder with config.json + tokenizer, weight loader) of an SFT checkpoint."""
+class SftCheckpoint(NamedTuple):
+    """An opened starting checkpoint: its HF config, the folder holding config.json and the
+    tokenizer, and its weight loader (reads nothing until called with a model)."""
+
+    hf_config: dict[str, Any]
+    folder: Path
+    load: Callable[[BuiltModel], Any]
+
+
+def _open_sft_checkpoint(path: str, key: str) -> SftCheckpoint:
+    """An HF folder or a megatron_prime model checkpoint at ``path`` (``key`` names it in errors)."""
     from megatron_prime.checkpoint.hf_io import HFCheckpoint
     from megatron_prime.checkpoint.hf_mapping import load_hf_weights
     from megatron_prime.checkpoint.model_checkpoint import (
@@ -194,51 +205,114 @@ def _open_sft_checkpoint(path: str, key: str) -> tuple[dict[str, Any], Path, Any
 
     folder = Path(path)
     if (folder / MANIFEST).is_file():
-        return hf_config_of(folder), folder / "hf", lambda model: load_model_checkpoint(model, folder)
+        return SftCheckpoint(hf_config_of(folder), folder / "hf",
+                             lambda model: load_model_checkpoint(model, folder))
     if (folder / "config.json").is_file():
         hf = HFCheckpoint.open(folder)
-        return hf.config, folder, lambda model: load_hf_weights(model, hf.tensor)
+        return SftCheckpoint(hf.config, folder, lambda model: load_hf_weights(model, hf.tensor))
     raise FileNotFoundError(f"{key}={path!r}: neither an HF model folder (config.json) nor a "
                             f"megatron_prime checkpoint ({MANIFEST}) is there")
 
 
-def build_prime_models(config: PrimeConfig, hf_config: dict[str, Any], load_weights: Any) -> PrimeModels:
-    """Policy, PRM and reference from the SFT checkpoint (opened by ``_open_sft_checkpoint``),
-    with their optimizers (collective)."""
+def _check_same_tokenizer(policy_folder: Path, other_folder: Path, key: str, path: str) -> None:
+    """The PRM scores the policy's token ids: its tokenizer must map every token as the
+    policy's does (Qwen2.5 0.5B to 72B share one; their padded vocab sizes differ, which is
+    fine)."""
+    from transformers import AutoTokenizer
+
+    try:
+        other = AutoTokenizer.from_pretrained(str(other_folder))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{key}={path!r}: no tokenizer could be loaded from {other_folder} "
+                         f"({error}); expected the policy's tokenizer files") from None
+    ours = AutoTokenizer.from_pretrained(str(policy_folder)).get_vocab()
+    theirs = other.get_vocab()
+    if ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])
+        raise ValueError(f"{key}={path!r}: its tokenizer is not the policy's (model.path): "
+                         f"{len(theirs)} tokens against {len(ours)}, first difference "
+                         f"{differ[0][0]!r} -> {differ[0][1]}; the PRM must share the policy's "
+                         "tokenizer, since it scores the policy's token ids")
+
+
+@dataclass(frozen=True)
+class ScoringStart:
+    """Where the implicit PRM and its reference start, and their (shared) HF config."""
+
+    hf_config: dict[str, Any]
+    prm: Callable[[BuiltModel], Any]
+    reference: Callable[[BuiltModel], Any]
+
+
+def open_scoring_start(config: PrimeConfig, policy: SftCheckpoint) -> ScoringStart:
+    """The PRM's and the reference's starting checkpoints, checked before any model is built:
+    a PRM of another size must share the policy's tokenizer, split under the same TP/PP, and
+    hold the rollout's longest sequence; the reference must have the PRM's shape."""
+    from megatron_prime.models.architectures import ModelShape
+
+    if not config.model.prm_path:
+        prm = policy
+    else:
+        prm = _open_sft_checkpoint(config.model.prm_path, "model.prm_path")
+        _check_same_tokenizer(policy.folder, prm.folder, "model.prm_path", config.model.prm_path)
+    key = "model.prm_path" if config.model.prm_path else "model.path"
+    path = config.model.prm_path or config.model.path
+    try:
+        shape = ModelShape.from_hf(prm.hf_config)
+        shape.check_layout(config.parallel)
+    except ValueError as error:
+        raise ValueError(f"{key}={path!r}: {error}") from None
+    # The policy's own limit is vLLM's to check (the engine refuses a longer max_model_len).
+    if config.model.prm_path and shape.max_position_embeddings < config.rollout.engine.max_model_len:
+        raise ValueError(f"{key}={path!r}: max_position_embeddings={shape.max_position_embeddings} "
+                         f"is shorter than rollout.engine.max_model_len="
+                         f"{config.rollout.engine.max_model_len}, the longest sequence it scores")
+    reference = prm.load
+    if config.model.reference_path:
+        opened = _open_sft_checkpoint(config.model.reference_path, "model.reference_path")
+        try:
+            # Every field that shapes a weight or the forward pass (not the init scale).
+            same = replace(ModelShape.from_hf(opened.hf_config), initializer_range=0.0) \
+                == replace(shape, initializer_range=0.0)
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"model.reference_path={config.model.reference_path!r} holds "
+                f"{opened.hf_config.get('architectures')} of another shape than the PRM's "
+                f"({key}={path!r}); expected the PRM's architecture and size, since only the PRM's "
+                "log-ratio reads the reference")
+        reference = opened.load
+    return ScoringStart(prm.hf_config, prm.load, reference)
+
+
+def build_prime_models(config: PrimeConfig, policy_start: SftCheckpoint) -> PrimeModels:
+    """Policy, PRM and reference from their starting checkpoints (``policy_start`` opened by
+    ``_open_sft_checkpoint``; the others from config.model), with their optimizers
+    (collective). Every check on the PRM's and the reference's checkpoints runs before the
+    first model is built."""
     from megatron_prime.models.builder import build_model
 
     distributed_optimizer = config.policy_optimizer.use_distributed_optimizer
+    scoring = open_scoring_start(config, policy_start) if config.algo.uses_prm else None
 
-    def build(role: str, loader: Any, frozen: bool = False) -> BuiltModel:
+    def build(hf_config: dict[str, Any], role: str, loader: Any, frozen: bool = False) -> BuiltModel:
         model = build_model(hf_config, role, config.parallel, config.precision,
                             use_distributed_optimizer=distributed_optimizer, initialize_weights=False,
                             frozen=frozen)
         loader(model)
         return model
 
-    def loader_of(key: str) -> Any:
-        """The weight loader of ``model.<key>``, which must hold the policy's architecture."""
-        path = getattr(config.model, key)
-        other_hf_config, _, loader = _open_sft_checkpoint(path, f"model.{key}")
-        if other_hf_config.get("architectures") != hf_config.get("architectures"):
-            raise ValueError(f"model.{key}={path!r} holds {other_hf_config.get('architectures')}, "
-                             f"the policy is {hf_config.get('architectures')}; expected the same "
-                             "architecture")
-        return loader
-
-    policy = build("policy", load_weights)
+    policy = build(policy_start.hf_config, "policy", policy_start.load)
     reference = prm = prm_optimizer = None
-    if config.algo.uses_prm:  # outcome-only RLOO never reads the reference
-        prm_loader = loader_of("prm_path") if config.model.prm_path else load_weights
+    if scoring is not None:  # outcome-only RLOO never reads the reference
         # The PRM's own starting point unless set: implicit rewards start at exactly 0.
-        reference_loader = (loader_of("reference_path") if config.model.reference_path
-                            else prm_loader)
-        reference = build("reference", reference_loader)
+        reference = build(scoring.hf_config, "reference", scoring.reference)
         if config.trainer.offload_reference:
             move_to(reference, torch.device("cpu"))
         # A frozen PRM (algo.prm_mode=frozen) is built like the reference: forward only, with
         # no gradient buffers and no optimizer.
-        prm = build("prm", prm_loader, frozen=not config.algo.trains_prm)
+        prm = build(scoring.hf_config, "prm", scoring.prm, frozen=not config.algo.trains_prm)
         if config.algo.trains_prm:
             prm_optimizer = build_optimizer(prm, config.prm_optimizer)
     models = PrimeModels(policy=policy, reference=reference,
@@ -332,7 +406,8 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
 
     # Everything that can be wrong with the inputs fails here, before anything is written.
     resume_from = resolve_resume(config.checkpoint, checkpoint_root)
-    hf_config, hf_folder, load_weights = _open_sft_checkpoint(config.model.path, "model.path")
+    policy_start = _open_sft_checkpoint(config.model.path, "model.path")
+    hf_folder = policy_start.folder
     tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
     records = load_prompts(config.data, tokenizer)
     val_records = []
@@ -349,7 +424,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
                      for record in (*records, *val_records))
     if needs_code:
         check_sandbox_available(config.rewards.code.sandbox)
-    models = build_prime_models(config, hf_config, load_weights)
+    models = build_prime_models(config, policy_start)
     sampler = PromptSampler(records, config.rollout.batch.prompts_per_round, config.data.shuffle_seed,
                             distributed.dp_rank(), distributed.dp_world_size())
     schedulers: dict[str, Any] = {}
@@ -398,6 +473,12 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
                        is_logging_rank, wandb_run_id=wandb_run_id, covered_record=covered_record)
     if resume_from is not None:
         logger.message(f"resumed from {resume_from} at step {start_step}")
+    # A PRM from its own checkpoint (maybe another size) keeps that checkpoint's config.json
+    # and tokenizer next to its weights, so that its HF export (--role prm) has the PRM's shape.
+    role_hf_files = {}
+    if "prm" in trained and config.model.prm_path:
+        role_hf_files["prm"] = non_weight_files(
+            _open_sft_checkpoint(config.model.prm_path, "model.prm_path").folder)
     stop = StopRequest()
     history: list[dict[str, float]] = []
     saved: Path | None = None
@@ -407,7 +488,8 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
                  "wandb_run_id": logger.wandb_run_id, "config": config_to_dict(config),
                  "metrics_record": metrics_record}
         return save_train_state(checkpoint_root, step, trained, optimizers, schedulers, extra,
-                                config.checkpoint.keep_last, hf_files=non_weight_files(hf_folder))
+                                config.checkpoint.keep_last, hf_files=non_weight_files(hf_folder),
+                                role_hf_files=role_hf_files)
 
     def validation() -> dict[str, float]:
         """Greedy pass@1 of the current policy on the held-out prompts; the engine wakes with

@@ -171,6 +171,54 @@ def test_shared_weight_sync_trains_with_the_engine_in_step(toy_inputs, tmp_path)
     assert not torch.equal(exported["policy"]["lm_head.weight"], exported["prm"]["lm_head.weight"])
 
 
+@pytest.mark.slow
+def test_a_smaller_prm_trains_resumes_and_exports_at_its_own_size(toy_inputs, tmp_path):
+    """model.prm_path with another architecture (a quarter of the policy's width, one layer
+    against two): the PRM and its reference start there, its checkpoints carry its own
+    config.json, a resumed run loads it, and its HF export has its shape."""
+    import math
+
+    from megatron_prime.toy.model import write_toy_model
+
+    small = write_toy_model(tmp_path / "small_prm", seed=5, hidden_size=32, num_layers=1,
+                            intermediate_size=64)
+    run_dir = tmp_path / "run"
+    common = (f"model.prm_path={small}", "algo.prm_mini_batches=1", "checkpoint.save_every=2")
+    run_to_end(train_command(toy_inputs, run_dir, "trainer.steps=2", *common))
+    # Step 1's PRM loss is at its forward before any update, where the PRM is its reference:
+    # every implicit reward is 0, sigmoid(0) = 1/2 for every response, so the loss is ln 2.
+    first = losses(run_dir)[1]
+    assert abs(first["prm/loss"] - math.log(2)) < 1e-6
+
+    step = run_dir / "checkpoints" / "step_00000002"
+    marker = json.loads((step / "train_state.json").read_text())
+    assert marker["hf_folders"] == {"policy": "hf", "prm": "hf_prm"}
+    assert json.loads((step / "hf_prm" / "config.json").read_text()) == \
+        json.loads((small / "config.json").read_text())
+    saved = saved_tensors(step)
+    assert saved["prm/decoder.layers.mlp.linear_fc2.weight"].shape == (1, 32, 64)
+    assert saved["policy/decoder.layers.mlp.linear_fc2.weight"].shape == (2, 128, 384)
+
+    done = run_to_end(train_command(toy_inputs, run_dir, "trainer.steps=3", *common))
+    assert "resumed from" in done.stdout + done.stderr
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "prm_hf"
+    run_to_end([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"),
+                "--checkpoint", str(step), "--role", "prm", "--output", str(out)])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 1)
+    exported = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert torch.equal(exported["model.layers.0.mlp.down_proj.weight"],
+                       saved["prm/decoder.layers.mlp.linear_fc2.weight"][0])
+    start = load_file(small / "model.safetensors")
+    assert not torch.equal(exported["model.layers.0.mlp.down_proj.weight"],
+                           start["model.layers.0.mlp.down_proj.weight"])  # it trained
+
+
 def run_failing(command: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(command, env=run_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0, done.stdout[-2000:]

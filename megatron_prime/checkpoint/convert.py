@@ -45,7 +45,7 @@ from megatron_prime.checkpoint.model_checkpoint import (
     save_model_checkpoint_by_layer,
 )
 from megatron_prime.checkpoint.spec_names import check_key_naming, load_sharded
-from megatron_prime.checkpoint.train_state import HF_FOLDER as TRAIN_STATE_HF_FOLDER
+from megatron_prime.checkpoint.train_state import hf_folder_of
 from megatron_prime.checkpoint.train_state import MARKER as TRAIN_STATE_MARKER
 from megatron_prime.checkpoint.train_state import read_marker
 from megatron_prime.config import ParallelConfig, PrecisionConfig
@@ -174,7 +174,7 @@ def check_trained_model(checkpoint: Path, role: str) -> tuple[dict, torch.dtype]
     marker = read_marker(checkpoint)
     if role not in marker["models"]:
         raise ValueError(f"--role={role}: {checkpoint} holds the trained models {marker['models']}")
-    config_file = checkpoint / TRAIN_STATE_HF_FOLDER / "config.json"
+    config_file = hf_folder_of(checkpoint, role) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: not found; this training checkpoint does not carry "
                                 "its model's config and tokenizer (saved by an older version)")
@@ -192,7 +192,7 @@ def _load_trained_model(checkpoint: Path, role: str, parallel: ParallelConfig,
     check_key_naming(checkpoint, read_marker(checkpoint).get("key_naming"))
     state = load_sharded(_sharded_state_dict(model), checkpoint / role)
     load_model_chunks(model, state, checkpoint / role)
-    side_files = sorted((checkpoint / TRAIN_STATE_HF_FOLDER).iterdir())
+    side_files = sorted(hf_folder_of(checkpoint, role).iterdir())
     return model, hf_config, side_files, dtype or saved_dtype
 
 

@@ -8,6 +8,8 @@ One checkpoint is one folder ``<checkpoint.dir>/step_<step:08d>``:
                        tensor-parallel tracker)
   hf/                  the model's config.json, tokenizer and generation files, so a step
                        folder converts to HF on its own (megatron-prime-megatron-to-hf --role)
+  hf_prm/              the same for a PRM that started from its own checkpoint (model.prm_path,
+                       maybe another size); the marker's ``hf_folders`` says which is whose
   train_state.json     the marker: step, the caller's ``extra``, the layout it was saved at
 
 The frozen reference model is not saved: it is the SFT model the run started from.
@@ -126,6 +128,13 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
     """
     complete = _complete_checkpoints(Path(root))
     return complete[-1][1] if complete else None
+
+
+def hf_folder_of(folder: str | Path, role: str) -> Path:
+    """The folder with ``role``'s config.json and tokenizer in a train-state checkpoint
+    (``hf/`` unless the role started from its own checkpoint; older checkpoints: ``hf/``)."""
+    folder = Path(folder)
+    return folder / read_marker(folder).get("hf_folders", {}).get(role, HF_FOLDER)
 
 
 def read_marker(folder: str | Path) -> dict[str, Any]:
@@ -372,11 +381,13 @@ def save_train_state(
     extra: dict[str, Any],
     keep_last: int,
     hf_files: Sequence[Path] = (),
+    role_hf_files: dict[str, Sequence[Path]] | None = None,
 ) -> Path:
     """Writes ``<root>/step_<step:08d>`` atomically, then prunes old checkpoints (collective).
 
     ``hf_files`` (config.json, tokenizer and generation files of the models) are copied into
     its ``hf/`` folder: what an HF export of the trained policy or PRM needs besides weights.
+    A role in ``role_hf_files`` (a PRM of its own architecture) gets its own ``hf_<role>/``.
 
     ``extra`` (data loader position, metrics...) must be JSON data; it comes back from
     ``load_train_state`` as JSON gives it (tuples as lists, keys as strings). The RNG states
@@ -385,6 +396,11 @@ def save_train_state(
     require(isinstance(step, int) and step >= 0, "step", step, "an integer >= 0")
     require_positive_int("checkpoint.keep_last", keep_last)
     _check_roles(models, optimizers)
+    role_hf_files = role_hf_files or {}
+    unknown = sorted(set(role_hf_files) - set(models))
+    require(not unknown, "role_hf_files", unknown, f"roles among the saved models {sorted(models)}")
+    hf_folders = {role: (f"{HF_FOLDER}_{role}" if role in role_hf_files else HF_FOLDER)
+                  for role in sorted(models)}
     try:
         extra_json = json.loads(json.dumps(extra))
     except (TypeError, ValueError) as error:
@@ -403,6 +419,7 @@ def save_train_state(
         # Weights load into either layer spec (checkpoint/spec_names.py).
         "key_naming": KEY_NAMING,
         "layer_specs": {role: model.layer_spec for role, model in sorted(models.items())},
+        "hf_folders": hf_folders if hf_files else {},
         "optimizers": {role: _optimizer_metadata(models[role]) for role in sorted(optimizers)},
         # Where the saving job's Adam kept it is no concern of the loading job's.
         "adam_steps": {role: adam_step_count(_inner_adams(optimizers[role]))
@@ -421,9 +438,12 @@ def save_train_state(
             dist_checkpointing.save(state, str(staging / role))
         (staging / RNG_FOLDER).mkdir(exist_ok=True)
         if _is_rank0() and hf_files:
-            (staging / HF_FOLDER).mkdir()
-            for file in hf_files:
-                shutil.copy2(file, staging / HF_FOLDER / Path(file).name)
+            for folder, files in ((HF_FOLDER, hf_files),
+                                  *((hf_folders[role], role_hf_files[role])
+                                    for role in sorted(role_hf_files))):
+                (staging / folder).mkdir()
+                for file in files:
+                    shutil.copy2(file, staging / folder / Path(file).name)
         torch.save(rng_states, staging / RNG_FOLDER / f"rank_{rank:05d}.pt")
         if _is_rank0():
             torch.save({name: scheduler.state_dict() for name, scheduler in schedulers.items()},

@@ -49,8 +49,9 @@ def main() -> None:
     config = load_config(PrimeConfig, None, [f"model.path={args.model}", "precision.layer_spec=local",
                                              "trainer.device=cuda", "algo.micro_batch_size=4"])
     distributed.init_distributed(config.parallel, seed=1, use_gpu=True)
-    hf_config, _, load_weights = _open_sft_checkpoint(config.model.path, "model.path")
-    models = build_prime_models(config, hf_config, load_weights)
+    start = _open_sft_checkpoint(config.model.path, "model.path")
+    hf_config = start.hf_config
+    models = build_prime_models(config, start)
     generator = torch.Generator().manual_seed(0)
     rows, length, prompt = 16, 1024, 64
     input_ids = torch.randint(3, hf_config["vocab_size"], (rows, length), generator=generator)

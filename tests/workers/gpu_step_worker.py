@@ -160,14 +160,16 @@ def run_step(batch_file: Path, device: str) -> dict[str, Any]:
     from megatron_prime import distributed
     from megatron_prime.checkpoint.hf_mapping import load_hf_weights
     from megatron_prime.models.schedule import TokenBatch, forward_only
-    from megatron_prime.train import build_prime_models
+    from megatron_prime.train import SftCheckpoint, build_prime_models
     from megatron_prime.update import prime_update
 
     config = prime_config(device)
     runtime = distributed.init_distributed(config.parallel, seed=SEED, use_gpu=device == "cuda")
     hf_config, hf_model = make_hf_model()
     state = hf_model.state_dict()
-    models = build_prime_models(config, hf_config, lambda model: load_hf_weights(model, state))
+    # No folder: the PRM and reference start from the policy's weights (model.prm_path unset).
+    start = SftCheckpoint(hf_config, Path(), lambda model: load_hf_weights(model, state))
+    models = build_prime_models(config, start)
     saved = torch.load(batch_file, weights_only=True)
     batch = TokenBatch(saved["input_ids"], saved["response_mask"],
                        extras={"rollout_logprobs": saved["rollout_logprobs"]})

@@ -108,29 +108,43 @@ def resolve_target(config: PrimeConfig, slurm: SlurmConfig | None = None,
                      "one model replica (parallel.tensor x pipeline x context_parallel_size)")
 
 
-def load_model_shape(config: PrimeConfig) -> ModelShape:
-    """The policy's shape from model.path: an HF folder (config.json) or a megatron_prime
-    checkpoint (its hf/config.json). Reads no weights."""
+def model_config_json(path: str, key: str = "model.path") -> Path:
+    """The config.json of an HF folder or of a megatron_prime checkpoint (its hf/)."""
     from megatron_prime.checkpoint.model_checkpoint import MANIFEST
-    from megatron_prime.models.architectures import ModelShape
 
-    folder = Path(config.model.path)
+    folder = Path(path)
     hf_config = folder / "hf" / "config.json" if (folder / MANIFEST).is_file() else folder / "config.json"
     if not hf_config.is_file():
-        raise ValueError(f"model.path={config.model.path!r}: no {hf_config} (expected an HF "
-                         "folder or a megatron_prime checkpoint)")
+        raise ValueError(f"{key}={path!r}: no {hf_config} (expected an HF folder or a "
+                         "megatron_prime checkpoint)")
+    return hf_config
+
+
+def load_model_shape(config: PrimeConfig, key: str = "model.path") -> ModelShape:
+    """The shape of model.path (the policy) or of another ``key`` of ``config.model``
+    (model.prm_path: the PRM's), from its config.json. Reads no weights."""
+    from megatron_prime.models.architectures import ModelShape
+
+    path = getattr(config.model, key.removeprefix("model."))
+    hf_config = model_config_json(path, key)
     try:
         return ModelShape.from_hf(json.loads(hf_config.read_text()))
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"model.path={config.model.path!r}: {hf_config} is not a supported "
+        raise ValueError(f"{key}={path!r}: {hf_config} is not a supported "
                          f"model config ({error})") from None
 
 
 def _shape_or_fail(name: str, config: PrimeConfig) -> tuple[ModelShape | None, CheckResult | None]:
-    try:
-        return load_model_shape(config), None
-    except ValueError as error:
-        return None, CheckResult(name, FAIL, f"{error}; fix model.path")
+    """The policy's shape, once model.prm_path (a PRM of its own size) has been read too:
+    the checks that size memory or checkpoints use both."""
+    keys = ["model.path"] + (["model.prm_path"] if config.model.prm_path else [])
+    shapes = []
+    for key in keys:
+        try:
+            shapes.append(load_model_shape(config, key))
+        except ValueError as error:
+            return None, CheckResult(name, FAIL, f"{error}; fix {key}")
+    return shapes[0], None
 
 
 def _param_bytes(config: PrimeConfig, on_gpu: bool) -> int:
@@ -253,6 +267,8 @@ def plan_request(config: PrimeConfig, target: RunTarget, gpu_bytes: int) -> tupl
         offload_reference=config.trainer.offload_reference,
         offload_during_rollout=config.trainer.offload_during_rollout,
         with_prm=config.algo.uses_prm, prm_trains=config.algo.trains_prm,
+        prm_model=(str(model_config_json(config.model.prm_path, "model.prm_path"))
+                   if config.model.prm_path else None),
         vllm_memory_fraction=engine.gpu_memory_utilization,
         vllm_tensor_parallel_size=engine.tensor_parallel_size,
         vllm_sleep_mode=engine.enable_sleep_mode)
@@ -465,8 +481,10 @@ def checkpoint_bytes(config: PrimeConfig, shape: ModelShape, on_gpu: bool) -> in
     fp32 master copy for 16-bit weights, two fp32 moments). The frozen reference is not saved."""
     from megatron_prime.plan import train_state_bytes
 
-    trained = 2 if config.algo.trains_prm else 1
-    return train_state_bytes(shape, _param_bytes(config, on_gpu), trained)
+    trained = [shape]
+    if config.algo.trains_prm:  # a PRM of its own size (model.prm_path) is saved at that size
+        trained.append(load_model_shape(config, "model.prm_path") if config.model.prm_path else shape)
+    return train_state_bytes(trained, _param_bytes(config, on_gpu))
 
 
 def check_disk(config: PrimeConfig, target: RunTarget,

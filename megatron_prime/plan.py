@@ -81,6 +81,7 @@ number was taken.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -123,6 +124,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "eurus-2-7b": {**_QWEN25, "hidden_size": 3584, "intermediate_size": 18944,
                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                    "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    # A PRM of its own size (model.prm_path) for the Eurus-2-7B policy: the Qwen2.5-Math family
+    # shares one tokenizer; the 1.5B's 12 heads / 2 KV heads split at TP 1 or 2 only.
+    "qwen2.5-math-1.5b": {**_QWEN25, "vocab_size": 151936, "tie_word_embeddings": True,
+                          "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                          "num_attention_heads": 12, "num_key_value_heads": 2,
+                          "max_position_embeddings": 4096, "rope_theta": 10000.0},
     "qwen2.5-32b": {**_QWEN25, "hidden_size": 5120, "intermediate_size": 27648,
                     "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8},
     "qwen2.5-72b": {**_QWEN25, "hidden_size": 8192, "intermediate_size": 29568,
@@ -138,9 +145,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_hf_config(model: str) -> Any:
+def load_hf_config(model: str, flag: str = "--model") -> Any:
     """A preset name or a config.json (file, or the folder holding it) as a transformers
-    config, so that ``ModelShape.from_hf`` reads both the same way."""
+    config, so that ``ModelShape.from_hf`` reads both the same way (``flag`` names it in
+    errors)."""
     from transformers import AutoConfig
 
     if model in PRESETS:
@@ -150,14 +158,29 @@ def load_hf_config(model: str) -> Any:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ValueError(f"--model={model!r} is neither a preset nor a config.json: expected "
+            raise ValueError(f"{flag}={model!r} is neither a preset nor a config.json: expected "
                              f"one of {sorted(PRESETS)} or the path of an HF config.json")
         fields = json.loads(path.read_text())
     model_type = fields.pop("model_type", None)
     if model_type is None:
-        raise ValueError(f"--model={model!r}: config.json has no 'model_type'; expected e.g. "
+        raise ValueError(f"{flag}={model!r}: config.json has no 'model_type'; expected e.g. "
                          "'qwen2' or 'llama'")
     return AutoConfig.for_model(model_type, **fields)
+
+
+@functools.lru_cache(maxsize=16)
+def _shape_of(model: str, flag: str) -> ModelShape:
+    try:
+        return ModelShape.from_hf(load_hf_config(model, flag))
+    except (ValueError, KeyError, TypeError) as error:
+        message = str(error)
+        raise ValueError(message if message.startswith(flag) else f"{flag}={model!r}: {message}") from None
+
+
+def prm_shape(shape: ModelShape, options: Options) -> ModelShape:
+    """The PRM's and the reference's shape: ``options.prm_model`` (model.prm_path of another
+    size), else the policy's ``shape``."""
+    return shape if options.prm_model is None else _shape_of(options.prm_model, "--prm-model")
 
 
 # ---- parameters ----
@@ -258,11 +281,13 @@ def dtype_bytes(dtype: str, on_gpu: bool) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def train_state_bytes(shape: ModelShape, param_bytes: int, trained_models: int) -> int:
-    """Bytes of one train-state checkpoint: each trained model's weights and its Adam state
+def train_state_bytes(trained: Sequence[ModelShape], param_bytes: int) -> int:
+    """Bytes of one train-state checkpoint: each trained model's (``trained``: the policy's
+    shape, and the PRM's when it trains) weights and its Adam state
     (``optimizer_bytes_per_param``); the frozen reference is not saved. Sizes the disk a
     checkpoint interval needs (megatron-prime-doctor) and its save time (the USR1 margin)."""
-    return trained_models * model_params(shape) * (param_bytes + optimizer_bytes_per_param(param_bytes))
+    per_param = param_bytes + optimizer_bytes_per_param(param_bytes)
+    return sum(model_params(shape) for shape in trained) * per_param
 
 
 # ---- activations ----
@@ -479,6 +504,9 @@ class Options:
     # frozen models in host memory while the engine is awake.
     offload_during_rollout: bool = True
     with_prm: bool = True  # algo.prm_mode != "outcome_only": a PRM scores the batch
+    # model.prm_path of another size (a preset or config.json, as --model): the PRM's and the
+    # reference's shape. None: the policy's.
+    prm_model: str | None = None
     # algo.prm_mode before/after: the PRM has gradients, Adam state and an update phase;
     # frozen: its weights only, like the reference.
     prm_trains: bool = True
@@ -539,6 +567,12 @@ def validate(shape: ModelShape, cluster: Cluster, work: Workload, options: Optio
         (options.vllm_min_sequences is None or options.vllm_min_sequences >= 1,
          "--vllm-min-sequences", options.vllm_min_sequences, "an integer >= 1"),
     ]
+    if options.with_prm:
+        scorer = prm_shape(shape, options)
+        checks.append((work.seq_length <= scorer.max_position_embeddings,
+                       "--prompt-tokens + --response-tokens", work.seq_length,
+                       f"<= the PRM's max_position_embeddings={scorer.max_position_embeddings} "
+                       f"(--prm-model={options.prm_model})"))
     for ok, name, value, allowed in checks:
         if not ok:
             raise ValueError(f"{name}={value} is invalid: expected {allowed}")
@@ -681,6 +715,16 @@ def _stage_components(shape: ModelShape, work: Workload, options: Options,
                              params.num_layers, stage == 0, stage == pp - 1, in_flight,
                              padded_vocab_size(shape.vocab_size, tp))
 
+    # The PRM and the reference: the policy's shape unless model.prm_path is another size.
+    scorer = prm_shape(shape, options)
+    if scorer is shape:
+        scorer_params, scorer_acts = params, acts
+    else:
+        scorer_params = stage_params(scorer, tp, pp, stage)
+        scorer_acts = stage_activations(scorer, act_shape, options.recompute,
+                                        options.recompute_num_layers, scorer_params.num_layers,
+                                        stage == 0, stage == pp - 1, in_flight,
+                                        padded_vocab_size(scorer.vocab_size, tp))
     everywhere = set(PHASES)
     components: dict[str, dict[str, int]] = {}
 
@@ -700,19 +744,24 @@ def _stage_components(shape: ModelShape, work: Workload, options: Options,
     put("policy activations", acts.training_peak, {"policy update"})
     if options.with_prm and options.prm_trains:
         prm_phases = {"PRM update"} if options.offload_prm else everywhere
-        for name, nbytes in _trained_state("PRM", params, options.prm_fp8, options,
+        for name, nbytes in _trained_state("PRM", scorer_params, options.prm_fp8, options,
                                            layout.dp).items():
             put(name, nbytes, trained_phases(name, prm_phases))
-        put("PRM activations", acts.training_peak, {"PRM update"})
+        put("PRM activations", scorer_acts.training_peak, {"PRM update"})
     elif options.with_prm:  # frozen: forward only, its weights stay on the GPU
-        put("PRM weights (frozen)", params.total * options.param_bytes, off_in_rollout)
+        put("PRM weights (frozen)", scorer_params.total * options.param_bytes, off_in_rollout)
         if options.prm_fp8:
-            put("PRM FP8 weight copy", params.layer_matrices * FP8_WEIGHT_BYTES, everywhere)
-    ref_phases = {"reference forward"} if options.offload_reference else everywhere
-    put("reference weights", params.total * options.param_bytes, ref_phases & off_in_rollout)
-    if options.reference_fp8:
-        put("reference FP8 weight copy", params.layer_matrices * FP8_WEIGHT_BYTES, ref_phases)
-    put("forward working set", acts.forward_only, {"reference forward"})
+            put("PRM FP8 weight copy", scorer_params.layer_matrices * FP8_WEIGHT_BYTES, everywhere)
+    if options.with_prm:  # outcome-only RLOO builds no reference
+        ref_phases = {"reference forward"} if options.offload_reference else everywhere
+        put("reference weights", scorer_params.total * options.param_bytes,
+            ref_phases & off_in_rollout)
+        if options.reference_fp8:
+            put("reference FP8 weight copy", scorer_params.layer_matrices * FP8_WEIGHT_BYTES,
+                ref_phases)
+    # The old-policy and the reference forward passes, one at a time.
+    put("forward working set", max(acts.forward_only, scorer_acts.forward_only if options.with_prm else 0),
+        {"reference forward"})
     # The engine never takes more than its share: vLLM refuses to start when its weights and
     # overhead do not leave room for the KV cache (reported as a problem of the layout).
     engine_phases = {"rollout"} if options.vllm_sleep_mode else everywhere
@@ -836,16 +885,20 @@ def _largest_component(components: dict[str, dict[str, int]], phase: str) -> tup
     return name, merged[name]
 
 
-def candidate_layouts(shape: ModelShape, cluster: Cluster) -> list[Layout]:
+def candidate_layouts(shape: ModelShape, cluster: Cluster,
+                      also: Sequence[ModelShape] = ()) -> list[Layout]:
     """Every TP that divides the GPUs of a node and the model's heads, KV heads and ffn (TP
-    stays inside a node), with every PP that divides the layers and leaves a whole DP."""
+    stays inside a node), with every PP that divides the layers and leaves a whole DP. The
+    models in ``also`` (a PRM of its own size) share the layout and must split under it too."""
+    shapes = [shape, *also]
     layouts = []
     for tp in range(1, cluster.gpus_per_node + 1):
-        if cluster.gpus_per_node % tp or shape.num_attention_heads % tp \
-                or shape.num_query_groups % tp or shape.ffn_hidden_size % tp:
+        if cluster.gpus_per_node % tp or any(
+                m.num_attention_heads % tp or m.num_query_groups % tp or m.ffn_hidden_size % tp
+                for m in shapes):
             continue
         for pp in range(1, shape.num_layers + 1):
-            if shape.num_layers % pp == 0 and cluster.world_size % (tp * pp) == 0:
+            if all(m.num_layers % pp == 0 for m in shapes) and cluster.world_size % (tp * pp) == 0:
                 layouts.append(Layout(tp, pp, cluster.world_size // (tp * pp)))
     return layouts
 
@@ -886,9 +939,12 @@ def plan_run(model: str, cluster: Cluster, work: Workload, options: Options,
 def step_work(shape: ModelShape, cluster: Cluster, work: Workload, options: Options,
               p: LayoutPlan) -> StepWork:
     """What one step of layout ``p`` computes, for step_time.estimate."""
+    scorer = prm_shape(shape, options)
     return StepWork(
         params=model_params(shape), num_layers=shape.num_layers,
         q_dim=shape.num_attention_heads * shape.head_dim,
+        prm_params=model_params(scorer), prm_num_layers=scorer.num_layers,
+        prm_q_dim=scorer.num_attention_heads * scorer.head_dim,
         prompts_per_step=work.prompts_per_step, oversample_factor=work.oversample_factor,
         samples_per_prompt=work.samples_per_prompt, prompt_tokens=work.prompt_tokens,
         response_tokens=work.response_tokens, world_size=cluster.world_size,
@@ -908,12 +964,15 @@ def plan_for_shape(model: str, shape: ModelShape, cluster: Cluster, work: Worklo
     step_assumptions = step_assumptions or StepTimeAssumptions()
     step_assumptions.validate()
     validate(shape, cluster, work, options)
+    scorer = prm_shape(shape, options)
+    also = [scorer] if options.with_prm and scorer is not shape else []
     layouts = [plan_layout(shape, cluster, work, options, layout)
-               for layout in candidate_layouts(shape, cluster)]
+               for layout in candidate_layouts(shape, cluster, also)]
     if not layouts:
-        raise ValueError(f"no TP x PP layout of {cluster.world_size} GPUs splits this model: TP "
+        models = "this model" + (f" and --prm-model={options.prm_model}" if also else "")
+        raise ValueError(f"no TP x PP layout of {cluster.world_size} GPUs splits {models}: TP "
                          f"must divide --gpus-per-node={cluster.gpus_per_node} and the heads, "
-                         f"PP the {shape.num_layers} layers")
+                         f"PP the layers ({', '.join(str(m.num_layers) for m in [shape, *also])})")
     fitting = sorted((p for p in layouts if p.fits), key=rank_key)
     best = fitting[0] if fitting else None
     closest = None if best else min(layouts, key=lambda p: (p.shortfall_bytes, rank_key(p)))
@@ -1054,6 +1113,18 @@ def _options_line(options: Options, cluster: Cluster) -> list[str]:
     ]
 
 
+def _prm_model_lines(shape: ModelShape, options: Options) -> list[str]:
+    """The PRM's and the reference's own size, where model.prm_path is another model."""
+    if options.prm_model is None or not options.with_prm:
+        return []
+    scorer = prm_shape(shape, options)
+    return [f"PRM and reference: {options.prm_model} ({scorer.architecture.hf_architecture}): "
+            f"{scorer.num_layers} layers, hidden {scorer.hidden_size}, {scorer.num_attention_heads} "
+            f"heads / {scorer.num_query_groups} KV heads of {scorer.head_dim}, ffn "
+            f"{scorer.ffn_hidden_size}, vocab {scorer.vocab_size}; "
+            f"{model_params(scorer, vocab_size=scorer.vocab_size):,} parameters (HF)"]
+
+
 def format_plan(result: Plan, argv: Sequence[str]) -> str:
     shape, cluster, work, options = result.shape, result.cluster, result.workload, result.options
     hf_params = model_params(shape, vocab_size=shape.vocab_size)
@@ -1065,6 +1136,7 @@ def format_plan(result: Plan, argv: Sequence[str]) -> str:
         f"vocab {shape.vocab_size}",
         f"  parameters: {hf_params:,} (HF); {model_params(shape):,} in Megatron at TP=1 "
         f"(vocabulary padded to {padded_vocab_size(shape.vocab_size, 1)})",
+        *_prm_model_lines(shape, options),
         f"Cluster: {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs = {cluster.world_size} "
         f"GPUs of {cluster.gpu_memory_gb:.1f} GB; {cluster.reserved_gib:.1f} GiB reserved -> "
         f"budget {_gb(cluster.budget_bytes)} GB per GPU (1 GB = 10^9 bytes)",
@@ -1227,12 +1299,15 @@ def plan_to_dict(result: Plan) -> dict[str, Any]:
             "components": p.components, "phase_totals": p.phase_totals, "vllm": asdict(p.vllm),
         }
     shape = result.shape
+    scorer = prm_shape(shape, result.options)
     return {
         "model": result.model,
         "shape": {k: v for k, v in asdict(shape).items() if k != "architecture"}
         | {"architecture": shape.architecture.hf_architecture},
         "parameters": {"hf": model_params(shape, vocab_size=shape.vocab_size),
                        "megatron_tp1": model_params(shape)},
+        "prm_parameters": ({"hf": model_params(scorer, vocab_size=scorer.vocab_size),
+                            "megatron_tp1": model_params(scorer)} if result.options.with_prm else None),
         "cluster": asdict(result.cluster) | {"budget_bytes": result.cluster.budget_bytes},
         "workload": asdict(result.workload),
         "options": asdict(result.options),
@@ -1257,6 +1332,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and cluster")
     model.add_argument("--model", required=True,
                        help=f"a preset ({', '.join(PRESETS)}) or an HF config.json path")
+    model.add_argument("--prm-model", default=None,
+                       help="model.prm_path of another size: the PRM's and the reference's preset "
+                            "or config.json (default: the policy's --model)")
     model.add_argument("--nodes", type=int, default=defaults_c.nodes)
     model.add_argument("--gpus-per-node", type=int, default=defaults_c.gpus_per_node)
     model.add_argument("--gpu-memory-gb", type=float, default=defaults_c.gpu_memory_gb,
@@ -1348,7 +1426,8 @@ def request_from_args(args: argparse.Namespace) -> tuple[Cluster, Workload, Opti
         attention=args.attention, param_dtype=args.param_dtype, policy_fp8=args.policy_fp8,
         prm_fp8=args.prm_fp8, reference_fp8=args.reference_fp8,
         offload_reference=args.offload_reference, offload_prm=args.offload_prm,
-        offload_during_rollout=args.offload_during_rollout, with_prm=not args.no_prm, prm_trains=not args.frozen_prm, vllm_memory_fraction=args.vllm_memory_fraction,
+        offload_during_rollout=args.offload_during_rollout, with_prm=not args.no_prm, prm_trains=not args.frozen_prm,
+        prm_model=args.prm_model, vllm_memory_fraction=args.vllm_memory_fraction,
         vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
         vllm_sleep_mode=args.vllm_sleep_mode, vllm_overhead_gib=args.vllm_overhead_gib,
         vllm_asleep_gib=args.vllm_asleep_gib, vllm_min_sequences=args.vllm_min_sequences)

@@ -92,9 +92,13 @@ class StepTime:
 class StepWork:
     """What the step computes, from the plan's inputs."""
 
-    params: int  # the model's parameters (one model; policy, PRM and reference alike)
+    params: int  # the policy's parameters
     num_layers: int
     q_dim: int  # attention heads x head dim
+    # The PRM's and the reference's (the policy's unless model.prm_path is another size).
+    prm_params: int
+    prm_num_layers: int
+    prm_q_dim: int
     prompts_per_step: int
     oversample_factor: int
     samples_per_prompt: int
@@ -114,8 +118,11 @@ class StepWork:
     host_bytes_per_gpu: int
 
 
-def forward_flops_per_token(work: StepWork, context: float) -> float:
-    """2 FLOPs per weight, plus attention's QK^T and AV at ``context`` keys on average."""
+def forward_flops_per_token(work: StepWork, context: float, prm: bool = False) -> float:
+    """2 FLOPs per weight, plus attention's QK^T and AV at ``context`` keys on average; of
+    the PRM (and reference) where ``prm``, else of the policy."""
+    if prm:
+        return 2 * work.prm_params + 4 * work.prm_num_layers * context * work.prm_q_dim
     return 2 * work.params + 4 * work.num_layers * context * work.q_dim
 
 
@@ -148,13 +155,15 @@ def estimate(work: StepWork, assumptions: StepTimeAssumptions) -> StepTime:
     # Training passes over the trained responses and their prompts.
     tokens = work.prompts_per_step * work.samples_per_prompt * (prompt + response)
     forward = forward_flops_per_token(work, (prompt + response) / 2) * tokens
+    prm_forward = forward_flops_per_token(work, (prompt + response) / 2, prm=True) * tokens
     backward_passes = 4 if work.recompute_full else 3
     rate = work.world_size * chip.bf16_flops * assumptions.train_mfu * (1 - work.pipeline_bubble)
-    logprob_passes = (0 if work.skips_old_logprob_pass else 1) + (1 if work.with_prm else 0)
-    result.seconds["log-probs"] = logprob_passes * forward / rate
+    # The old policy's forward (unless skipped) and the reference's.
+    logprob_flops = (0 if work.skips_old_logprob_pass else forward) + (prm_forward if work.with_prm else 0)
+    result.seconds["log-probs"] = logprob_flops / rate
     if work.with_prm:
         prm_passes = (backward_passes if work.prm_trains else 0) + 1
-        result.seconds["PRM update"] = prm_passes * forward / rate
+        result.seconds["PRM update"] = prm_passes * prm_forward / rate
     result.seconds["policy update"] = backward_passes * forward / rate
     result.seconds["offload"] = 2 * work.host_bytes_per_gpu / chip.host_bytes_per_s
     return result

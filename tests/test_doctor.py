@@ -248,6 +248,35 @@ def test_checkpoint_size_is_policy_and_prm_with_adam_state(tmp_path):
     assert doctor.checkpoint_bytes(frozen, shape, on_gpu=True) == model_params(shape) * 14
 
 
+def test_a_prm_of_its_own_size_is_planned_and_saved_at_that_size(tmp_path):
+    """model.prm_path with Qwen2.5-Math-1.5B's config: the memory check plans it as the
+    planner's --prm-model does (examples/eurus2_7b_prime_prm1.5b.yaml, its plan: TP=2 peak
+    62.7 GB in the policy update), the checkpoint holds the 7B policy and the 1.5B PRM, and a
+    prm_path without a config.json fails the check naming the key."""
+    from megatron_prime.models.architectures import ModelShape
+    from megatron_prime.plan import load_hf_config, model_params
+
+    prm = tmp_path / "prm"
+    prm.mkdir()
+    (prm / "config.json").write_text(json.dumps(PRESETS["qwen2.5-math-1.5b"]))
+    model = tmp_path / "eurus"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(PRESETS["eurus-2-7b"]))
+    config = load_config(PrimeConfig, str(REPO / "examples" / "eurus2_7b_prime_prm1.5b.yaml"),
+                         [f"model.path={model}", f"model.prm_path={prm}",
+                          f"logging.run_dir={tmp_path / 'run'}", "trainer.device=cuda"])
+    fits = doctor.check_gpus(config, GPU_NODE, devices=[("H100", 80 * 10**9)] * 8)
+    assert fits.status == "PASS", fits.line
+    assert "peak for TP=2 PP=1 DP=4 is 62.7 GB (policy update) of a 76.8 GB budget" in fits.detail
+    shape = doctor.load_model_shape(config)
+    assert doctor.checkpoint_bytes(config, shape, on_gpu=True) == \
+        (model_params(shape) + model_params(ModelShape.from_hf(load_hf_config("qwen2.5-math-1.5b")))) * 14
+    (prm / "config.json").unlink()
+    missing = doctor.check_disk(config, GPU_NODE)
+    assert missing.status == "FAIL" and "model.prm_path=" in missing.detail
+    assert "fix model.prm_path" in missing.detail
+
+
 def test_disk_fails_when_the_checkpoints_do_not_fit(tmp_path):
     # 1000 checkpoints of a 7B policy + PRM (~213 GB each) fit on no test machine.
     result = doctor.check_disk(eurus_config(tmp_path, "checkpoint.keep_last=1000"), GPU_NODE)

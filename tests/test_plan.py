@@ -25,7 +25,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = REPO / "examples" / "plans"
-EXAMPLES = ("eurus2_7b_1node", "qwen2.5_32b_4nodes", "qwen2.5_72b_8nodes")
+EXAMPLES = ("eurus2_7b_1node", "eurus2_7b_prm1.5b_1node", "qwen2.5_32b_4nodes",
+            "qwen2.5_72b_8nodes")
 
 # Tiny models: GQA with q/k/v bias (Qwen2), plain multi-head without bias (Llama), tied
 # embeddings. head_dim 16; the vocabularies are not multiples of 128, so padding shows.
@@ -656,6 +657,7 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("config_file, plan_file", [
     ("examples/eurus2_7b_prime.yaml", "examples/plans/eurus2_7b_1node.txt"),
     ("examples/eurus2_7b_rloo.yaml", "examples/plans/eurus2_7b_1node.txt"),
+    ("examples/eurus2_7b_prime_prm1.5b.yaml", "examples/plans/eurus2_7b_prm1.5b_1node.txt"),
     ("examples/qwen2.5_32b_prime.yaml", "examples/plans/qwen2.5_32b_4nodes.txt"),
     ("examples/qwen2.5_72b_prime.yaml", "examples/plans/qwen2.5_72b_8nodes.txt"),
 ])
@@ -687,6 +689,7 @@ def test_example_run_configs_use_the_planned_layout(config_file, plan_file):
     assert prime.policy_optimizer.use_distributed_optimizer == ("--distributed-optimizer" in command)
     assert prime.parallel.recompute_granularity == (flag("--recompute") or "none")
     assert prime.parallel.sequence_parallel == ("--sequence-parallel" in command)
+    assert (prime.model.prm_path is not None) == ("--prm-model" in command)
 
 
 # ---- what the trainer leaves to vLLM ----
@@ -758,6 +761,60 @@ def test_the_rollout_offload_leaves_vllm_all_but_the_weights_by_hand():
     frozen = _tiny_plan(prm_trains=False)
     assert frozen.trainer_resident_bytes == 2 * P
     assert frozen.rollout_host_bytes == 12 * P + 2 * P + 2 * P
+
+
+def test_a_smaller_prm_and_its_reference_are_counted_at_their_size(tmp_path):
+    """--prm-model (model.prm_path of another size): a PRM of hidden 32, one layer, 4 heads /
+    2 KV heads of 8, ffn 64, vocab 500 -> 512. Its layer: q/k/v 64 x 32 + proj 32 x 32 + fc1
+    128 x 32 + fc2 32 x 64 = 9,216 GEMM weights, 64 bias + 2 x 32 norm = 128 vectors;
+    embedding and output layer 512 x 32 each, final norm 32: Q = 42,144 parameters.
+
+    In the rollout the policy's and the PRM's bf16 weights stay (2 P + 2 Q); the host holds
+    both optimizer states (12 P + 12 Q) and the reference's weights (2 Q). Outcome-only RLOO
+    builds no reference (and no PRM): only the policy is counted."""
+    P = 158_272
+    Q = (64 * 32 + 32 * 32 + 128 * 32 + 32 * 64 + 64 + 2 * 32) + 2 * 512 * 32 + 32
+    assert Q == 42_144
+    small = dict(TINY["qwen2_gqa"], hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(small))
+    plan = _tiny_plan(prm_model=str(config))
+    assert plan.trainer_resident_bytes == 2 * P + 2 * Q
+    assert plan.rollout_host_bytes == 12 * P + 12 * Q + 2 * Q
+    assert plan.components["PRM weights"]["PRM update"] == 2 * Q
+    assert plan.components["PRM optimizer"]["PRM update"] == 12 * Q
+    assert plan.components["reference weights"]["reference forward"] == 2 * Q
+    assert plan.components["policy weights"]["PRM update"] == 2 * P
+    # Its activations are a smaller model's: less than the policy's at the same micro-batch.
+    same = _tiny_plan()
+    assert plan.components["PRM activations"]["PRM update"] \
+        < same.components["PRM activations"]["PRM update"]
+    rloo = _tiny_plan(prm_model=str(config), with_prm=False, prm_trains=False)
+    assert not any(name.startswith(("PRM", "reference")) for name in rloo.components)
+    assert rloo.rollout_host_bytes == 12 * P
+
+
+def test_a_prm_of_its_own_size_limits_the_layouts_and_the_step_time():
+    """Qwen2.5-Math-1.5B's 12 heads / 2 KV heads split at TP 1 or 2 only: the 7B policy's
+    plan keeps those layouts. Its PRM update and reference forward cost less."""
+    from megatron_prime.plan import Cluster, Options, Workload, plan_run
+
+    work = Workload(prompt_tokens=1024, response_tokens=3072, micro_batch_size=1)
+    options = Options(distributed_optimizer=True, vllm_memory_fraction=0.6,
+                      vllm_tensor_parallel_size=4)
+    same = plan_run("eurus-2-7b", Cluster(), work, options)
+    small = plan_run("eurus-2-7b", Cluster(), work,
+                     Options(**{**options.__dict__, "prm_model": "qwen2.5-math-1.5b"}))
+    assert {p.layout.tp for p in same.layouts} == {1, 2, 4}
+    assert {p.layout.tp for p in small.layouts} == {1, 2}
+    assert small.step_time.seconds["PRM update"] < same.step_time.seconds["PRM update"] / 3
+    assert small.step_time.seconds["policy update"] == pytest.approx(
+        same.step_time.seconds["policy update"] * (1 - small.best.pipeline_bubble)
+        / (1 - same.best.pipeline_bubble))
+    with pytest.raises(ValueError, match="--prm-model='nope'"):
+        plan_run("eurus-2-7b", Cluster(), work, Options(prm_model="nope"))
+    _, text = run_main(["--model", "eurus-2-7b", "--prm-model", "qwen2.5-math-1.5b"])
+    assert "PRM and reference: qwen2.5-math-1.5b (Qwen2ForCausalLM): 28 layers, hidden 1536" in text
 
 
 def test_a_vllm_share_above_what_the_trainer_leaves_is_named():

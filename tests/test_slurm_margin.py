@@ -145,6 +145,14 @@ def test_save_time_estimated_from_the_model_size(tmp_path):
     assert model_config_path(str(model)) == model / "config.json"
     # policy + PRM, bf16 weights (2 B) + fp32 master and Adam moments (12 B): 2 x 107072 x 14
     assert checkpoint_bytes(prime, model / "config.json") == 2_998_016
+    # a PRM of its own size (model.prm_path): the same model with one layer, 107072 - 37120
+    # = 69952 parameters; 14 x (107072 + 69952) = 2,478,336
+    small = tmp_path / "small"
+    small.mkdir()
+    fields = json.loads((model / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**fields, "num_hidden_layers": 1}))
+    assert checkpoint_bytes(run_config(tmp_path, f"model.path={model}", f"model.prm_path={small}"),
+                            model / "config.json") == 14 * (107072 + 69952) == 2_478_336
     # outcome-only (no PRM trained): one model
     assert checkpoint_bytes(run_config(tmp_path, f"model.path={model}", "algo.prm_mode=outcome_only"),
                             model / "config.json") == 1_499_008

@@ -8,7 +8,8 @@ import pytest
 from megatron_prime.step_time import StepTimeAssumptions, StepWork, estimate
 
 WORK = StepWork(
-    params=1_000_000_000, num_layers=10, q_dim=1000, prompts_per_step=8, oversample_factor=2,
+    params=1_000_000_000, num_layers=10, q_dim=1000,
+    prm_params=1_000_000_000, prm_num_layers=10, prm_q_dim=1000, prompts_per_step=8, oversample_factor=2,
     samples_per_prompt=2, prompt_tokens=300, response_tokens=600, world_size=2, engines=1,
     engine_gpus=2, engine_weight_bytes_per_gpu=1_000_000_000, kv_bytes_per_token_per_gpu=100_000,
     kv_sequences=4, pipeline_bubble=0.0, recompute_full=False, skips_old_logprob_pass=True,
@@ -66,6 +67,25 @@ def test_the_passes_follow_the_algorithm_and_the_layout():
     # A larger KV cache puts more sequences in flight, up to the engine's whole round.
     wide = estimate(replace(WORK, kv_sequences=1000), ASSUMED)
     assert wide.sequences_in_flight == 32
+
+
+def test_a_smaller_prm_costs_its_own_flops():
+    """A PRM (and reference) of 2.5e8 parameters, 5 layers, q_dim 500: its forward is
+    4800 x (5e8 + 4 x 5 x 150 x 500) = 2.4072e12 FLOPs. Log-probs: the reference's only
+    (old pass skipped); PRM update 3 + 1 of its forwards; the policy's update unchanged;
+    with the old-policy pass, log-probs add one policy forward (9.6288e12)."""
+    from dataclasses import replace
+
+    small = replace(WORK, prm_params=250_000_000, prm_num_layers=5, prm_q_dim=500)
+    result = estimate(small, ASSUMED).seconds
+    rate = 2 * 989.4e12 * 0.5
+    prm_forward = 4800 * (5e8 + 4 * 5 * 150 * 500)
+    assert prm_forward == pytest.approx(2.4072e12)
+    assert result["log-probs"] == pytest.approx(prm_forward / rate)
+    assert result["PRM update"] == pytest.approx(4 * prm_forward / rate)
+    assert result["policy update"] == pytest.approx(estimate(WORK, ASSUMED).seconds["policy update"])
+    old = estimate(replace(small, skips_old_logprob_pass=False), ASSUMED).seconds
+    assert old["log-probs"] == pytest.approx((prm_forward + 9.6288e12) / rate)
 
 
 def test_bad_assumptions_are_named():

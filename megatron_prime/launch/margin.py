@@ -105,8 +105,11 @@ def checkpoint_bytes(prime: PrimeConfig, config_json: Path, on_gpu: bool = True)
     from megatron_prime.plan import dtype_bytes, load_hf_config, train_state_bytes
 
     shape = ModelShape.from_hf(load_hf_config(str(config_json)))
-    trained_models = 2 if prime.algo.trains_prm else 1
-    return train_state_bytes(shape, dtype_bytes(prime.precision.dtype, on_gpu), trained_models)
+    trained = [shape]
+    if prime.algo.trains_prm:  # a PRM of its own size (model.prm_path) is saved at that size
+        prm_json = model_config_path(prime.model.prm_path) if prime.model.prm_path else None
+        trained.append(ModelShape.from_hf(load_hf_config(str(prm_json))) if prm_json else shape)
+    return train_state_bytes(trained, dtype_bytes(prime.precision.dtype, on_gpu))
 
 
 def save_estimate(slurm: SlurmConfig, prime: PrimeConfig) -> tuple[float | None, str]:

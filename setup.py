@@ -62,6 +62,11 @@ setup(
             "megatron-prime-eval=megatron_prime.evaluate:main",
             "megatron-prime-credit=megatron_prime.credit:main",
             "megatron-prime-doctor=megatron_prime.doctor:main",
-        ]
+        ],
+        # vLLM loads it in each of its processes: the weight-transfer backend
+        # (megatron_prime/rollout/vllm_plugin.py).
+        "vllm.general_plugins": [
+            "megatron_prime=megatron_prime.rollout.vllm_plugin:register",
+        ],
     },
 )

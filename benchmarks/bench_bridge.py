@@ -1,6 +1,6 @@
 """Weight-sync throughput (GB/s) against a plain in-memory copy of the same bytes, and
 rollout tokens/s, for a ~200M-parameter Qwen2 on this machine, in one run, for each
-``rollout.weight_sync`` mode (reload: buckets into vLLM's reload_weights; shared: in-place
+``rollout.weight_sync`` mode (reload: buckets through vLLM's update_weights; shared: in-place
 writes into the engine's shared-memory parameters).
 
     python benchmarks/bench_bridge.py [--bucket-mb 256] [--syncs 3] [--modes reload,shared]

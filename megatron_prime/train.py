@@ -495,7 +495,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
         """Greedy pass@1 of the current policy on the held-out prompts; the engine wakes with
         the policy and goes back to sleep."""
         offload.release()
-        bridge.wake_with_policy()
+        bridge.wake_with_policy(version=step)  # the policy after `step` updates
         metrics = run_validation(val_records, engine, tokenizer, rewards, val_sampling,
                                  config.data.use_chat_template)
         bridge.release_engine()
@@ -513,7 +513,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
             timer = PhaseTimer()
             with timer("sync"):  # step 2: the trainer releases its memory, the engine wakes
                 offload.release()
-                bridge.wake_with_policy()
+                bridge.wake_with_policy(version=step - 1)  # the policy after step - 1 updates
             with timer("rollout"):  # steps 1, 3, 4, 5
                 collected = collect_batch(sampler, engine, tokenizer, rewards, config.rollout.sampling,
                                           config.rollout.batch, step, config.trainer.seed,

@@ -171,7 +171,20 @@ def state_error(name):
     except EngineStateError as error:
         errors[name] = str(error)
 state_error("dummy")
-engine.weights_written()  # as after a sync (the dummy weights are the weights here)
+try:
+    engine.load_weights([])
+except EngineStateError as error:
+    errors["outside_sync"] = str(error)
+# As after a sync (the dummy weights are the weights here): vLLM's start/finish pair.
+engine.start_weight_update()
+engine.weights_written(0)
+errors["version_0"] = engine.weight_version
+# vLLM's own contract, straight on the LLM: an update outside start/finish is refused by
+# vLLM's worker, and the engine still samples afterwards.
+try:
+    engine.llm.update_weights({"update_info": {"block_name": "none", "entries": []}})
+except Exception as error:
+    errors["vllm_order"] = str(error)
 errors["ready_samples"] = len(engine.generate([[5]], few))
 # A seeded round past vLLM's CPU token budget per step (30 x 4 x 40 = 4800 > 4096 prompt
 # tokens): with chunked prefill vLLM would rewind a CPU generator and die (engine.py).
@@ -214,7 +227,9 @@ try:
     engine.wake_kv_cache()
 except EngineStateError as error:
     errors["kv_first"] = str(error)
-engine.weights_written()
+engine.start_weight_update()
+engine.weights_written(1)
+errors["version_1"] = engine.weight_version
 state_error("weights_only")
 engine.wake_kv_cache()
 errors["woken_samples"] = len(engine.generate([[5]], few))
@@ -269,6 +284,10 @@ print(json.dumps(errors))
     assert "scoring broke" in errors["stream_error"] and errors["after_error"] == [1, 0]
     assert "on a sleeping engine" in errors["asleep"]
     assert "load_weights on a sleeping engine" in errors["load_asleep"]
+    assert "load_weights outside a sync: start_weight_update first" in errors["outside_sync"]
+    assert "start_weight_update must be called before update_weights" in errors["vllm_order"]
+    # finish_weight_update(weight_version=...) set what vLLM reports back.
+    assert (errors["version_0"], errors["version_1"]) == ("0", "1")
     assert "wake_kv_cache before the weights were loaded" in errors["kv_first"]
     assert "on a sleeping engine" in errors["weights_only"]
     # Every engine process (engine core, its worker, the resource tracker) outlived SIGTERM +

@@ -220,7 +220,9 @@ def _mutations() -> tuple[VllmName, ...]:
 
     by_key = {entry.key: entry for entry in VLLM_API}
     return (
-        replace(by_key["vllm.v1.worker.gpu_worker:Worker.reload_weights"], parameters=("weights_iter",)),
+        replace(by_key["vllm.entrypoints.llm:LLM.finish_weight_update"], parameters=("weight_ver",)),
+        replace(by_key["vllm.distributed.weight_transfer.base:WeightTransferEngine.receive_weights"],
+                parameters=("info",)),
         replace(by_key["vllm.entrypoints.llm:LLM"], parameters=("model", "worker_extension_class")),
         replace(by_key["vllm.entrypoints.llm:LLM.sleep"], qualname="LLM.hibernate"),
         replace(by_key["vllm.entrypoints.llm:LLM.llm_engine"], qualname="LLM.engine"),
@@ -305,3 +307,31 @@ def test_check_pins_names_each_displaced_pin():
     assert bad.stderr.splitlines() == [
         f"pin displaced: torch==2.12.0: installed {version('torch')}",
         "pin displaced: no-such-distribution==1.0: not installed"]
+
+
+# ---- the plugin that carries the weight sync into vLLM's processes ----
+
+def test_the_weight_sync_plugin_is_an_entry_point_vllm_may_load(monkeypatch):
+    """setup.py's vllm.general_plugins entry point resolves to rollout/vllm_plugin.register;
+    a VLLM_PLUGINS list that leaves it out is refused before vLLM starts."""
+    from importlib.metadata import entry_points
+
+    from megatron_prime.rollout.engine import PLUGIN_BACKEND, check_plugin_installed
+    from megatron_prime.rollout.vllm_plugin import BACKEND, register
+
+    (entry,) = entry_points(group="vllm.general_plugins", name=PLUGIN_BACKEND)
+    assert entry.load() is register and BACKEND == PLUGIN_BACKEND
+    check_plugin_installed()
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    with pytest.raises(RuntimeError, match="VLLM_PLUGINS='lora_filesystem_resolver' leaves out "
+                                           "'megatron_prime'"):
+        check_plugin_installed()
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver,megatron_prime")
+    check_plugin_installed()
+    # Registering twice in one process (vLLM calls it once per process) is harmless.
+    register()
+    register()
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+    from megatron_prime.rollout.vllm_plugin import BridgeTransferEngine
+
+    assert WeightTransferEngineFactory._registry[BACKEND]() is BridgeTransferEngine

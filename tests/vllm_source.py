@@ -144,7 +144,21 @@ def check_source(source: ModuleSource, registry: tuple[VllmName, ...] = VLLM_API
             if not isinstance(class_node, ast.ClassDef) or not sets_attribute(class_node, attribute):
                 problems.append(f"{where}: {owner} has no attribute {attribute}")
             continue
-        node = find_definition(tree, entry.qualname)
+        if entry.inherited_from:
+            owner, _, method = entry.qualname.partition(".")
+            base_module, base = entry.inherited_from.split(":")
+            class_node = find_definition(tree, owner)
+            if not isinstance(class_node, ast.ClassDef) or base not in {
+                    ast.unparse(b).rpartition(".")[2] for b in class_node.bases}:
+                problems.append(f"{where}: {owner} no longer inherits {base}")
+                continue
+            base_tree = source(base_module)
+            node = None if base_tree is None else find_definition(base_tree, f"{base}.{method}")
+            if node is None:
+                problems.append(f"{where}: {base} in {base_module} has no {method}")
+                continue
+        else:
+            node = find_definition(tree, entry.qualname)
         if node is None:
             problems.append(f"{where}: not defined in {entry.module}")
             continue

@@ -6,12 +6,13 @@ Per Megatron tensor, in a fixed order every rank agrees on (the "plan"):
    drops the vocabulary padding and renames to HF;
 3. the owning stage broadcasts the HF tensors over the PP group, so every rank has them;
 4. with ``rollout.weight_sync=reload``, tensors are packed into buckets of about
-   ``bucket_bytes``; each full bucket is handed to the engine's in-place ``reload_weights``
-   (ranks without an engine drop it). A bucket never splits a module (q/k/v weights and
-   biases of one attention, gate/up of one MLP): vLLM reloads layer by layer and processes a
-   module once per call, so a module split over two calls would be finalised half-loaded.
-   With ``weight_sync=shared`` (CPU engine) each tensor is instead written straight into the
-   engine's parameter in shared memory: no buckets, one copy per byte.
+   ``bucket_bytes``; each full bucket is one ``update_weights`` of vLLM's weight-transfer API
+   (rollout/vllm_plugin.py; ranks without an engine drop it). A bucket never splits a module
+   (q/k/v weights and biases of one attention, gate/up of one MLP), so the engine can process
+   a layer as soon as its bucket arrives. With ``weight_sync=shared`` (CPU engine) each tensor
+   is instead written straight into the engine's parameter in shared memory: no buckets, one
+   copy per byte. Either way one ``start_weight_update`` / ``finish_weight_update`` pair
+   frames a sync, and the finish names the policy version the engine now holds.
 
 The memory hand-off around a sync (``wake_with_policy``, every rank, in this order; verl's
 ``rollout_mode``/``trainer_mode`` and slime's ``onload``/``offload`` stage it the same way):
@@ -69,7 +70,7 @@ class SyncStats:
     seconds: float
     num_tensors: int
     num_buckets: int
-    # Time handing tensors to the engine: shared-memory copy + vLLM reload_weights, or the
+    # Time handing tensors to the engine: shared-memory copy + vLLM's update_weights, or the
     # in-place writes (weight_sync=shared).
     engine_seconds: float = 0.0
 
@@ -86,6 +87,7 @@ class WeightBridge:
         self.config = config or BridgeConfig()
         self.config.validate()
         self.plan = self._make_plan()
+        self.version = -1  # the weight version of the last sync (none yet)
 
     def _make_plan(self) -> list[tuple[int, ResolvedWeight]]:
         """(owning PP stage, weight) for every tensor, identical on every rank.
@@ -143,15 +145,15 @@ class WeightBridge:
         if bucket:
             yield bucket
 
-    def wake_with_policy(self) -> SyncStats:
+    def wake_with_policy(self, version: int | None = None) -> SyncStats:
         """Wakes the engine with the current policy's weights, staging the GPU memory hand-off
-        (module docstring; collective, every rank)."""
+        (module docstring; collective, every rank). ``version``: see ``sync``."""
         memory = distributed.runtime().memory
         memory.release_cached()
         distributed.host_barrier()
         if self.engine is not None:
             self.engine.wake_weights()
-        stats = self.sync()
+        stats = self.sync(version)
         memory.release_cached()  # the gather and bucket buffers of the sync
         distributed.host_barrier()
         if self.engine is not None:
@@ -165,12 +167,17 @@ class WeightBridge:
             self.engine.sleep()
         distributed.host_barrier()
 
-    def sync(self) -> SyncStats:
+    def sync(self, version: int | None = None) -> SyncStats:
         """Pushes the current policy weights into this rank's engine (collective); the engine's
-        weights must be awake (``wake_with_policy`` stages it)."""
+        weights must be awake (``wake_with_policy`` stages it). ``version`` (the trainer
+        passes the policy's optimizer steps; default: one more than the last sync's) is the
+        weight version the engine holds afterwards (``RolloutEngine.weight_version``)."""
+        self.version = self.version + 1 if version is None else version
         start = time.perf_counter()
         moved = tensors = buckets = 0
         engine_seconds = 0.0
+        if self.engine is not None:
+            self.engine.start_weight_update()
         if self.engine is not None and self.engine.config.weight_sync == "shared":
             # Ranks without an engine take the bucket path below: the same collectives.
             for _, name, tensor in self.iter_full_tensors():
@@ -190,7 +197,7 @@ class WeightBridge:
                 buckets += 1
                 del bucket
         if self.engine is not None:
-            self.engine.weights_written()
+            self.engine.weights_written(self.version)
         stats = SyncStats(moved, time.perf_counter() - start, tensors, buckets, engine_seconds)
         # A debug message, not a print: on the console it pushed the progress line away every
         # step; the sync's time is in the step's metrics (the "sync" phase), and SyncStats goes

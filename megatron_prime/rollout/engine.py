@@ -14,8 +14,10 @@ host copy of every engine's weights), then wakes in two stages around the weight
 weights, sync, KV cache (rollout/bridge.py). The engine owns that state: ``generate`` on an
 engine that sleeps or whose weights were dropped raises instead of sampling garbage.
 
-The weight bridge hands full HF tensors to the owning rank, which passes them through a
-shared-memory block (rollout/vllm_worker.py) to vLLM's in-place ``reload_weights``.
+The weight bridge hands full HF tensors to the owning rank, which passes them to vLLM through
+vLLM's weight-transfer API (``start_weight_update`` / ``update_weights`` /
+``finish_weight_update(weight_version=...)``) with megatron_prime's backend
+(rollout/vllm_plugin.py, loaded into vLLM's processes as a general plugin).
 
 The engine starts with dummy weights (``load_format="dummy"``) from a folder holding just
 config.json and the tokenizer (a Megatron checkpoint's ``hf/`` folder): the real weights
@@ -94,8 +96,8 @@ class RolloutConfig:
     use_chat_template: bool = False
     enforce_eager: bool = False
     seed: int = 0
-    # How trained weights reach the engine (rollout/vllm_worker.py): "reload" hands buckets to
-    # vLLM's reload_weights (any device, any vLLM TP); "shared" has the trainer write straight
+    # How trained weights reach the engine (rollout/vllm_plugin.py): "reload" hands buckets to
+    # the model's load_weights (any device, any vLLM TP); "shared" has the trainer write straight
     # into the engine's parameters in shared memory (CPU engine, vLLM TP=1): several times
     # faster syncs, but GEMMs without vLLM's CPU weight packing decode 5-15% slower.
     weight_sync: str = "reload"
@@ -245,6 +247,27 @@ class EngineStateError(RuntimeError):
 CPU_TOKENS_PER_STEP = 4096
 
 
+PLUGIN_BACKEND = "megatron_prime"  # rollout/vllm_plugin.py's BACKEND
+PLUGIN_GROUP = "vllm.general_plugins"
+
+
+def check_plugin_installed() -> None:
+    """vLLM finds megatron_prime's weight-transfer backend through an installed entry point
+    (setup.py): a source tree used without ``pip install -e .`` has none, and vLLM would
+    fail after its start-up with "Invalid weight transfer backend". VLLM_PLUGINS, where set,
+    must let it load."""
+    from importlib.metadata import entry_points
+
+    if not entry_points(group=PLUGIN_GROUP, name=PLUGIN_BACKEND):
+        raise RuntimeError(f"vLLM plugin {PLUGIN_BACKEND!r} ({PLUGIN_GROUP} entry point) is not "
+                           "installed: run `pip install -e .` in the megatron_prime checkout "
+                           "(the engine's weight sync is that plugin)")
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_BACKEND not in allowed.split(","):
+        raise RuntimeError(f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_BACKEND!r}, the engine's "
+                           "weight sync: add it or unset VLLM_PLUGINS")
+
+
 def cpu_scheduler_arguments(config: RolloutConfig) -> dict[str, Any]:
     """Scheduler settings a CPU engine needs: no chunked prefill.
 
@@ -302,7 +325,8 @@ class RolloutEngine:
             tensor_parallel_size=config.tensor_parallel_size,
             seed=config.seed,
             enforce_eager=config.enforce_eager,
-            worker_extension_cls="megatron_prime.rollout.vllm_worker.BridgeWorkerExtension",
+            # rollout/vllm_plugin.py's backend, registered in vLLM's processes by the plugin.
+            weight_transfer_config={"backend": PLUGIN_BACKEND},
             # The sampler's log-probs after temperature, like the trainer's (update.py): the
             # rollout/logprob_diff_* check then compares the same distribution at any T.
             logprobs_mode="processed_logprobs",
@@ -311,7 +335,7 @@ class RolloutEngine:
             kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
                           enable_sleep_mode=config.enable_sleep_mode)
         if config.weight_sync == "shared":
-            from megatron_prime.rollout.vllm_worker import SHARED_WEIGHTS_METHOD
+            from megatron_prime.rollout.vllm_plugin import SHARED_WEIGHTS_METHOD
 
             kwargs.update(quantization=SHARED_WEIGHTS_METHOD,
                           hf_overrides={"quantization_config": {"quant_method": SHARED_WEIGHTS_METHOD}})
@@ -333,11 +357,14 @@ class RolloutEngine:
         # saved, and stops it itself (job_signals.py; vLLM's engine core and workers install
         # SIGTERM handlers, which a blocked mask holds off and an ignored disposition would not). NCCL_CUMEM_ENABLE stays what every rank agreed on
         # (distributed.agree_nccl_cumem), whatever importing vLLM does to it.
+        check_plugin_installed()
         with _environment(environment), children_outlive_job_signals(spawn=True), \
                 _restored_after("NCCL_CUMEM_ENABLE"):
             self.llm = self._start_llm(kwargs)
         self._block: shared_memory.SharedMemory | None = None
         self._shared: SharedParameters | None = None
+        self._updating = False
+        self._transfer_ready = False  # vLLM's weight-transfer handshake, at the first sync
         self.tokenizer = self.llm.get_tokenizer()
         self._asleep = False
         self._weights_awake = True
@@ -447,12 +474,43 @@ class RolloutEngine:
 
     # ---- weights and memory ----
 
-    def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        """In-place reload of one bucket of (HF name, full tensor); vLLM cuts its TP shards.
+    def _init_weight_transfer(self) -> None:
+        """vLLM's weight-transfer handshake, once per engine, at its first sync (the engine
+        is awake then); in ``shared`` mode the engine moves its parameters into shared memory
+        and says where each lies."""
+        import json
+        import secrets
+        import tempfile
 
-        One copy into shared memory here, one copy into the parameters in the engine.
-        """
-        self._check_weights_awake("load_weights")
+        self._transfer_ready = True
+        if self.config.weight_sync == "reload":
+            self.llm.init_weight_transfer_engine({"init_info": {"mode": "reload"}})
+            return
+        layout = Path(tempfile.gettempdir()) / f"megatron_prime_layout_{os.getpid()}_{secrets.token_hex(4)}.json"
+        try:
+            self.llm.init_weight_transfer_engine({"init_info": {"mode": "shared",
+                                                                "layout_file": str(layout)}})
+            found = json.loads(layout.read_text())
+        finally:
+            layout.unlink(missing_ok=True)
+        self._shared = SharedParameters(found["path"], found["size"], found["entries"],
+                                        found["packed"], self.shape)
+
+    def start_weight_update(self) -> None:
+        """Opens a sync (vLLM's ``start_weight_update``): ``load_weights`` or ``write_weight``
+        for every tensor, then ``weights_written``."""
+        self._check_weights_awake("start_weight_update")
+        if self._updating:
+            raise EngineStateError("start_weight_update while a sync is open: weights_written first")
+        if not self._transfer_ready:
+            self._init_weight_transfer()
+        self.llm.start_weight_update()
+        self._updating = True
+
+    def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """One bucket of (HF name, full tensor) into vLLM (``update_weights``); vLLM cuts its
+        TP shards. One copy into shared memory here, one out of it in the engine."""
+        self._check_updating("load_weights")
         entries, offset = [], 0
         for name, tensor in bucket:
             offset = -(-offset // _ALIGN) * _ALIGN
@@ -464,25 +522,35 @@ class RolloutEngine:
             target = torch.frombuffer(block.buf, dtype=flat.dtype, count=flat.numel(), offset=start)
             target.copy_(flat)
             del target
-        self.llm.collective_rpc("load_weights_from_shared_memory", args=(block.name, entries))
-        # Cached prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
+        self.llm.update_weights({"update_info": {"block_name": block.name, "entries": entries}})
 
     def write_weight(self, name: str, tensor: torch.Tensor) -> None:
         """``weight_sync=shared``: copies one full HF tensor straight into the engine's
-        parameter (its rows of a fused vLLM tensor). Call ``weights_written`` after the last."""
-        self._check_weights_awake("write_weight")
+        parameter (its rows of a fused vLLM tensor)."""
+        self._check_updating("write_weight")
         if self._shared is None:
-            path, size, entries, packed = self.llm.collective_rpc("share_weights")[0]
-            self._shared = SharedParameters(path, size, entries, packed, self.shape)
+            raise EngineStateError("write_weight needs rollout.weight_sync=shared")
         self._shared.write(name, tensor)
 
-    def weights_written(self) -> None:
-        """The whole model was loaded (either sync mode)."""
-        self._check_weights_awake("weights_written")
+    def weights_written(self, version: int) -> None:
+        """Closes the sync (vLLM's ``finish_weight_update``): the whole model was loaded,
+        and it is the policy after ``version`` optimizer steps (vLLM tags every output with
+        it; ``weight_version`` reads it back)."""
+        self._check_updating("weights_written")
+        self.llm.finish_weight_update(weight_version=str(version))
+        self._updating = False
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         self._weights_loaded = True
+
+    @property
+    def weight_version(self) -> str:
+        return self.llm.get_weight_version()
+
+    def _check_updating(self, what: str) -> None:
+        self._check_weights_awake(what)
+        if not self._updating:
+            raise EngineStateError(f"{what} outside a sync: start_weight_update first")
 
     def _shared_block(self, nbytes: int) -> shared_memory.SharedMemory:
         """One block, reused across buckets and syncs; grown when a bucket does not fit."""
@@ -567,7 +635,7 @@ class RolloutEngine:
 
 class SharedParameters:
     """The trainer's view of an engine whose parameters live in a shared-memory file
-    (``rollout.weight_sync=shared``, rollout/vllm_worker.py).
+    (``rollout.weight_sync=shared``, rollout/vllm_plugin.py).
 
     Each full HF tensor is copied into its place: its own vLLM parameter, or its rows of a
     fused one (vLLM stacks q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``, in the

@@ -2,7 +2,7 @@
 parameter names the project passes or overrides.
 
 Why a registry: the engine and the weight bridge call past vLLM's documented surface (the
-worker's in-place ``reload_weights(weights_iterator=...)``, ``collective_rpc``, sleep levels
+weight-transfer engine base class and its layerwise reload, sleep levels
 and wake-up tags, the engine core's ``shutdown``, the quantization hook, environment
 variables), and those move between releases. The tests check this one table three ways
 (tests/test_vllm_api_pins.py): the project's source uses no vLLM name missing from it (so it
@@ -29,7 +29,8 @@ class VllmName:
     """One vLLM name the project depends on.
 
     kind:
-      ``callable``: a class, function or method; ``parameters`` (the names the project passes
+      ``callable``: a class, function or method (a method the class inherits: found in
+        ``inherited_from``); ``parameters`` (the names the project passes
         by keyword, or its overrides' parameter names) must be among its parameter names (a
         class: its ``__init__`` or, for a dataclass or msgspec struct, its fields).
         A callable that passes ``**kwargs`` on names the receiver in ``forwards_to``; a
@@ -50,6 +51,9 @@ class VllmName:
     imported_as: tuple[str, ...] = ()
     forwards_to: str | None = None  # "module:qualname"
     value_type: str | None = None  # "module:qualname"
+    # An inherited method: the "module:Class" that defines it, which the owner class
+    # (``qualname``'s first part) must still list among its bases.
+    inherited_from: str | None = None
     why: str = ""
 
     @property
@@ -64,7 +68,7 @@ WORKER = "vllm.v1.worker.gpu_worker:Worker"
 # Keyword arguments the project gives ``vllm.LLM`` (rollout/engine.py; tests/workers).
 LLM_KEYWORDS = (
     "model", "load_format", "dtype", "max_model_len", "tensor_parallel_size", "seed",
-    "enforce_eager", "worker_extension_cls", "logprobs_mode", "gpu_memory_utilization",
+    "enforce_eager", "weight_transfer_config", "logprobs_mode", "gpu_memory_utilization",
     "enable_sleep_mode", "quantization", "hf_overrides", "skip_tokenizer_init",
     "enable_chunked_prefill", "max_num_batched_tokens",
 )
@@ -88,8 +92,18 @@ VLLM_API: tuple[VllmName, ...] = (
     VllmName("vllm.v1.engine.llm_engine", "LLMEngine.abort_request", parameters=("internal",),
              why="a round that failed mid-way leaves nothing queued (enqueue's ids are internal)"),
     VllmName("vllm.entrypoints.llm", "LLM.get_tokenizer"),
-    VllmName("vllm.entrypoints.llm", "LLM.collective_rpc", parameters=("args",),
-             why="calls BridgeWorkerExtension's methods in every vLLM worker"),
+    # vLLM's RL weight-transfer API (LLM inherits it from RLOfflineMixin): one sync is
+    # start, an update per bucket, finish with the policy version (rollout/engine.py).
+    VllmName("vllm.config.weight_transfer", "WeightTransferConfig", parameters=("backend",),
+             why="LLM(weight_transfer_config={'backend': 'megatron_prime'})"),
+    *(VllmName("vllm.entrypoints.llm", f"LLM.{method}", parameters=parameters,
+               inherited_from="vllm.entrypoints.rl.offline:RLOfflineMixin", why=why)
+      for method, parameters, why in (
+          ("init_weight_transfer_engine", (), "the handshake: mode, shared mode's layout file"),
+          ("start_weight_update", (), "opens a sync"),
+          ("update_weights", (), "one bucket"),
+          ("finish_weight_update", ("weight_version",), "closes it; the bridge names the version"),
+          ("get_weight_version", (), "what the engine holds"))),
     VllmName("vllm.entrypoints.llm", "LLM.reset_prefix_cache",
              why="cached prefixes hold the old weights' KV after a sync"),
     VllmName("vllm.entrypoints.llm", "LLM.sleep", parameters=("level",),
@@ -117,16 +131,32 @@ VLLM_API: tuple[VllmName, ...] = (
     VllmName("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend.get_supported_head_sizes",
              imported_as=("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend",),
              why="a CPU engine refuses head sizes its attention lacks, before it starts"),
-    # ---- inside vLLM's worker (rollout/vllm_worker.py, mixed in by worker_extension_cls) ----
-    VllmName("vllm.v1.worker.gpu_worker", "Worker.reload_weights",
-             forwards_to="vllm.v1.worker.gpu_model_runner:GPUModelRunner.reload_weights",
-             parameters=("weights_iterator",),
-             why="in-place weight reload (CPUWorker inherits it from Worker)"),
-    VllmName("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.reload_weights",
-             parameters=("weights_iterator",)),
-    VllmName("vllm.v1.worker.gpu_worker", "Worker.model_runner", kind="attribute",
-             value_type="vllm.v1.worker.gpu_model_runner:GPUModelRunner"),
-    VllmName("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.get_model"),
+    # ---- inside vLLM's processes (rollout/vllm_plugin.py, a vllm.general_plugins entry) ----
+    VllmName("vllm.distributed.weight_transfer.factory", "WeightTransferEngineFactory.register_engine",
+             imported_as=("vllm.distributed.weight_transfer.factory.WeightTransferEngineFactory",),
+             why="adds the megatron_prime backend in every vLLM process"),
+    *(VllmName("vllm.distributed.weight_transfer.base", name,
+               imported_as=(f"vllm.distributed.weight_transfer.base.{name}",))
+      for name in ("WeightTransferInitInfo", "WeightTransferUpdateInfo")),
+    VllmName("vllm.distributed.weight_transfer.base", "WeightTransferEngine",
+             parameters=("config", "vllm_config", "device", "model"),
+             imported_as=("vllm.distributed.weight_transfer.base.WeightTransferEngine",),
+             why="BridgeTransferEngine's base; the factory builds it with these"),
+    *(VllmName("vllm.distributed.weight_transfer.base", f"WeightTransferEngine.{method}",
+               parameters=parameters, why="overridden by BridgeTransferEngine")
+      for method, parameters in (("init_transfer_engine", ("init_info",)),
+                                 ("start_weight_update", ()), ("update_weights", ("update_info",)),
+                                 ("receive_weights", ("update_info",)),
+                                 ("finish_weight_update", ()), ("shutdown", ()),
+                                 ("parse_update_info", ("update_dict",)))),
+    *(VllmName("vllm.distributed.weight_transfer.base", f"WeightTransferEngine.{name}",
+               kind="attribute", why="read by BridgeTransferEngine")
+      for name in ("model", "model_config", "device", "parallel_config")),
+    *(VllmName("vllm.model_executor.model_loader.reload.layerwise", name, parameters=parameters,
+               imported_as=(f"vllm.model_executor.model_loader.reload.{name}",),
+               why="one layerwise reload per sync, around the buckets' load_weights")
+      for name, parameters in (("initialize_layerwise_reload", ("model",)),
+                               ("finalize_layerwise_reload", ()))),
     VllmName("vllm.model_executor.layers.linear", "LinearBase",
              imported_as=("vllm.model_executor.layers.linear.LinearBase",)),
     VllmName("vllm.model_executor.layers.linear", "UnquantizedLinearMethod.create_weights",
@@ -161,6 +191,7 @@ VLLM_API: tuple[VllmName, ...] = (
         ("VLLM_CPU_KVCACHE_SPACE", "rollout.cpu_kv_cache_gib"),
         ("VLLM_LOGGING_LEVEL", "rollout.engine.log_level"),
         ("VLLM_CACHE_ROOT", "compile caches on node-local disk, not $HOME"),
+        ("VLLM_PLUGINS", "read: a list that leaves out megatron_prime is refused"),
     )),
 )
 
@@ -179,6 +210,6 @@ def modules() -> list[str]:
     """The vLLM modules whose source the table refers to (also the forward targets')."""
     found = {name.module for name in VLLM_API}
     found |= {target.split(":")[0] for name in VLLM_API
-              for target in (name.forwards_to, name.value_type) if target}
+              for target in (name.forwards_to, name.value_type, name.inherited_from) if target}
     found.add("vllm")  # the package's lazy re-exports (vllm.LLM, vllm.SamplingParams)
     return sorted(found)

@@ -26,8 +26,10 @@ byte, and a sync is an empty start/finish pair that sets the version. That needs
 read ``layer.weight`` itself rather than a packed copy of it, which ``SharedWeightsConfig``
 asks vLLM for.
 
-Anchors: verl and NeMo-RL sync colocated engines through CUDA IPC handles into the same
-``load_weights``; slime through the same reload after an NCCL broadcast.
+Anchors: verl's hybrid engine hands the gathered tensors to the vLLM model's
+``load_weights`` in-process; NeMo-RL sends CUDA IPC handles to its vLLM workers, which call
+the same ``load_weights``; slime pushes into SGLang (``update_weights_from_tensor`` when
+colocated, an NCCL broadcast otherwise). None of them runs a CPU engine.
 """
 
 from __future__ import annotations

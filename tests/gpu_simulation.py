@@ -226,11 +226,27 @@ class SimulatedCudaLLM:
         for tag in tags or ["weights", "kv_cache"]:
             self._wake(tag, ENGINE_WEIGHTS if tag == "weights" else self.kv_cache, "wake_up")
 
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
+    def _transfer(self, method: str) -> None:
+        """vLLM's weight-transfer calls: each reaches the workers, whose weights must be awake."""
         if self.booked["weights"] == 0:
             raise SimulatedOutOfMemory(f"{method} into weights that sleep (rank {self.rank})")
         self._event("rpc", method=method)
-        return [0]
+
+    def init_weight_transfer_engine(self, request: dict) -> None:
+        self._transfer("init_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self._transfer("start_weight_update")
+
+    def update_weights(self, request: dict) -> None:
+        self._transfer("update_weights")
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._transfer("finish_weight_update")
+        self.weight_version = weight_version
+
+    def get_weight_version(self) -> str | None:
+        return getattr(self, "weight_version", None)
 
     def reset_prefix_cache(self) -> None:
         pass

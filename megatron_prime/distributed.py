@@ -339,6 +339,17 @@ def broadcast_in_replica(obj: object) -> object:
     return holder[0]
 
 
+def all_gather_in_replica(obj: object) -> list[object]:
+    """Every rank of the replica's ``obj``, in rank order (pickled; host data, over the
+    replica's gloo group: ranks wait here while the engines generate)."""
+    if runtime().parallel.model_parallel_size == 1:
+        return [obj]
+    group = replica_host_group()
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, obj, group=group)
+    return everyone
+
+
 # ---- host (gloo) groups: waits and small host data around the rollout engines ----
 
 _HOST_GROUPS: dict[str, dist.ProcessGroup] = {}
@@ -406,20 +417,55 @@ def physical_device_id(environ: Mapping[str, str] | None = None) -> str:
     return visible[index]
 
 
-def replica_devices_on_node(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The physical GPU ids, in rank order, of this rank's model replica on this rank's node
-    (collective over the world, host data).
+@dataclass(frozen=True)
+class EngineSlot:
+    """This rank's part in its replica's rollout engines (``engine_slot``)."""
 
-    A replica's engine may only use these GPUs: with DP=2 on a node, an engine started with
-    the node's whole CUDA_VISIBLE_DEVICES would place its workers on GPUs 0..TP-1 like every
-    other replica's engine, and half the node would never generate. verl computes the same
-    per rollout server (its workers' CUDA_VISIBLE_DEVICES from the placement group's bundles).
+    index: int | None  # which of the replica's engines this rank hosts; None: none
+    count: int  # engines per replica
+    devices: list[str]  # the hosted engine's physical GPUs (its vLLM TP of them)
+
+
+def engine_slot(engines_per_replica: int | None, engine_tp: int,
+                environ: Mapping[str, str] | None = None) -> EngineSlot:
+    """Where this replica's rollout engines run (collective over the world, host data).
+
+    The replica's ranks, in rank order, are cut into ``engines_per_replica`` equal chunks
+    (None: one engine per ``engine_tp`` GPUs of the replica on a GPU, so every GPU hosts a
+    vLLM worker; one engine per replica on CPU, where an engine costs cores, not a GPU). A
+    chunk's first rank hosts its engine on the chunk's first ``engine_tp`` GPUs, which must
+    be on that rank's node: an engine started with the node's whole CUDA_VISIBLE_DEVICES
+    would put its workers on GPUs 0..TP-1 like every other engine of the node. verl computes
+    the same per rollout server (its workers' CUDA_VISIBLE_DEVICES from the placement
+    group's bundles); NeMo-RL places one vLLM worker group per TP-sized bundle.
     """
     mine = (runtime().launch.node_rank, physical_device_id(environ))
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine, group=host_group())
-    replica = dist.get_process_group_ranks(model_parallel_group())
-    return [everyone[rank][1] for rank in sorted(replica) if everyone[rank][0] == mine[0]]
+    replica = sorted(dist.get_process_group_ranks(model_parallel_group()))
+    size, position = len(replica), replica.index(dist.get_rank())
+    on_gpu = runtime().on_gpu
+    count = engines_per_replica or (size // engine_tp if on_gpu else 1)
+    if count < 1 or size % count:
+        raise ValueError(f"rollout.engine.engines_per_replica={count}: a replica has {size} "
+                         f"ranks (parallel TP x PP); expected a divisor of {size}"
+                         + (f" (with rollout.engine.tensor_parallel_size={engine_tp} there is "
+                            "room for none)" if count < 1 else ""))
+    chunk = size // count
+    if on_gpu and engine_tp > chunk:
+        raise ValueError(f"rollout.engine.tensor_parallel_size={engine_tp}: each of the "
+                         f"replica's {count} engine(s) has {chunk} GPUs; expected at most that")
+    if position % chunk:
+        return EngineSlot(None, count, [])
+    # The engine's GPUs: the chunk's first engine_tp ranks' (on CPU, where vLLM's TP workers
+    # are processes, the devices only matter to the placement simulation).
+    members = replica[position:position + min(engine_tp, chunk)]
+    nodes = {everyone[rank][0] for rank in members}
+    if len(nodes) > 1:
+        raise ValueError(f"rollout engine {position // chunk} of this replica would span nodes "
+                         f"{sorted(nodes)} (ranks {members}); a vLLM engine stays in one node: "
+                         "lower rollout.engine.tensor_parallel_size or keep TP within a node")
+    return EngineSlot(position // chunk, count, [everyone[rank][1] for rank in members])
 
 
 # ---- whole-batch reductions of the PRIME step (device tensors, over the DP group) ----

@@ -63,7 +63,6 @@ from megatron_prime.rollout.engine import (
     RolloutConfig,
     RolloutEngine,
     SamplingConfig,
-    hosts_engine,
 )
 from megatron_prime.update import (
     AlgoConfig,
@@ -450,11 +449,12 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
     offload = models.rollout_offload
     offload.release()
     runtime.memory.release_cached()
-    devices = distributed.replica_devices_on_node()  # collective
+    slot = distributed.engine_slot(config.rollout.engine.engines_per_replica,
+                                   config.rollout.engine.tensor_parallel_size)  # collective
     engine = None
-    if hosts_engine(distributed.tp_rank(), distributed.pp_rank()):
+    if slot.index is not None:
         engine = engine_factory(hf_folder, config.rollout.engine, on_gpu=runtime.on_gpu,
-                                visible_devices=devices)
+                                visible_devices=slot.devices)
     # vLLM sizes its KV cache from the free memory it profiles at start-up: no rank may touch
     # its GPU (not even the bridge's plan exchange) before every engine is up. The others wait
     # on the host, not in NCCL.
@@ -497,7 +497,7 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
         offload.release()
         bridge.wake_with_policy(version=step)  # the policy after `step` updates
         metrics = run_validation(val_records, engine, tokenizer, rewards, val_sampling,
-                                 config.data.use_chat_template)
+                                 config.data.use_chat_template, slot)
         bridge.release_engine()
         offload.restore()
         return metrics
@@ -518,8 +518,10 @@ def train(config: PrimeConfig, engine_factory: Callable[..., RolloutEngine] = Ro
                 collected = collect_batch(sampler, engine, tokenizer, rewards, config.rollout.sampling,
                                           config.rollout.batch, step, config.trainer.seed,
                                           config.data.use_chat_template, pad_token_id,
-                                          sequence_length_multiple(config.parallel, config.precision))
+                                          sequence_length_multiple(config.parallel, config.precision),
+                                          slot)
             metrics = dict(collected.metrics)
+            metrics["rollout/engines"] = float(slot.count * distributed.dp_world_size())
             bridge.release_engine()  # the engine sleeps: its GPU memory goes to training
             if offload.enabled:  # back on the GPU before any pass of the update
                 metrics.update(_largest_over_ranks(offload.restore().metrics()))

@@ -335,7 +335,7 @@ class CollectiveRecorder:
         return recorded
 
     def wrap_placement(self, function):
-        """``distributed.replica_devices_on_node``: the engines start right after it."""
+        """``distributed.engine_slot``: the engines start right after it."""
         @functools.wraps(function)
         def placed(*args, **kwargs):
             devices = function(*args, **kwargs)

@@ -37,6 +37,8 @@ LAYOUTS = {
     "1node_dp2_tp4": (1, 8, [None], 4, 1, 4),
     "2nodes_dp2_tp4": (2, 4, [None, "4,5,6,7"], 4, 1, 4),
     "1node_tp2_pp2_dp2": (1, 8, [None], 2, 2, 4),
+    # Rollout TP 2 under trainer TP 2 x PP 2: two engines per replica, one per stage's GPUs.
+    "1node_tp2_pp2_dp2_rollout_tp2": (1, 8, [None], 2, 2, 2),
 }
 # Engine owner rank -> (node, physical GPUs) that the layout gives each replica's engine.
 EXPECTED_ENGINES = {
@@ -45,7 +47,14 @@ EXPECTED_ENGINES = {
     # Megatron orders ranks TP fastest, then DP, then PP: replica 0 is ranks 0, 1 (stage 0)
     # and 4, 5 (stage 1); replica 1 is ranks 2, 3 and 6, 7, owned by rank 2.
     "1node_tp2_pp2_dp2": {0: ["n0g0", "n0g1", "n0g4", "n0g5"], 2: ["n0g2", "n0g3", "n0g6", "n0g7"]},
+    # The replicas' ranks cut in two chunks each: {0, 1}, {4, 5} and {2, 3}, {6, 7}.
+    "1node_tp2_pp2_dp2_rollout_tp2": {0: ["n0g0", "n0g1"], 4: ["n0g4", "n0g5"],
+                                      2: ["n0g2", "n0g3"], 6: ["n0g6", "n0g7"]},
 }
+# Settings of a layout beyond the common ones: two engines per replica (a CPU job's default
+# is one), and two prompts per replica and round, so that each engine gets one to generate.
+LAYOUT_OVERRIDES = {"1node_tp2_pp2_dp2_rollout_tp2": ("rollout.engine.engines_per_replica=2",
+                                                      "rollout.batch.prompts_per_step=4")}
 STEPS = 2
 
 
@@ -82,6 +91,7 @@ def launch_job(layout: str, toy: dict[str, Path], folder: Path, timeout: int = 6
         "validation.max_new_tokens=8",
         # The engines get what the trainer frees during a rollout (gpu_simulation.py's sizes).
         "rollout.engine.gpu_memory_utilization=0.75",
+        *LAYOUT_OVERRIDES.get(layout, ()),
         *extra,
     ]
     port = free_port()
@@ -133,7 +143,7 @@ def test_colocated_gpu_path(layout, toy, tmp_path):
     nodes, per_node, *_ = LAYOUTS[layout]
     expected = EXPECTED_ENGINES[layout]
     started = sorted(int(p.stem.split("-")[1]) for p in ledger.glob("engine-*.jsonl"))
-    assert started == sorted(expected), "one engine per replica, on the replica's first rank"
+    assert started == sorted(expected), "each engine on the first rank of its chunk of a replica"
 
     generating = set()
     for owner, gpus in expected.items():

@@ -330,7 +330,9 @@ def torchrun_train(toy_inputs: dict[str, Path], run_dir: Path, nproc: int, *extr
 @pytest.mark.slow
 def test_full_step_matches_across_layouts(toy_inputs, tmp_path):
     """One whole PRIME step (sync, vLLM rollout, rewards, PRM and PPO updates, checkpoint) at
-    TP=2 and at PP=2 gives the losses and updated weights of TP=1/PP=1 within 1e-5.
+    TP=2, at PP=2 and at TP=2 with one engine per rank (rollout.engine.engines_per_replica=2:
+    the replica's prompts split over two vLLM engines, each prompt seeded by its index in the
+    round) gives the losses and updated weights of TP=1/PP=1 within 1e-5.
 
     The PP=2 run starts from a Megatron checkpoint converted at TP=2 (resharded on load), the
     others from the HF folder: the SFT start may be either."""
@@ -344,21 +346,30 @@ def test_full_step_matches_across_layouts(toy_inputs, tmp_path):
     # by +-lr on the sign of rounding noise. Updates stay ~lr * g / (|g| + eps) >> 1e-5.
     one_step = ("trainer.steps=1", "policy_optimizer.adam_eps=1e-3", "prm_optimizer.adam_eps=1e-3")
     runs = {"tp1pp1": (1, ()), "tp2": (2, ("parallel.tensor_parallel_size=2",)),
-            "pp2": (2, ("parallel.pipeline_parallel_size=2", f"model.path={converted}"))}
+            "pp2": (2, ("parallel.pipeline_parallel_size=2", f"model.path={converted}")),
+            "tp2_two_engines": (2, ("parallel.tensor_parallel_size=2",
+                                    "rollout.engine.engines_per_replica=2"))}
+    from megatron_prime.monitor import read_metrics
+
     metrics, weights = {}, {}
     for name, (nproc, layout) in runs.items():
         run_dir = tmp_path / name
         torchrun_train(toy_inputs, run_dir, nproc, *one_step, *layout)
         metrics[name] = losses(run_dir)[1]
+        metrics[name]["rollout/engines"] = read_metrics(run_dir / "metrics.jsonl")[0]["rollout/engines"]
         weights[name] = saved_tensors(run_dir / "checkpoints" / "step_00000001")
     base = metrics["tp1pp1"]
     # The rollouts are the same tokens: the engine got the same weights at every layout.
     assert metrics["tp2"]["rollout/response_length"] == base["rollout/response_length"]
     assert metrics["pp2"]["rollout/response_length"] == base["rollout/response_length"]
+    assert metrics["tp2_two_engines"]["rollout/response_length"] == base["rollout/response_length"]
+    assert [metrics[name]["rollout/engines"] for name in runs] == [1, 1, 1, 2]
     model_keys = [k for k in weights["tp1pp1"] if "optimizer" not in k]
     assert any(k.startswith("policy/") for k in model_keys) and any(k.startswith("prm/") for k in model_keys)
-    for layout in ("tp2", "pp2"):
+    for layout in ("tp2", "pp2", "tp2_two_engines"):
         for key, value in base.items():
+            if key == "rollout/engines":
+                continue
             assert metrics[layout][key] == pytest.approx(value, abs=1e-5, rel=1e-5), (layout, key)
         for key in model_keys:
             a, b = weights["tp1pp1"][key], weights[layout][key]

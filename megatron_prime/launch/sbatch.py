@@ -593,7 +593,7 @@ def _srun_lines(slurm: SlurmConfig, trainer_args: Sequence[str], tasks_per_node:
     if slurm.gpus_per_node:
         # Every task sees all GPUs of its node: each trainer takes cuda:LOCAL_RANK, and each
         # replica's vLLM engine is started on its replica's GPUs (distributed.
-        # replica_devices_on_node), which a per-task binding would hide from it.
+        # engine_slot), which a per-task binding would hide from it.
         options.append("--gpu-bind=none")
     python = "python"
     if slurm.container_image is not None:

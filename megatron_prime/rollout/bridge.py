@@ -24,8 +24,8 @@ After the rollout, ``release_engine`` puts the engine to sleep (level 2) and hol
 at a host barrier until it sleeps, so no trainer allocates into the engine's memory.
 
 Who talks to which engine: every rank receives every full tensor (collectives need all of
-them); the first rank of each data-parallel replica (``engine.hosts_engine``) feeds its
-engine, the others drop the tensors. vLLM cuts its own TP shards, so the trainer's TP/PP and
+them); each rank that hosts an engine (``distributed.engine_slot``) feeds it, the others
+drop the tensors. vLLM cuts its own TP shards, so the trainer's TP/PP and
 vLLM's TP are independent. Peak extra memory: one bucket plus the tensors being gathered (at
 most the largest tensor) plus the engine's shared-memory block (one bucket), never a
 second model.

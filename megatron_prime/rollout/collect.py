@@ -1,7 +1,9 @@
 """Steps 1, 3, 4 and 5 of the PRIME step: prompts -> samples -> outcome rewards -> filter.
 
-Each data-parallel replica draws its shard of a round of prompts, its engine-owning rank
-samples n responses per prompt and scores them, and the accuracy-band filter keeps the
+Each data-parallel replica draws its shard of a round of prompts, splits it over its
+engines (distributed.engine_slot: on a GPU one per rollout-TP GPUs, so every GPU generates),
+each engine's rank samples n responses per prompt of its part and scores them, every rank of
+the replica gathers all parts in prompt order, and the accuracy-band filter keeps the
 prompts that still teach something (neither always right nor always wrong). Rounds repeat
 (over-sampling, then refills) until every replica holds its share of the step's prompts;
 all replicas then train on the same number of prompts, so their schedules run the same
@@ -88,7 +90,8 @@ def sampling_seed(seed: int, step: int, round_index: int, dp_rank: int) -> int:
 
 def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[PromptRecord],
                       sampling: SamplingConfig, rewards: RewardRegistry,
-                      use_chat_template: bool) -> tuple[list[ScoredGroup], dict[str, float]]:
+                      use_chat_template: bool, first_prompt_index: int = 0
+                      ) -> tuple[list[ScoredGroup], dict[str, float]]:
     prompt_ids = [render_prompt(tokenizer, p.messages, use_chat_template).token_ids for p in prompts]
     # Each prompt's responses go to the verifiers' pools the moment vLLM finishes them, so
     # scoring runs while the engine still generates the rest of the round.
@@ -101,7 +104,8 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
             [prompt.ability] * len(prompt_rollouts), [prompt.data_source] * len(prompt_rollouts))
 
     start = time.perf_counter()
-    rollouts = engine.generate(prompt_ids, sampling, on_finished=score_when_finished)
+    rollouts = engine.generate(prompt_ids, sampling, on_finished=score_when_finished,
+                               first_prompt_index=first_prompt_index)
     seconds = time.perf_counter() - start
     n = sampling.n
     wait_start = time.perf_counter()
@@ -127,6 +131,44 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
     return groups, stats
 
 
+# Stats of one engine's part that are wall times: the replica waited for the slowest engine.
+_PARALLEL_SECONDS = ("generate_seconds", "score_wait_seconds")
+
+
+def sample_and_score_in_replica(slot: distributed.EngineSlot, engine: RolloutEngine | None,
+                                tokenizer: Any, prompts: Sequence[PromptRecord],
+                                sampling: SamplingConfig, rewards: RewardRegistry | None,
+                                use_chat_template: bool
+                                ) -> tuple[list[ScoredGroup], dict[str, float]]:
+    """The replica's groups for ``prompts`` on every rank of the replica (collective over the
+    replica, host data): the prompts are cut into ``slot.count`` contiguous parts, engine k
+    samples and scores part k, and the parts come back in prompt order. Each prompt's seed
+    follows its index in ``prompts``, so the samples do not depend on the number of engines."""
+    if slot.count == 1:
+        result = None
+        if engine is not None:
+            assert rewards is not None
+            result = sample_and_score(engine, tokenizer, prompts, sampling, rewards, use_chat_template)
+        return distributed.broadcast_in_replica(result)
+    bounds = [len(prompts) * k // slot.count for k in range(slot.count + 1)]
+    part = None
+    if engine is not None:
+        assert rewards is not None and slot.index is not None
+        start, end = bounds[slot.index], bounds[slot.index + 1]
+        part = (slot.index, sample_and_score(engine, tokenizer, prompts[start:end], sampling,
+                                             rewards, use_chat_template, first_prompt_index=start)
+                if end > start else ([], {}))
+    parts = distributed.all_gather_in_replica(part)
+    groups: list[ScoredGroup] = []
+    stats: dict[str, float] = {}
+    for _, (part_groups, part_stats) in sorted(p for p in parts if p is not None):
+        groups.extend(part_groups)
+        for name, value in part_stats.items():
+            combine = max if name in _PARALLEL_SECONDS else (lambda a, b: a + b)
+            stats[name] = combine(stats[name], value) if name in stats else value
+    return groups, stats
+
+
 def filter_groups(groups: list[ScoredGroup], n: int, config: BatchConfig) -> tuple[list[ScoredGroup], FilterResult]:
     """The groups that survive the truncation filter (if on) and then the accuracy band."""
     scores = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float32)
@@ -140,14 +182,16 @@ def filter_groups(groups: list[ScoredGroup], n: int, config: BatchConfig) -> tup
 def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenizer: Any,
                   rewards: RewardRegistry | None, sampling: SamplingConfig, config: BatchConfig,
                   step: int, seed: int, use_chat_template: bool, pad_token_id: int,
-                  length_multiple: int = SEQUENCE_LENGTH_ALIGNMENT) -> CollectedBatch:
+                  length_multiple: int = SEQUENCE_LENGTH_ALIGNMENT,
+                  slot: distributed.EngineSlot | None = None) -> CollectedBatch:
     """This replica's kept groups for one step (collective over the world).
 
     Rows are right-padded to a multiple of ``length_multiple`` tokens
     (models/architectures.sequence_length_multiple: 16 under FP8, TP under sequence parallelism).
 
-    Every rank advances the sampler the same way; only the engine owner samples and scores,
-    and the replica's other ranks receive its groups.
+    Every rank advances the sampler the same way; the replica's engine ranks sample and
+    score their parts of each round (``sample_and_score_in_replica``), and every rank of the
+    replica receives all of them.
     """
     n = sampling.n
     target = config.prompts_per_step // distributed.dp_world_size()
@@ -159,12 +203,10 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
               "verifier_errors": 0.0}
     for round_index in range(config.max_rounds):
         prompts = sampler.next_batch()
-        result = None
-        if engine is not None:
-            assert rewards is not None
-            round_sampling = replace(sampling, seed=sampling_seed(seed, step, round_index, distributed.dp_rank()))
-            result = sample_and_score(engine, tokenizer, prompts, round_sampling, rewards, use_chat_template)
-        groups, stats = distributed.broadcast_in_replica(result)
+        round_sampling = replace(sampling, seed=sampling_seed(seed, step, round_index, distributed.dp_rank()))
+        groups, stats = sample_and_score_in_replica(
+            slot or distributed.EngineSlot(0 if engine is not None else None, 1, []), engine,
+            tokenizer, prompts, round_sampling, rewards, use_chat_template)
         round_kept, verdict = filter_groups(groups, n, config)
         kept.extend(round_kept)
         for name, value in stats.items():

@@ -1,12 +1,13 @@
 """The rollout engine: vLLM's offline ``LLM``, colocated with the trainer.
 
-Placement: one engine per trainer data-parallel replica, owned by the replica's first rank
-(TP rank 0 of the first pipeline stage; ``hosts_engine()``). vLLM's engine core runs in its
-own process, started fresh (spawn), so it never sees the trainer's torch.distributed world;
-its tensor-parallel size is independent of the trainer's TP/PP. On GPU the engine process
-sees only its replica's GPUs on the owner's node (``distributed.replica_devices_on_node``),
-so vLLM's workers, which take ``cuda:0..TP-1`` of what they see, land on the replica's own
-GPUs and every replica's GPUs generate.
+Placement (``distributed.engine_slot``): each trainer data-parallel replica runs
+``rollout.engine.engines_per_replica`` engines, by default on a GPU one per
+``tensor_parallel_size`` GPUs of the replica, so every GPU hosts a vLLM worker whatever the
+trainer's TP x PP; on CPU one per replica. The first rank of each chunk of the replica's ranks
+owns an engine; vLLM's engine core runs in its own process, started fresh (spawn), so it never
+sees the trainer's torch.distributed world. On GPU the engine process sees only its chunk's
+GPUs (CUDA_VISIBLE_DEVICES), so vLLM's workers, which take ``cuda:0..TP-1`` of what they see,
+land there. The replica's prompts are split over its engines (rollout/collect.py).
 
 Memory hand-off (GPU, sleep mode): the engine sleeps at level 2 after every rollout (KV cache
 and weights dropped: the next sync overwrites the weights anyway, and level 1 would keep a
@@ -87,6 +88,10 @@ class RolloutConfig:
     """How the vLLM engine is built."""
 
     tensor_parallel_size: int = 1
+    # Engines per trainer replica (distributed.engine_slot): None is one per
+    # tensor_parallel_size GPUs of the replica on a GPU (every GPU generates), one per replica
+    # on CPU. The replica's prompts are split over them.
+    engines_per_replica: int | None = None
     max_model_len: int = 4096
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
     gpu_memory_utilization: float = 0.5
@@ -109,6 +114,8 @@ class RolloutConfig:
 
     def validate(self) -> None:
         require_positive_int("rollout.tensor_parallel_size", self.tensor_parallel_size)
+        if self.engines_per_replica is not None:
+            require_positive_int("rollout.engine.engines_per_replica", self.engines_per_replica)
         require_positive_int("rollout.max_model_len", self.max_model_len)
         require_choice("rollout.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
@@ -226,11 +233,6 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
-def hosts_engine(tp_rank: int, pp_rank: int) -> bool:
-    """The first rank of each data-parallel replica owns that replica's engine."""
-    return tp_rank == 0 and pp_rank == 0
-
-
 def engine_core_processes(client: Any) -> list[Any]:
     """The engine-core processes of vLLM's multiprocess client (``[]`` for an in-process
     engine). vLLM's names: ``MPClient.resources.engine_manager.processes``."""
@@ -287,7 +289,7 @@ def cpu_scheduler_arguments(config: RolloutConfig) -> dict[str, Any]:
 
 
 class RolloutEngine:
-    """A vLLM engine owned by this rank (see ``hosts_engine``).
+    """A vLLM engine owned by this rank (see ``distributed.engine_slot``).
 
     States: awake with the trainer's weights (``ready``; only then ``generate``), asleep
     (KV cache and weights dropped), weights awake but not yet loaded (during a sync). A new
@@ -408,14 +410,17 @@ class RolloutEngine:
 
     def generate(self, prompts: Sequence[str | list[dict[str, str]] | list[int]],
                  sampling: SamplingConfig,
-                 on_finished: Callable[[list[Rollout]], None] | None = None) -> list[Rollout]:
+                 on_finished: Callable[[list[Rollout]], None] | None = None,
+                 first_prompt_index: int = 0) -> list[Rollout]:
         """n samples per prompt, with the sampler's log-probs. Checks lengths before sampling.
 
         ``on_finished`` is called with a prompt's n rollouts as soon as vLLM has finished all
         of them, while it still generates the others (the rollout scores them meanwhile):
         the requests are queued with ``LLM.enqueue`` and the engine is stepped here, as
         ``LLM.generate`` steps it, so the batch and the samples are the same. The result is
-        in prompt order either way."""
+        in prompt order either way. ``first_prompt_index``: where these prompts start in the
+        round they were cut from (each prompt's seed follows its index in the round, so a
+        round split over several engines samples what one engine would)."""
         from vllm import SamplingParams
 
         sampling.validate()
@@ -433,7 +438,8 @@ class RolloutEngine:
                 n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
                 stop=list(sampling.stop) or None, logprobs=0,
-                seed=None if sampling.seed is None else prompt_seed(sampling.seed, index))
+                seed=None if sampling.seed is None else prompt_seed(sampling.seed,
+                                                                    first_prompt_index + index))
 
         self._check_ready("generate")
         requests = [{"prompt_token_ids": ids} for ids in token_ids]

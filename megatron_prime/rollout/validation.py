@@ -20,7 +20,7 @@ from megatron_prime import distributed
 from megatron_prime.config import require, require_positive_int
 from megatron_prime.data import PromptRecord
 from megatron_prime.rewards import RewardRegistry
-from megatron_prime.rollout.collect import sample_and_score
+from megatron_prime.rollout.collect import sample_and_score_in_replica
 from megatron_prime.rollout.engine import RolloutEngine, SamplingConfig
 
 
@@ -64,17 +64,19 @@ def greedy(sampling: SamplingConfig, max_new_tokens: int | None) -> SamplingConf
 
 def run_validation(records: list[PromptRecord], engine: RolloutEngine | None, tokenizer: Any,
                    rewards: RewardRegistry | None, sampling: SamplingConfig,
-                   use_chat_template: bool) -> dict[str, float]:
+                   use_chat_template: bool,
+                   slot: distributed.EngineSlot | None = None) -> dict[str, float]:
     """``val/accuracy`` (greedy pass@1) and ``val/response_length`` over all held-out prompts
     (collective over the world; the engine must hold the current policy)."""
     shard = records[distributed.dp_rank()::distributed.dp_world_size()]
-    result = None
-    if engine is not None and shard:
-        assert rewards is not None
-        # The training rollout's sample-and-score, with greedy sampling.
-        _, stats = sample_and_score(engine, tokenizer, shard, sampling, rewards, use_chat_template)
-        result = (stats["correct"], stats["responses"], stats["response_tokens"])
-    correct, count, tokens = distributed.broadcast_in_replica(result) or (0.0, 0.0, 0.0)
+    correct = count = tokens = 0.0
+    if shard:
+        # The training rollout's sample-and-score, with greedy sampling, over the replica's
+        # engines.
+        _, stats = sample_and_score_in_replica(
+            slot or distributed.EngineSlot(0 if engine is not None else None, 1, []), engine,
+            tokenizer, shard, sampling, rewards, use_chat_template)
+        correct, count, tokens = stats["correct"], stats["responses"], stats["response_tokens"]
     totals = torch.tensor([correct, count, tokens], dtype=torch.float64)
     # One copy per replica: the replica's ranks hold the same numbers after the broadcast.
     # Over gloo: replicas that finished first wait here while the others generate.

@@ -28,7 +28,6 @@ from megatron_prime.rollout.engine import (
     RolloutConfig,
     RolloutEngine,
     SamplingConfig,
-    hosts_engine,
 )
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42]]
@@ -130,7 +129,7 @@ def main() -> None:
     except KeyError as error:
         unknown_weight_error = str(error.args[0])
     del chunk.adapter_scale
-    is_host = hosts_engine(distributed.tp_rank(), distributed.pp_rank())
+    is_host = distributed.engine_slot(1, 1).index is not None  # one engine per replica
     engine = RolloutEngine(args.hf_dir, RolloutConfig(max_model_len=128, enforce_eager=True,
                                                          weight_sync=args.weight_sync),
                            on_gpu=False) if is_host else None

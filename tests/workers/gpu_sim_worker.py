@@ -52,7 +52,7 @@ def main() -> None:
 
     schedule._run_schedule = booked_schedule
     distributed.gather_tp_shards = booked_gather
-    distributed.replica_devices_on_node = recorder.wrap_placement(distributed.replica_devices_on_node)
+    distributed.engine_slot = recorder.wrap_placement(distributed.engine_slot)
     train_module.collect_batch = recorder.wrap_rollout(train_module.collect_batch)
     train_module.run_validation = recorder.wrap_rollout(train_module.run_validation)
 

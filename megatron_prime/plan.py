@@ -827,6 +827,14 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
                         f"{vllm.sequence_tokens} tokens; needs {vllm.min_sequences}")
         problem = vllm_problem if problem is None else f"{problem}; {vllm_problem}"
         shortfall += missing
+    engine_gpus = replica_gpus_on_owner_node(layout, cluster.gpus_per_node)
+    if options.vllm_tensor_parallel_size > engine_gpus:
+        # The trainer refuses it too (rollout/engine.py): an engine sees only its replica's
+        # GPUs on its owner's node.
+        vllm_problem = (f"vLLM TP {options.vllm_tensor_parallel_size} needs that many GPUs of "
+                        f"one replica on one node; this layout's replica has {engine_gpus} there")
+        problem = vllm_problem if problem is None else f"{problem}; {vllm_problem}"
+        shortfall = max(shortfall, 1)
     if work.prompts_per_step % layout.dp:
         problem = (f"prompts per step {work.prompts_per_step} is not a multiple of DP="
                    f"{layout.dp} (rollout.batch.prompts_per_step)")
@@ -883,6 +891,18 @@ def _largest_component(components: dict[str, dict[str, int]], phase: str) -> tup
             merged[key] = merged.get(key, 0) + by_phase[phase]
     name = max(merged, key=lambda key: merged[key])
     return name, merged[name]
+
+
+def replica_gpus_on_owner_node(layout: Layout, gpus_per_node: int) -> int:
+    """GPUs of a model replica on the node of its first rank, the fewest over the replicas:
+    what its vLLM engine may use (distributed.replica_devices_on_node). Megatron orders ranks
+    TP fastest, then DP, then PP, so stage s of replica d starts at s*TP*DP + d*TP."""
+    def node(rank: int) -> int:
+        return rank // gpus_per_node
+
+    tp, dp = layout.tp, layout.dp
+    return min(tp * sum(node(s * tp * dp + d * tp) == node(d * tp) for s in range(layout.pp))
+               for d in range(dp))
 
 
 def candidate_layouts(shape: ModelShape, cluster: Cluster,

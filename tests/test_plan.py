@@ -809,8 +809,8 @@ def test_a_prm_of_its_own_size_limits_the_layouts_and_the_step_time():
     assert {p.layout.tp for p in small.layouts} == {1, 2}
     assert small.step_time.seconds["PRM update"] < same.step_time.seconds["PRM update"] / 3
     assert small.step_time.seconds["policy update"] == pytest.approx(
-        same.step_time.seconds["policy update"] * (1 - small.best.pipeline_bubble)
-        / (1 - same.best.pipeline_bubble))
+        same.step_time.seconds["policy update"] * (1 - same.best.pipeline_bubble)
+        / (1 - small.best.pipeline_bubble))
     with pytest.raises(ValueError, match="--prm-model='nope'"):
         plan_run("eurus-2-7b", Cluster(), work, Options(prm_model="nope"))
     _, text = run_main(["--model", "eurus-2-7b", "--prm-model", "qwen2.5-math-1.5b"])
@@ -864,3 +864,26 @@ def test_report_with_the_rollout_offload_gives_vllm_the_freed_memory():
     assert f"{host / 1e9:.2f} GB pinned per GPU) {resident / 1e9:.2f} GB + reserve 3.22 GB" in line
     most = math.floor((80e9 - 3 * 2**30 - resident) / 0.8e9) / 100
     assert f"at most {most:.2f} (configured 0.6: fits)" in line and most == 0.86
+
+
+def test_an_engine_gets_only_its_replicas_gpus_on_its_node():
+    """Megatron's rank order (TP fastest, then DP, then PP): stage s of replica d starts at
+    rank s*TP*DP + d*TP. One 8-GPU node: TP=4 DP=2 -> 4 GPUs; TP=2 PP=2 DP=2 -> ranks 0-1
+    and 4-5 -> 4; TP=1 PP=2 DP=4 -> ranks 0 and 4 -> 2. Four nodes: TP=8 PP=2 DP=2 -> stage 1
+    at rank 16, another node -> 8; TP=2 PP=4 DP=4 -> stages at 0, 8, 16, 24, one per node -> 2."""
+    from megatron_prime.plan import Cluster, Layout, Options, Workload, plan_run, \
+        replica_gpus_on_owner_node
+
+    assert replica_gpus_on_owner_node(Layout(4, 1, 2), 8) == 4
+    assert replica_gpus_on_owner_node(Layout(2, 2, 2), 8) == 4
+    assert replica_gpus_on_owner_node(Layout(1, 2, 4), 8) == 2
+    assert replica_gpus_on_owner_node(Layout(8, 2, 2), 8) == 8
+    assert replica_gpus_on_owner_node(Layout(2, 4, 4), 8) == 2
+    # The trainer refuses a vLLM TP larger than that (rollout/engine.py); so does the plan.
+    plan = plan_run("eurus-2-7b", Cluster(), Workload(prompt_tokens=1024, response_tokens=3072),
+                    Options(distributed_optimizer=True, vllm_tensor_parallel_size=4))
+    by_layout = {(p.layout.tp, p.layout.pp): p for p in plan.layouts}
+    assert not by_layout[(2, 1)].fits
+    assert "vLLM TP 4 needs that many GPUs of one replica on one node; this layout's replica " \
+           "has 2 there" in by_layout[(2, 1)].problem
+    assert "vLLM TP" not in (by_layout[(4, 1)].problem or "")

@@ -271,6 +271,7 @@ def plan_request(config: PrimeConfig, target: RunTarget, gpu_bytes: int) -> tupl
                    if config.model.prm_path else None),
         vllm_memory_fraction=engine.gpu_memory_utilization,
         vllm_tensor_parallel_size=engine.tensor_parallel_size,
+        engines_per_replica=engine.engines_per_replica,
         vllm_sleep_mode=engine.enable_sleep_mode)
     dp = target.nodes * target.gpus_per_node // parallel.model_parallel_size
     layout = plan.Layout(parallel.tensor_parallel_size, parallel.pipeline_parallel_size, dp)

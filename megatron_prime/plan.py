@@ -504,6 +504,9 @@ class Options:
     # frozen models in host memory while the engine is awake.
     offload_during_rollout: bool = True
     with_prm: bool = True  # algo.prm_mode != "outcome_only": a PRM scores the batch
+    # rollout.engine.engines_per_replica; None: one engine per vLLM-TP GPUs of a replica (the
+    # trainer's GPU default: every GPU hosts a vLLM worker).
+    engines_per_replica: int | None = None
     # model.prm_path of another size (a preset or config.json, as --model): the PRM's and the
     # reference's shape. None: the policy's.
     prm_model: str | None = None
@@ -537,7 +540,8 @@ def validate(shape: ModelShape, cluster: Cluster, work: Workload, options: Optio
                         ("--prompts-per-step", work.prompts_per_step),
                         ("--oversample-factor", work.oversample_factor),
                         ("--ppo-mini-batches", work.ppo_mini_batches),
-                        ("--vllm-tensor-parallel-size", options.vllm_tensor_parallel_size)]:
+                        ("--vllm-tensor-parallel-size", options.vllm_tensor_parallel_size),
+                        ("--engines-per-replica", options.engines_per_replica or 1)]:
         if value < 1:
             raise ValueError(f"{name}={value} is invalid: expected an integer >= 1")
     checks = [
@@ -595,7 +599,8 @@ PHASES = ("rollout", "reference forward", "PRM update", "policy update")
 
 @dataclass
 class VllmPlan:
-    """One GPU's share of a vLLM engine (engines: one per trainer DP replica, engine.py)."""
+    """One GPU's share of a vLLM engine (``engines`` of them in the job: engines per replica
+    x DP, distributed.engine_slot)."""
 
     engine_bytes: int
     weight_bytes: int
@@ -607,6 +612,7 @@ class VllmPlan:
     min_sequences: int
     rollouts_per_engine: int  # per rollout round
     waves: int  # rounds of concurrent sequences the engine runs per rollout round
+    engines: int = 1
 
 
 @dataclass
@@ -660,7 +666,7 @@ def vllm_weight_params(shape: ModelShape, vtp: int) -> int:
 
 
 def vllm_plan(shape: ModelShape, cluster: Cluster, work: Workload, options: Options,
-              dp: int) -> VllmPlan:
+              engines: int) -> VllmPlan:
     """The engine gets ``fraction x GPU memory`` on each of its GPUs: bf16 weights / vLLM TP,
     the overhead, and the rest as KV cache of 2 (K, V) x layers x KV heads x d x e bytes per
     token / vLLM TP (KV heads are replicated when vLLM TP exceeds them)."""
@@ -674,13 +680,14 @@ def vllm_plan(shape: ModelShape, cluster: Cluster, work: Workload, options: Opti
     per_token = 2 * shape.num_layers * kv_heads * shape.head_dim * e
     sequence_tokens = math.ceil(work.seq_length / 16) * 16
     concurrent = kv_cache // (per_token * sequence_tokens)
-    rollouts = work.prompts_per_step * work.oversample_factor * work.samples_per_prompt // dp
+    rollouts = math.ceil(work.prompts_per_step * work.oversample_factor * work.samples_per_prompt
+                         / max(engines, 1))
     return VllmPlan(
         engine_bytes=engine, weight_bytes=weights, overhead_bytes=overhead,
         kv_cache_bytes=kv_cache, kv_bytes_per_token=per_token, sequence_tokens=sequence_tokens,
         concurrent_sequences=concurrent,
         min_sequences=options.vllm_min_sequences or work.samples_per_prompt,
-        rollouts_per_engine=rollouts,
+        rollouts_per_engine=rollouts, engines=engines,
         waves=math.ceil(rollouts / concurrent) if concurrent else 0,
     )
 
@@ -783,7 +790,8 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
     rollouts_per_rank = work.prompts_per_step * work.samples_per_prompt // layout.dp
     num_microbatches = max(1, math.ceil(rollouts_per_rank / work.ppo_mini_batches
                                         / work.micro_batch_size))
-    vllm = vllm_plan(shape, cluster, work, options, layout.dp)
+    per_replica = engines_per_replica(layout, options)
+    vllm = vllm_plan(shape, cluster, work, options, per_replica * layout.dp)
     candidates = []
     resident = host = 0
     for stage in sorted({0, layout.pp - 1}):
@@ -827,13 +835,11 @@ def plan_layout(shape: ModelShape, cluster: Cluster, work: Workload, options: Op
                         f"{vllm.sequence_tokens} tokens; needs {vllm.min_sequences}")
         problem = vllm_problem if problem is None else f"{problem}; {vllm_problem}"
         shortfall += missing
-    engine_gpus = replica_gpus_on_owner_node(layout, cluster.gpus_per_node)
-    if options.vllm_tensor_parallel_size > engine_gpus:
-        # The trainer refuses it too (rollout/engine.py): an engine sees only its replica's
-        # GPUs on its owner's node.
-        vllm_problem = (f"vLLM TP {options.vllm_tensor_parallel_size} needs that many GPUs of "
-                        f"one replica on one node; this layout's replica has {engine_gpus} there")
-        problem = vllm_problem if problem is None else f"{problem}; {vllm_problem}"
+    # The trainer refuses these too (distributed.engine_slot).
+    engine_problem = engine_placement_problem(layout, cluster.gpus_per_node, per_replica,
+                                              options.vllm_tensor_parallel_size)
+    if engine_problem is not None:
+        problem = engine_problem if problem is None else f"{problem}; {engine_problem}"
         shortfall = max(shortfall, 1)
     if work.prompts_per_step % layout.dp:
         problem = (f"prompts per step {work.prompts_per_step} is not a multiple of DP="
@@ -893,16 +899,38 @@ def _largest_component(components: dict[str, dict[str, int]], phase: str) -> tup
     return name, merged[name]
 
 
-def replica_gpus_on_owner_node(layout: Layout, gpus_per_node: int) -> int:
-    """GPUs of a model replica on the node of its first rank, the fewest over the replicas:
-    what its vLLM engine may use (distributed.replica_devices_on_node). Megatron orders ranks
-    TP fastest, then DP, then PP, so stage s of replica d starts at s*TP*DP + d*TP."""
-    def node(rank: int) -> int:
-        return rank // gpus_per_node
+def engines_per_replica(layout: Layout, options: Options) -> int:
+    """rollout.engine.engines_per_replica, or its GPU default: one engine per vLLM-TP GPUs
+    of the replica (0 when the replica has fewer GPUs than one engine needs)."""
+    return options.engines_per_replica or (layout.tp * layout.pp // options.vllm_tensor_parallel_size)
 
-    tp, dp = layout.tp, layout.dp
-    return min(tp * sum(node(s * tp * dp + d * tp) == node(d * tp) for s in range(layout.pp))
-               for d in range(dp))
+
+def engine_placement_problem(layout: Layout, gpus_per_node: int, per_replica: int,
+                             vtp: int) -> str | None:
+    """Why the replicas' engines cannot be placed (None: they can), as
+    distributed.engine_slot places them: the replica's ranks cut into ``per_replica`` equal
+    chunks, each engine on its chunk's first ``vtp`` GPUs, which must share a node. Megatron
+    orders ranks TP fastest, then DP, then PP: replica d's stage s holds ranks s*TP*DP + d*TP
+    .. + TP - 1."""
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    size = tp * pp
+    if per_replica < 1:
+        return (f"vLLM TP {vtp} needs {vtp} GPUs of one replica per engine; this layout's "
+                f"replica has {size}")
+    if size % per_replica:
+        return f"{per_replica} engines per replica do not split a replica's {size} GPUs evenly"
+    chunk = size // per_replica
+    if vtp > chunk:
+        return (f"vLLM TP {vtp} needs {vtp} GPUs per engine; {per_replica} engines per replica "
+                f"get {chunk} each")
+    for d in range(dp):
+        replica = [s * tp * dp + d * tp + t for s in range(pp) for t in range(tp)]
+        for k in range(per_replica):
+            members = replica[k * chunk:k * chunk + vtp]
+            if len({rank // gpus_per_node for rank in members}) > 1:
+                return (f"an engine's {vtp} GPUs would span nodes (ranks {members[0]}.."
+                        f"{members[-1]} of replica {d}); vLLM TP must stay within a node")
+    return None
 
 
 def candidate_layouts(shape: ModelShape, cluster: Cluster,
@@ -968,7 +996,7 @@ def step_work(shape: ModelShape, cluster: Cluster, work: Workload, options: Opti
         prompts_per_step=work.prompts_per_step, oversample_factor=work.oversample_factor,
         samples_per_prompt=work.samples_per_prompt, prompt_tokens=work.prompt_tokens,
         response_tokens=work.response_tokens, world_size=cluster.world_size,
-        engines=p.layout.dp, engine_gpus=options.vllm_tensor_parallel_size,
+        engines=p.vllm.engines, engine_gpus=options.vllm_tensor_parallel_size,
         engine_weight_bytes_per_gpu=p.vllm.weight_bytes,
         kv_bytes_per_token_per_gpu=p.vllm.kv_bytes_per_token,
         kv_sequences=p.vllm.concurrent_sequences, pipeline_bubble=p.pipeline_bubble,
@@ -1216,7 +1244,7 @@ def _reasons(result: Plan, best: LayoutPlan) -> list[str]:
     reasons = [
         f"{len(fitting)} of {len(result.layouts)} layouts fit; this one has the smallest "
         f"model-parallel size that fits (TP x PP = {size}), so DP = {best.layout.dp} "
-        f"replica(s), each with its own vLLM engine",
+        f"replica(s), each with {best.vllm.engines // best.layout.dp} vLLM engine(s)",
     ]
     if best.layout.pp == 1:
         reasons.append("no pipeline stages: no bubble, TP stays on the node's NVLink")
@@ -1259,8 +1287,8 @@ def _breakdown(p: LayoutPlan, options: Options, cluster: Cluster) -> list[str]:
         f"{v.kv_bytes_per_token:,} KV bytes per token -> {v.concurrent_sequences} sequences of "
         f"{v.sequence_tokens} tokens at once (needs {v.min_sequences}); "
         f"{v.rollouts_per_engine} rollouts per engine per round -> {v.waves} wave(s)",
-        f"Rollouts: {p.layout.dp} engine(s) (one per DP replica) x vLLM TP "
-        f"{options.vllm_tensor_parallel_size} = {p.layout.dp * options.vllm_tensor_parallel_size}"
+        f"Rollouts: {v.engines} engine(s) ({v.engines // p.layout.dp} per DP replica) x vLLM TP "
+        f"{options.vllm_tensor_parallel_size} = {v.engines * options.vllm_tensor_parallel_size}"
         f" of {p.layout.dp * p.layout.tp * p.layout.pp} GPUs generate",
         f"Update: {p.num_microbatches} micro-batches per optimizer step per DP rank",
     ]
@@ -1413,6 +1441,9 @@ def build_parser() -> argparse.ArgumentParser:
                       default=defaults_o.vllm_memory_fraction, help="gpu_memory_utilization")
     vllm.add_argument("--vllm-tensor-parallel-size", type=int,
                       default=defaults_o.vllm_tensor_parallel_size, help="tensor_parallel_size")
+    vllm.add_argument("--engines-per-replica", type=int, default=None,
+                      help="rollout.engine.engines_per_replica (default: one per vLLM-TP GPUs "
+                           "of a replica, so every GPU generates)")
     vllm.add_argument("--vllm-sleep-mode", action=argparse.BooleanOptionalAction,
                       default=defaults_o.vllm_sleep_mode, help="enable_sleep_mode")
     vllm.add_argument("--vllm-overhead-gib", type=float, default=defaults_o.vllm_overhead_gib)
@@ -1449,6 +1480,7 @@ def request_from_args(args: argparse.Namespace) -> tuple[Cluster, Workload, Opti
         offload_during_rollout=args.offload_during_rollout, with_prm=not args.no_prm, prm_trains=not args.frozen_prm,
         prm_model=args.prm_model, vllm_memory_fraction=args.vllm_memory_fraction,
         vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
+        engines_per_replica=args.engines_per_replica,
         vllm_sleep_mode=args.vllm_sleep_mode, vllm_overhead_gib=args.vllm_overhead_gib,
         vllm_asleep_gib=args.vllm_asleep_gib, vllm_min_sequences=args.vllm_min_sequences)
     return cluster, work, options

@@ -504,7 +504,9 @@ def test_vllm_kv_cache_and_concurrency_by_hand():
     kv_cache = 32_000_000_000 - 7_615_616_512 * 2 - 2 * GIB
     assert vllm.kv_cache_bytes == kv_cache
     assert vllm.concurrent_sequences == kv_cache // (57344 * 4096) == 62
-    assert vllm.rollouts_per_engine == 256 * 4 * 4 // 2 and vllm.waves == math.ceil(2048 / 62)
+    # vLLM TP 1 at TP=4 DP=2: one engine per GPU, 8 in all (every GPU generates).
+    assert vllm.engines == 8
+    assert vllm.rollouts_per_engine == 256 * 4 * 4 // 8 and vllm.waves == math.ceil(512 / 62)
     # vLLM TP 2 halves the weights and the KV bytes per token on each GPU.
     split = plan_layout(shape, Cluster(), work, Options(vllm_memory_fraction=0.4,
                         vllm_tensor_parallel_size=2), Layout(4, 1, 2)).vllm
@@ -866,24 +868,40 @@ def test_report_with_the_rollout_offload_gives_vllm_the_freed_memory():
     assert f"at most {most:.2f} (configured 0.6: fits)" in line and most == 0.86
 
 
-def test_an_engine_gets_only_its_replicas_gpus_on_its_node():
+def test_engines_are_placed_as_the_trainer_places_them():
     """Megatron's rank order (TP fastest, then DP, then PP): stage s of replica d starts at
-    rank s*TP*DP + d*TP. One 8-GPU node: TP=4 DP=2 -> 4 GPUs; TP=2 PP=2 DP=2 -> ranks 0-1
-    and 4-5 -> 4; TP=1 PP=2 DP=4 -> ranks 0 and 4 -> 2. Four nodes: TP=8 PP=2 DP=2 -> stage 1
-    at rank 16, another node -> 8; TP=2 PP=4 DP=4 -> stages at 0, 8, 16, 24, one per node -> 2."""
-    from megatron_prime.plan import Cluster, Layout, Options, Workload, plan_run, \
-        replica_gpus_on_owner_node
+    rank s*TP*DP + d*TP. The default is one engine per vLLM-TP GPUs of a replica: one 8-GPU
+    node at TP=2 PP=2 DP=2 with vLLM TP 2 -> 2 engines per replica (ranks 0-1 and 4-5), 4 in
+    all; vLLM TP 4 -> 1 per replica, on ranks 0, 1, 4, 5 (one node: fine). Four nodes at TP=2
+    PP=4 DP=4: a replica's stages sit on four nodes, so a vLLM TP 4 engine would span two."""
+    from megatron_prime.plan import (Cluster, Layout, Options, Workload, engine_placement_problem,
+                                     engines_per_replica, plan_run)
 
-    assert replica_gpus_on_owner_node(Layout(4, 1, 2), 8) == 4
-    assert replica_gpus_on_owner_node(Layout(2, 2, 2), 8) == 4
-    assert replica_gpus_on_owner_node(Layout(1, 2, 4), 8) == 2
-    assert replica_gpus_on_owner_node(Layout(8, 2, 2), 8) == 8
-    assert replica_gpus_on_owner_node(Layout(2, 4, 4), 8) == 2
-    # The trainer refuses a vLLM TP larger than that (rollout/engine.py); so does the plan.
-    plan = plan_run("eurus-2-7b", Cluster(), Workload(prompt_tokens=1024, response_tokens=3072),
+    assert engines_per_replica(Layout(2, 2, 2), Options(vllm_tensor_parallel_size=2)) == 2
+    assert engines_per_replica(Layout(2, 2, 2), Options(vllm_tensor_parallel_size=4)) == 1
+    assert engines_per_replica(Layout(2, 1, 4), Options(vllm_tensor_parallel_size=4)) == 0
+    assert engine_placement_problem(Layout(2, 2, 2), 8, 2, 2) is None
+    assert engine_placement_problem(Layout(2, 2, 2), 8, 1, 4) is None
+    assert engine_placement_problem(Layout(8, 2, 2), 8, 2, 8) is None
+    assert engine_placement_problem(Layout(2, 4, 4), 8, 2, 4) == (
+        "an engine's 4 GPUs would span nodes (ranks 0..9 of replica 0); vLLM TP must stay "
+        "within a node")
+    assert engine_placement_problem(Layout(2, 1, 4), 8, 0, 4) == (
+        "vLLM TP 4 needs 4 GPUs of one replica per engine; this layout's replica has 2")
+    assert engine_placement_problem(Layout(4, 1, 2), 8, 3, 1) == (
+        "3 engines per replica do not split a replica's 4 GPUs evenly")
+    # The plan: a replica smaller than one engine does not fit; with every GPU generating the
+    # engines are DP x TP x PP / vLLM TP, and each gets its share of the rollouts.
+    work = Workload(prompt_tokens=1024, response_tokens=3072)
+    plan = plan_run("eurus-2-7b", Cluster(), work,
                     Options(distributed_optimizer=True, vllm_tensor_parallel_size=4))
     by_layout = {(p.layout.tp, p.layout.pp): p for p in plan.layouts}
     assert not by_layout[(2, 1)].fits
-    assert "vLLM TP 4 needs that many GPUs of one replica on one node; this layout's replica " \
-           "has 2 there" in by_layout[(2, 1)].problem
-    assert "vLLM TP" not in (by_layout[(4, 1)].problem or "")
+    assert "vLLM TP 4 needs 4 GPUs of one replica per engine; this layout's replica has 2" \
+        in by_layout[(2, 1)].problem
+    assert by_layout[(4, 1)].vllm.engines == 2 and by_layout[(2, 2)].vllm.engines == 2
+    small_tp = plan_run("eurus-2-7b", Cluster(), work,
+                        Options(distributed_optimizer=True, vllm_tensor_parallel_size=2))
+    p = {(q.layout.tp, q.layout.pp): q for q in small_tp.layouts}[(4, 1)]
+    rollouts = work.prompts_per_step * work.oversample_factor * work.samples_per_prompt
+    assert p.vllm.engines == 4 and p.vllm.rollouts_per_engine == rollouts // 4

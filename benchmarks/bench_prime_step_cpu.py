@@ -10,10 +10,12 @@ The forms, each a switch of the trainer:
   (``algo.old_logprob_pass=auto``);
 - ``tokens``: micro-batches cut by a token budget instead of 4 rows each
   (``algo.max_tokens_per_micro_batch``, the padded length of the batch's longest row: a
-  micro-batch never holds more tokens than one longest row, but many short rows share one).
+  micro-batch never holds more tokens than one longest row, but many short rows share one);
+- ``small PRM``: the PRM and its reference from a smaller checkpoint of the same tokenizer
+  (``model.prm_path`` of its own size: 2 layers of hidden 64 against the policy's 4 of 128).
 
-"before" has none, "after" the first three; the rows between add one at a time; the last row
-adds the token budget. The batch is a
+"before" has none, "after" the first three; the rows between add one at a time; the
+"+tokens" row adds the token budget, the last row the small PRM to "after". The batch is a
 tiny Qwen2's (4 layers, 128 hidden) 8 prompts x 4 responses with a long-tailed response
 length (lognormal, clipped to the 448-token limit, as RL responses are: most short, a few
 long), so padding to the longest row costs what it costs in a real step. Every setting
@@ -35,12 +37,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-SETTINGS = {  # name: (local_attention, trim_micro_batches, old_logprob_pass, token budget)
-    "before": ("unfused", False, "always", False),
-    "+sdpa": ("sdpa", False, "always", False),
-    "+sdpa+trim": ("sdpa", True, "always", False),
-    "after (+skip)": ("sdpa", True, "auto", False),
-    "+tokens": ("sdpa", True, "auto", True),
+SETTINGS = {  # name: (local_attention, trim_micro_batches, old_logprob_pass, token budget, small PRM)
+    "before": ("unfused", False, "always", False, False),
+    "+sdpa": ("sdpa", False, "always", False, False),
+    "+sdpa+trim": ("sdpa", True, "always", False, False),
+    "after (+skip)": ("sdpa", True, "auto", False, False),
+    "+tokens": ("sdpa", True, "auto", True, False),
+    "after+small PRM": ("sdpa", True, "auto", False, True),
 }
 PHASES = ("logprobs", "prm_update", "policy_update")
 
@@ -75,15 +78,20 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_prime.update import AlgoConfig, PrimeModels, prime_update
 
     distributed.init_distributed(ParallelConfig(), use_gpu=False)
-    folder = write_toy_model(Path(tempfile.mkdtemp()) / "model", num_layers=4, hidden_size=128)
+    root = Path(tempfile.mkdtemp())
+    folder = write_toy_model(root / "model", num_layers=4, hidden_size=128)
     hf_config = json.loads((folder / "config.json").read_text())
+    small_folder = write_toy_model(root / "small_prm", num_layers=2, hidden_size=64,
+                                   intermediate_size=192)
+    small_config = json.loads((small_folder / "config.json").read_text())
     batch, outcomes, lengths = make_batch(hf_config["vocab_size"], 8, 4, 64, 448, seed=0)
     results: dict = {"rows": batch.batch_size, "seq_length": batch.seq_length,
                      "response_lengths": sorted(lengths.tolist()), "settings": {}}
-    for name, (attention, trim, old_pass, budget) in SETTINGS.items():
+    for name, (attention, trim, old_pass, budget, small) in SETTINGS.items():
         precision = PrecisionConfig(local_attention=attention)
         torch.manual_seed(0)
-        built = {role: build_model(hf_config, role, ParallelConfig(), precision)
+        built = {role: build_model(small_config if small and role != "policy" else hf_config,
+                                   role, ParallelConfig(), precision)
                  for role in ("policy", "prm", "reference")}
         for model in built.values():
             model.trim_micro_batches = trim

@@ -135,7 +135,7 @@ def sample_and_score(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Pr
 _PARALLEL_SECONDS = ("generate_seconds", "score_wait_seconds")
 
 
-def sample_and_score_in_replica(slot: distributed.EngineSlot, engine: RolloutEngine | None,
+def sample_and_score_in_replica(slot: distributed.EngineSlot | None, engine: RolloutEngine | None,
                                 tokenizer: Any, prompts: Sequence[PromptRecord],
                                 sampling: SamplingConfig, rewards: RewardRegistry | None,
                                 use_chat_template: bool
@@ -143,8 +143,9 @@ def sample_and_score_in_replica(slot: distributed.EngineSlot, engine: RolloutEng
     """The replica's groups for ``prompts`` on every rank of the replica (collective over the
     replica, host data): the prompts are cut into ``slot.count`` contiguous parts, engine k
     samples and scores part k, and the parts come back in prompt order. Each prompt's seed
-    follows its index in ``prompts``, so the samples do not depend on the number of engines."""
-    if slot.count == 1:
+    follows its index in ``prompts``, so the samples do not depend on the number of engines.
+    ``slot`` None: one engine per replica, the one this rank holds if any."""
+    if slot is None or slot.count == 1:
         result = None
         if engine is not None:
             assert rewards is not None
@@ -204,9 +205,8 @@ def collect_batch(sampler: PromptSampler, engine: RolloutEngine | None, tokenize
     for round_index in range(config.max_rounds):
         prompts = sampler.next_batch()
         round_sampling = replace(sampling, seed=sampling_seed(seed, step, round_index, distributed.dp_rank()))
-        groups, stats = sample_and_score_in_replica(
-            slot or distributed.EngineSlot(0 if engine is not None else None, 1, []), engine,
-            tokenizer, prompts, round_sampling, rewards, use_chat_template)
+        groups, stats = sample_and_score_in_replica(slot, engine, tokenizer, prompts,
+                                                    round_sampling, rewards, use_chat_template)
         round_kept, verdict = filter_groups(groups, n, config)
         kept.extend(round_kept)
         for name, value in stats.items():

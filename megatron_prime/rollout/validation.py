@@ -73,9 +73,8 @@ def run_validation(records: list[PromptRecord], engine: RolloutEngine | None, to
     if shard:
         # The training rollout's sample-and-score, with greedy sampling, over the replica's
         # engines.
-        _, stats = sample_and_score_in_replica(
-            slot or distributed.EngineSlot(0 if engine is not None else None, 1, []), engine,
-            tokenizer, shard, sampling, rewards, use_chat_template)
+        _, stats = sample_and_score_in_replica(slot, engine, tokenizer, shard, sampling,
+                                               rewards, use_chat_template)
         correct, count, tokens = stats["correct"], stats["responses"], stats["response_tokens"]
     totals = torch.tensor([correct, count, tokens], dtype=torch.float64)
     # One copy per replica: the replica's ranks hold the same numbers after the broadcast.
